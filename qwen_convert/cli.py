@@ -1,0 +1,259 @@
+"""`qconv` command line. Thin: parse options, call one library function, print its result.
+
+Results go to stdout (a table, or JSON with --json); progress and logs go to stderr.
+Every QconvError becomes one `error: ...` line on stderr and exit code 1 (QCONV_DEBUG=1 shows the
+traceback). Heavy libraries are imported inside the commands so `qconv --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="qconv",
+    help="Convert Qwen3-Reranker models to seq-cls and ONNX artifacts, and prove the scores did not change.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+# --- shared option types ------------------------------------------------------------------------
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
+SrcArg = Annotated[str, typer.Argument(help="Local model directory, hub id (e.g. Qwen/Qwen3-Reranker-0.6B), or qconv:tiny-reranker.")]
+OutArg = Annotated[Path, typer.Argument(help="Output directory (written atomically).")]
+InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Task instruction for the prompt template.")]
+MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Truncate prompts to this many tokens (only the query/document body is cut).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Pairs per padded batch.")]
+PairsOpt = Annotated[Optional[Path], typer.Option("--pairs", help='JSONL file, one {"query": ..., "document": ...} per line.')]
+
+
+class ScoreDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Source(str, Enum):
+    auto = "auto"
+    modelscope = "modelscope"
+    huggingface = "huggingface"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def handles_errors(fn):
+    """Turn QconvError into one stderr line + exit 1; Ctrl-C into exit 130. QCONV_DEBUG=1 re-raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import QconvError
+
+        try:
+            return fn(*args, **kwargs)
+        except QconvError as exc:
+            if os.environ.get("QCONV_DEBUG"):
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            if os.environ.get("QCONV_DEBUG"):
+                raise
+            typer.echo("error: interrupted; nothing was written", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def emit(result, as_json: bool) -> None:
+    """Print a result dataclass: `to_dict()` as JSON, or its `render()` text for people."""
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(result.render())
+
+
+def _reporter(quiet: bool):
+    from .progress import RichReporter
+
+    return RichReporter(quiet=quiet)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+@app.command()
+@handles_errors
+def seqcls(
+    src: SrcArg,
+    out: OutArg,
+    score_dtype: Annotated[ScoreDtype, typer.Option("--score-dtype", help="Storage dtype of the score head (fp32 keeps parity at ~1e-6).")] = ScoreDtype.float32,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a causal Qwen3-Reranker into a one-logit Qwen3ForSequenceClassification (streaming)."""
+    from .convert import ConvertOptions, convert_to_seqcls
+
+    with _reporter(quiet) as rep:
+        result = convert_to_seqcls(src, out, ConvertOptions(score_dtype=score_dtype.value, force=force), reporter=rep)
+    emit(result, as_json)
+
+
+@app.command()
+@handles_errors
+def inspect(model: SrcArg, as_json: JsonOpt = False) -> None:
+    """Describe a model: architecture, size, dtype, head tying, yes/no/pad ids, files."""
+    from .inspect import inspect_model
+
+    emit(inspect_model(model), as_json)
+
+
+@app.command()
+@handles_errors
+def score(
+    model: SrcArg,
+    query: Annotated[Optional[str], typer.Option("--query", help="The query.")] = None,
+    doc: Annotated[Optional[list[str]], typer.Option("--doc", help="A document (repeat for several).")] = None,
+    pairs: PairsOpt = None,
+    instruction: InstructionOpt = None,
+    max_length: MaxLenOpt = 8192,
+    batch_size: BatchOpt = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score and rank documents for a query with a causal reranker, a seq-cls model or an ONNX export."""
+    from .score import ScoreOptions, score_documents
+
+    options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size)
+    emit(score_documents(model, query=query, documents=doc or [], pairs_file=pairs, options=options), as_json)
+
+
+@app.command()
+@handles_errors
+def verify(
+    reference: Annotated[str, typer.Argument(help="The original causal reranker (directory or hub id).")],
+    candidates: Annotated[list[Path], typer.Argument(help="Seq-cls or ONNX output directories to check.")],
+    pairs: PairsOpt = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Only these ONNX variants (fp32, fp16, int8, q4, q4f16).")] = None,
+    tol_logit: Annotated[Optional[float], typer.Option("--tol-logit", help="Max |Δlogit| for fp32 candidates (default 1e-4).")] = None,
+    tol_fp16: Annotated[Optional[float], typer.Option("--tol-fp16", help="Max |Δlogit| for fp16 candidates (default 2e-2).")] = None,
+    min_retention: Annotated[Optional[float], typer.Option("--min-retention", help="Min NDCG@10 retention for quantized candidates (default 0.97).")] = None,
+    instruction: InstructionOpt = None,
+    max_length: MaxLenOpt = 8192,
+    batch_size: BatchOpt = 8,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check candidates against the causal reference on padded batches; exit 1 if any gate fails."""
+    from .verify import VerifyOptions, verify as run_verify
+
+    options = VerifyOptions(
+        pairs_file=pairs, variants=tuple(variant or ()), tol_logit=tol_logit, tol_fp16=tol_fp16,
+        min_retention=min_retention, instruction=instruction, max_length=max_length, batch_size=batch_size,
+    )
+    with _reporter(quiet) as rep:
+        report = run_verify(reference, candidates, options, reporter=rep)
+    emit(report, as_json)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("export-onnx")
+@handles_errors
+def export_onnx(
+    src: SrcArg,
+    out: OutArg,
+    quantize: Annotated[Optional[list[str]], typer.Option("--quantize", help="Extra variants: fp16, int8, q4, q4f16 (repeat, or 'all').")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="q4 block size.")] = 32,
+    quantize_embedding: Annotated[bool, typer.Option("--quantize-embedding/--keep-embedding", help="q4: quantize the embedding Gather too.")] = True,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="int8: per-channel weight scales.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check of what was written.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a one-logit ONNX graph (+ fp16/int8/q4/q4f16 variants) and verify it."""
+    from .export import ExportOptions, export_onnx as run_export
+
+    options = ExportOptions(
+        modes=tuple(quantize or ()), block_size=block_size, quantize_embedding=quantize_embedding,
+        per_channel=per_channel, verify=not no_verify, force=force,
+    )
+    with _reporter(quiet) as rep:
+        result = run_export(src, out, options, reporter=rep)
+    emit(result, as_json)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handles_errors
+def download(
+    model_id: Annotated[str, typer.Argument(help="Hub id, e.g. Qwen/Qwen3-Reranker-0.6B.")],
+    source: Annotated[Optional[Source], typer.Option("--source", help="auto tries ModelScope, then Hugging Face (env QCONV_SOURCE).")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Also place the files here.")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Use caches only (also HF_HUB_OFFLINE=1).")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download a reranker (ModelScope first, then Hugging Face / HF_ENDPOINT) and check its integrity."""
+    from .download import DownloadOptions, download_model
+
+    options = DownloadOptions(source=source.value if source else None, revision=revision, local_dir=local_dir, offline=offline)
+    with _reporter(quiet) as rep:
+        result = download_model(model_id, options, reporter=rep)
+    emit(result, as_json)
+
+
+@app.command()
+@handles_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file (recipes/*.toml), or with --check an output directory.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: artifacts/<recipe name>).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the fully resolved recipe and stop.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Validate DIR/manifest.json against the files on disk.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a recipe: resolve/download, seq-cls, ONNX + quantize, verify, manifest.json + REPORT.md."""
+    from . import pipeline
+
+    if check:
+        result = pipeline.check_manifest(recipe)
+    elif dry_run:
+        result = pipeline.resolve_recipe(recipe, out=out)
+    else:
+        with _reporter(quiet) as rep:
+            result = pipeline.run_recipe(recipe, out=out, reporter=rep)
+    emit(result, as_json)
+    if not getattr(result, "passed", True):
+        raise typer.Exit(1)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+    if version:
+        from . import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Read and write safetensors files without loading tensors into memory.
+
+We parse headers ourselves (8-byte little-endian length + JSON) so that we can
+  * validate a file completely (offsets contiguous, inside the file, sizes matching shapes) before use,
+  * copy tensor bytes verbatim (bit-for-bit dtype preservation) with a bounded buffer,
+  * read single rows (the yes/no rows of a 151k x 1024 embedding) by seeking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WeightsError
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+# User-facing names (and torch's) -> safetensors codes.
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+MAX_HEADER = 100 * 1024 * 1024
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in `file`
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(path: Path | str) -> SafetensorsFile:
+    """Parse and fully validate a safetensors header against the file size.
+
+    Raises WeightsError naming the file for anything a loader would choke on later: a short file,
+    an absurd header length, bad JSON, unknown dtypes, sizes that do not match shapes, overlapping
+    or gapped data, or data running past the end of the file (a truncated download).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise WeightsError(f"{path}: not a safetensors file (only {size} bytes)", "re-download or re-export it")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER or 8 + header_len > size:
+                raise WeightsError(f"{path}: corrupt or truncated safetensors header", "re-download or re-export it")
+            header_bytes = f.read(header_len)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read ({exc.strerror})", "check the path and permissions") from exc
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WeightsError(f"{path}: corrupt safetensors header ({exc})", "re-download or re-export it") from exc
+
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            itemsize = DTYPE_SIZES[dtype]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{path}: malformed entry for tensor {name!r}", "re-download or re-export it") from exc
+        if end - begin != math.prod(shape) * itemsize or begin < 0:
+            raise WeightsError(f"{path}: tensor {name!r} byte range does not match its shape", "re-download or re-export it")
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            raise WeightsError(f"{path}: tensor {name!r} overlaps or leaves a gap in the data", "re-download or re-export it")
+        cursor = end
+    if cursor != data_size:
+        what = "truncated" if cursor > data_size else "has trailing bytes"
+        raise WeightsError(
+            f"{path}: file is {what} (header says {cursor} data bytes, file has {data_size})",
+            "re-download or re-export it",
+        )
+    return SafetensorsFile(path, tensors, dict(metadata))
+
+
+# --- numeric helpers ---------------------------------------------------------------------------
+
+def _decode(raw: bytes, dtype: str, count: int) -> np.ndarray:
+    """Raw little-endian bytes -> float32 array (exact for bf16/f16/f32)."""
+    if dtype == "F32":
+        return np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32)
+    if dtype == "F16":
+        return np.frombuffer(raw, dtype="<f2", count=count).astype(np.float32)
+    if dtype == "BF16":
+        # bf16 is the top half of an fp32: shift into place.
+        u16 = np.frombuffer(raw, dtype="<u2", count=count).astype(np.uint32)
+        return (u16 << 16).view(np.float32)
+    if dtype == "F64":
+        return np.frombuffer(raw, dtype="<f8", count=count).astype(np.float32)
+    raise WeightsError(f"cannot use a {dtype} tensor as a floating-point weight", "use a float checkpoint")
+
+
+def encode(values: np.ndarray, dtype: str) -> bytes:
+    """float32 array -> raw bytes in `dtype` (bf16 rounds to nearest even, like torch)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "F32":
+        return values.astype("<f4").tobytes()
+    if dtype == "F16":
+        return values.astype("<f2").tobytes()
+    if dtype == "BF16":
+        u32 = values.view(np.uint32).astype(np.uint64)
+        rounded = ((u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16).astype("<u2")
+        return rounded.tobytes()
+    raise ValueError(f"unsupported output dtype {dtype}")
+
+
+def read_rows(info: TensorInfo, rows: Iterable[int]) -> np.ndarray:
+    """Read whole rows of a 2-D tensor as float32, seeking to each (no full-tensor load)."""
+    if len(info.shape) != 2:
+        raise WeightsError(f"{info.file}: {info.name} is not a matrix", "check the checkpoint")
+    n_rows, n_cols = info.shape
+    row_bytes = n_cols * DTYPE_SIZES[info.dtype]
+    out = []
+    with open(info.file, "rb") as f:
+        for r in rows:
+            if not 0 <= r < n_rows:
+                raise WeightsError(f"row {r} is outside {info.name} (shape {list(info.shape)})", "check the token ids")
+            f.seek(info.start + r * row_bytes)
+            out.append(_decode(f.read(row_bytes), info.dtype, n_cols))
+    return np.stack(out)
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """Load one (small) tensor as float32 in its shape."""
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        raw = f.read(info.nbytes)
+    return _decode(raw, info.dtype, math.prod(info.shape)).reshape(info.shape)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutTensor:
+    """A tensor to write: either copied verbatim from `source`, or given as raw `data` bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorInfo | None = None
+    data: bytes | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes if self.source is not None else len(self.data or b"")
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, on_bytes: Callable[[int], None]) -> None:
+    """Copy bytes between files in the kernel when possible; bounded user-space buffer otherwise."""
+    remaining = count
+    try:
+        while remaining:
+            n = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), offset)
+            if n == 0:
+                raise WeightsError("source file ended early while copying", "re-download the checkpoint")
+            offset += n
+            remaining -= n
+            on_bytes(n)
+        return
+    except (AttributeError, OSError):
+        pass  # not supported on this filesystem/platform: fall back below
+    while remaining:
+        chunk = os.pread(src_fd, min(remaining, COPY_CHUNK), offset)
+        if not chunk:
+            raise WeightsError("source file ended early while copying", "re-download the checkpoint")
+        os.write(dst_fd, chunk)
+        offset += len(chunk)
+        remaining -= len(chunk)
+        on_bytes(len(chunk))
+
+
+def write_safetensors(
+    path: Path | str,
+    tensors: list[OutTensor],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Write `tensors` in the given order to `path`; returns the data size in bytes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in tensors:
+        expected = math.prod(t.shape) * DTYPE_SIZES[t.dtype]
+        if t.nbytes != expected:
+            raise ValueError(f"{t.name}: {t.nbytes} bytes for shape {t.shape} {t.dtype}")
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # keep data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        out.flush()
+        dst_fd = out.fileno()
+        open_files: dict[Path, int] = {}
+        try:
+            for t in tensors:
+                if t.source is None:
+                    os.write(dst_fd, t.data or b"")
+                    on_bytes(t.nbytes)
+                    continue
+                fd = open_files.get(t.source.file)
+                if fd is None:
+                    fd = open_files[t.source.file] = os.open(t.source.file, os.O_RDONLY)
+                _copy_range(fd, dst_fd, t.source.start, t.nbytes, on_bytes)
+        finally:
+            for fd in open_files.values():
+                os.close(fd)
+    return offset
