@@ -1,0 +1,389 @@
+"""`qconv export-onnx`: a Qwen3 reranker -> single-logit ONNX graphs (fp32 + quantized variants).
+
+SRC is a seq-cls directory or an original causal reranker; a causal one is converted first by
+`convert_to_seqcls` (the one conversion code path) into a scratch directory inside OUT's temporary
+sibling. The graph takes `input_ids`, `attention_mask` (int64, dynamic batch and sequence) and
+returns `logits` [batch, 1]: the hidden state of the last real token (found from the mask, so left
+and right padding both work) goes through the score head, and nothing of vocabulary size exists
+anywhere in the graph.
+
+OUT, laid out so that optimum's ORTModelForSequenceClassification and transformers.js load it:
+    config.json, tokenizer files, chat_template.jinja, README.md, quantize_config.json
+    onnx/model.onnx (+ model.onnx_data above the external-data threshold)
+    onnx/model_fp16.onnx, model_quantized.onnx (int8), model_q4.onnx, model_q4f16.onnx
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import __version__
+from .errors import ExportError, SourceError
+from .fsutil import atomic_output_dir, check_output_dir
+from .progress import NULL, Reporter
+from .quantize import EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode, parse_modes, quantize_file, quiet_logs, save_onnx, tensor_bytes
+from .resolve import resolve_model
+from .scoring import ArtifactKind, detect_kind
+from .sidecars import TEMPLATE_FILE, Provenance, provenance_lines, write_sidecars
+
+ONNX_DIR = "onnx"
+QUANTIZE_CONFIG = "quantize_config.json"
+SCRATCH = ".seqcls"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    modes: tuple[str, ...] = ()  # extra variants besides fp32: fp16, int8, q4, q4f16, or "all"
+    block_size: int = 32
+    quantize_embedding: bool = True
+    per_channel: bool = False
+    verify: bool = True
+    force: bool = False
+    reference: str | None = None  # verify against this causal model (default: SRC when it is causal)
+    exporter: str = "optimum"  # key of EXPORTERS
+    opset: int | None = None  # None: the exporter's default for qwen3
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes; lowered by tests
+
+    def quantize_options(self) -> QuantizeOptions:
+        return QuantizeOptions(
+            block_size=self.block_size, quantize_embedding=self.quantize_embedding,
+            per_channel=self.per_channel, external_data_threshold=self.external_data_threshold,
+        )
+
+
+@dataclass(frozen=True)
+class VariantFile:
+    mode: str
+    path: str  # relative to OUT
+    bytes: int  # the .onnx file plus its external data
+    external_data: bool
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "path": self.path, "bytes": self.bytes, "external_data": self.external_data}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    source: str
+    source_kind: str  # causal | seqcls
+    variants: tuple[VariantFile, ...]
+    reference: str | None  # what the variants were verified against (None: not verified)
+    reference_note: str
+    verification: object | None = None  # verify's ParityReport
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or bool(self.verification.passed)
+
+    def to_dict(self) -> dict:
+        return {
+            "out": str(self.out),
+            "source": self.source,
+            "source_kind": self.source_kind,
+            "variants": [v.to_dict() for v in self.variants],
+            "reference": self.reference,
+            "reference_note": self.reference_note,
+            "verified": self.verification is not None,
+            "passed": self.passed,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "seconds": round(self.seconds, 3),
+            "settings": self.settings,
+        }
+
+    def render(self) -> str:
+        lines = [f"wrote {self.out}  ({self.source_kind} source {self.source}, {self.seconds:.1f} s)"]
+        for v in self.variants:
+            ext = " + external data" if v.external_data else ""
+            lines.append(f"  {v.mode:<6} {v.path:<28} {v.bytes / 2**20:9.1f} MiB{ext}")
+        if self.verification is None:
+            lines.append("  not verified (--no-verify)")
+        else:
+            lines.append(f"  verified against {self.reference} ({self.reference_note})")
+            lines.append(self.verification.render())
+            lines.append("PASSED" if self.passed else "FAILED: at least one variant missed its gate")
+        return "\n".join(lines)
+
+
+# --- the graph ----------------------------------------------------------------------------------
+
+def last_token_module(model):
+    """Wrap a Qwen3ForSequenceClassification as forward(input_ids, attention_mask) -> logits [b, 1].
+
+    The stock forward applies the score head to every position and pools by pad id; this one
+    gathers the last real token's hidden state (from the mask) first, and derives RoPE positions
+    from the mask so a left-padded row scores exactly like the same row unpadded.
+    """
+    import torch
+
+    class LastTokenScore(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = model.model, model.score
+
+        def forward(self, input_ids, attention_mask):
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                               use_cache=False).last_hidden_state
+            index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask * index).argmax(-1)  # highest position whose mask is 1
+            picked = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
+            return self.head(picked)
+
+    return LastTokenScore().eval()
+
+
+def _export_optimum(model, path: Path, opset: int | None) -> None:
+    """optimum-onnx's exporter (TorchScript tracing, with its patches for transformers' masks),
+    with a patcher that swaps the forward for `last_token_module`."""
+    from optimum.exporters.onnx import export
+    from optimum.exporters.onnx.model_configs import Qwen3OnnxConfig
+    from optimum.exporters.onnx.model_patcher import ModelPatcher
+
+    scorer = last_token_module(model)
+
+    class LastTokenPatcher(ModelPatcher):
+        def __init__(self, config, model, model_kwargs=None):
+            super().__init__(config, model, model_kwargs)
+
+            # A plain signature on purpose: the tracer orders its inputs by this signature.
+            def forward(input_ids, attention_mask):
+                return {"logits": scorer(input_ids, attention_mask)}
+
+            self.patched_forward = forward
+
+    class RerankerOnnxConfig(Qwen3OnnxConfig):
+        _MODEL_PATCHER = LastTokenPatcher
+
+    config = RerankerOnnxConfig(model.config, task="text-classification")
+    export(model, config, path, opset=opset or config.DEFAULT_ONNX_OPSET)
+
+
+# name -> fn(seq-cls model in fp32, output .onnx path, opset or None); writes the .onnx (+ any data
+# files; they are normalized afterwards). Another backend (torch.onnx's dynamo exporter, which needs
+# onnxscript, or a graph built from the weights) is one more entry wrapping `last_token_module`.
+EXPORTERS: dict[str, Callable] = {"optimum": _export_optimum}
+
+
+# --- steps --------------------------------------------------------------------------------------
+
+def _seqcls_provenance(src: str, resolved, path: Path) -> Provenance:
+    """Provenance of a directory that was converted before (by qconv or otherwise)."""
+    from .checkpoint import open_checkpoint
+    from .convert import SCORE, read_reranker_tokens
+
+    ckpt = open_checkpoint(path)
+    tokens = read_reranker_tokens(path)
+    score = ckpt.tensors.get(SCORE)
+    if score is None or len(score.shape) != 2 or score.shape[0] != 1:
+        shape = list(score.shape) if score is not None else None
+        raise SourceError(f"{path} has no one-logit score head (score.weight {shape})", "pass a causal Qwen3-Reranker or a qconv seqcls output")
+    return Provenance(
+        source=src, source_kind=resolved.source, revision=resolved.revision, yes_id=tokens.yes_id,
+        no_id=tokens.no_id, pad_id=tokens.pad_id, tied=bool(ckpt.config.get("tie_word_embeddings", False)),
+        score_dtype={"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(score.dtype, score.dtype),
+        qconv_version=__version__,
+    )
+
+
+def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> list[Path]:
+    """seq-cls weights -> fp32 graph at onnx_path, normalized: one `<name>_data` file above the
+    threshold (none below), and value_info from shape inference (fp16 conversion relies on it)."""
+    import onnx
+    from transformers import AutoModelForSequenceClassification
+
+    exporter = EXPORTERS.get(options.exporter)
+    if exporter is None:
+        raise ExportError(f"unknown exporter {options.exporter!r}", f"valid exporters: {', '.join(EXPORTERS)}")
+    with quiet_logs():
+        model = AutoModelForSequenceClassification.from_pretrained(str(seqcls), dtype="float32", attn_implementation="sdpa").eval()
+        try:
+            exporter(model, onnx_path, options.opset)
+        except Exception as exc:  # tracer/exporter errors come in every type
+            raise ExportError(f"ONNX export failed: {exc}".splitlines()[0], "run with QCONV_DEBUG=1 for the traceback") from exc
+        finally:
+            del model
+            gc.collect()
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    data = onnx_path.with_name(onnx_path.name + "_data")
+    locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    want_external = tensor_bytes(graph) > options.external_data_threshold
+    if locations != ({data.name} if want_external else set()):
+        stray = [onnx_path.parent / loc for loc in locations]
+        graph = onnx.load(str(onnx_path), load_external_data=True)
+        save_onnx(graph, onnx_path, options.external_data_threshold)
+        for f in stray:
+            if f != data:
+                f.unlink(missing_ok=True)
+    del graph
+    # On the path, not in memory: protobuf cannot hold a 2 GB model, and the data stays in place.
+    onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
+    return [p for p in (onnx_path, data) if p.exists()]
+
+
+def _variant_file(out: Path, mode: QuantMode) -> VariantFile:
+    path = out / ONNX_DIR / mode.file_name
+    data = path.with_name(path.name + "_data")
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return VariantFile(mode.value, f"{ONNX_DIR}/{mode.file_name}", size, data.exists())
+
+
+def _onnx_config(seqcls: Path, variants: list[VariantFile]) -> dict:
+    """The seq-cls config plus transformers.js' external-data hint (`<file>_data`, one chunk)."""
+    config = json.loads((seqcls / "config.json").read_text(encoding="utf-8"))
+    external = {Path(v.path).name: 1 for v in variants if v.external_data}
+    tjs = dict(config.get("transformers.js_config") or {})
+    tjs.pop("use_external_data_format", None)
+    if external:
+        tjs["use_external_data_format"] = external
+    if tjs:
+        config["transformers.js_config"] = tjs
+    else:
+        config.pop("transformers.js_config", None)
+    return config
+
+
+def onnx_card(provenance: Provenance, variants: list[VariantFile], name: str = "OUT") -> str:
+    rows = "\n".join(f"| `{v.path}` | {v.mode} | {v.bytes / 2**20:.1f} MiB{' (+ `_data`)' if v.external_data else ''} |" for v in variants)
+    return f"""---
+library_name: onnx
+pipeline_tag: text-ranking
+tags:
+  - reranker
+  - qwen3
+  - onnx
+  - qconv
+---
+
+# Qwen3 reranker as a single-logit ONNX graph
+
+Inputs `input_ids`, `attention_mask` (int64, [batch, sequence], either padding side); output
+`logits` [batch, 1] = `logit(yes) - logit(no)` of the original model at the last real token of the
+official prompt, so `sigmoid(logits)` is P(yes). Tokenize with the template in `{TEMPLATE_FILE}`.
+
+| file | precision | size |
+|---|---|---|
+{rows}
+
+Settings of every variant: `{QUANTIZE_CONFIG}`.
+
+## Provenance
+
+{provenance_lines(provenance)}
+- exported by qconv {provenance.qconv_version} (optimum-onnx exporter, last-token gather before the score head)
+
+## onnxruntime / optimum
+
+```python
+from optimum.onnxruntime import ORTModelForSequenceClassification
+from transformers import AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{name}")
+model = ORTModelForSequenceClassification.from_pretrained("{name}", subfolder="onnx", file_name="model_q4f16.onnx")
+messages = [{{"role": "query", "content": "What is the capital of China?"}},
+            {{"role": "document", "content": "The capital of China is Beijing."}}]
+text = tok.apply_chat_template(messages, tokenize=False)
+logit = model(**tok(text, return_tensors="pt")).logits[0, 0]  # P(yes) = sigmoid(logit)
+```
+
+transformers.js: `dtype` fp32 / fp16 / q8 / q4 / q4f16 picks `onnx/model{{,_fp16,_quantized,_q4,_q4f16}}.onnx`.
+"""
+
+
+def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), reporter: Reporter = NULL) -> ExportResult:
+    """Export SRC to single-logit ONNX graphs in OUT (atomically), then verify them unless told not to."""
+    started = time.perf_counter()
+    out = Path(out)
+    modes = parse_modes(options.modes)  # an unknown mode fails before any work
+    qopts = options.quantize_options()
+    check_output_dir(out, options.force)
+    resolved = resolve_model(src, reporter=reporter)
+    path = Path(resolved.path)
+    if out.resolve() == path.resolve():
+        raise SourceError(f"OUT {out} is the source directory", "choose a new OUT")
+    kind = detect_kind(path)
+    if kind is ArtifactKind.ONNX:
+        raise SourceError(f"{path} is already an ONNX export", "pass the causal reranker or its seq-cls conversion")
+
+    with atomic_output_dir(out, options.force) as tmp:
+        if kind is ArtifactKind.CAUSAL:
+            from .convert import ConvertOptions, convert_to_seqcls
+
+            seqcls = tmp / SCRATCH
+            converted = convert_to_seqcls(path, seqcls, ConvertOptions(score_dtype="float32"), reporter=reporter)
+            # convert saw a local path; the card should name what the user asked for.
+            provenance = replace(converted.provenance, source=str(src), source_kind=resolved.source, revision=resolved.revision)
+        else:
+            seqcls = path
+            provenance = _seqcls_provenance(str(src), resolved, path)
+
+        onnx_dir = tmp / ONNX_DIR
+        onnx_dir.mkdir()
+        reporter.log(f"exporting {path} -> {out}/{ONNX_DIR}/model.onnx ({options.exporter} exporter)")
+        task = reporter.task("export fp32", total=None)
+        _export_fp32(seqcls, onnx_dir / QuantMode.FP32.file_name, options)
+        task.advance()
+        for mode in modes:
+            task = reporter.task(f"quantize {mode.value}", total=None)
+            quantize_file(onnx_dir / QuantMode.FP32.file_name, onnx_dir / mode.file_name, mode, qopts)
+            task.advance()
+            reporter.log(f"wrote {ONNX_DIR}/{mode.file_name}")
+
+        variants = [_variant_file(tmp, m) for m in (QuantMode.FP32, *modes)]
+        settings = {
+            "qconv_version": __version__, "exporter": options.exporter, "opset": _opset(onnx_dir / QuantMode.FP32.file_name),
+            "modes": [v.mode for v in variants], "files": {v.mode: v.path for v in variants},
+            "score_head": "kept fp32 in every variant (hidden -> 1: a few KB, its error lands on the logit unscaled)",
+            "int8": {"method": "onnxruntime quantize_dynamic", "op_types": ["MatMul"], "nodes": "weight MatMuls only (not attention activation x activation)",
+                     "weight_type": "QInt8", "per_channel": qopts.per_channel},
+            "q4": {"method": "onnxruntime MatMulNBitsQuantizer (RTN)", "bits": 4, "block_size": qopts.block_size,
+                   "symmetric": qopts.symmetric, "accuracy_level": qopts.accuracy_level,
+                   "quantize_embedding": qopts.quantize_embedding, "embedding_op": "GatherBlockQuantized" if qopts.quantize_embedding else "Gather (fp32)"},
+            "fp16": {"method": "onnxruntime.transformers.float16", "keep_io_types": True, "op_block_list": list(qopts.fp16_op_block_list)},
+            "q4f16": "q4, then fp16 as above",
+            "external_data_threshold": qopts.external_data_threshold,
+        }
+        write_sidecars(tmp, seqcls, _onnx_config(seqcls, variants), provenance, card=onnx_card(provenance, variants, out.name))
+        (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
+
+    reference, note, report = None, "", None
+    if options.verify:
+        reference, note = _reference(src, kind, options)
+        report = _verify(reference, out, reporter)
+    return ExportResult(
+        out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
+        reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
+    )
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _reference(src: str | Path, kind: ArtifactKind, options: ExportOptions) -> tuple[str, str]:
+    if options.reference is not None:
+        return options.reference, "the causal reference given with --reference"
+    if kind is ArtifactKind.CAUSAL:
+        return str(src), "the causal source"
+    # No causal model at hand: the seq-cls torch model is the reference. This proves the export and
+    # the quantization, not the seq-cls conversion itself (`qconv verify` does that).
+    return str(src), "the seq-cls source in torch; pass --reference CAUSAL to check against the original"
+
+
+def _verify(reference: str, out: Path, reporter: Reporter):
+    from .verify import VerifyOptions, verify
+
+    return verify(reference, [out], VerifyOptions(), reporter=reporter)

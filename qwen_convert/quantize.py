@@ -1,0 +1,206 @@
+"""ONNX precision variants: one table from QuantMode to a ModelProto -> ModelProto function.
+
+Every function takes the fp32 graph (weights loaded, shape-inferred value_info present) and returns
+a new graph; `save_onnx` writes any of them, with external data above a size threshold, so every
+mode works the same on a 50 KB fixture and on a 2.4 GB model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+from .errors import ExportError
+
+# protobuf cannot serialize a message over 2 GiB: above this, weights go to `<file>_data`.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # 2 GiB less headroom for the graph itself
+
+
+class QuantMode(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    Q4 = "q4"
+    Q4F16 = "q4f16"
+
+    @property
+    def file_name(self) -> str:
+        """transformers.js names (DEFAULT_DTYPE_SUFFIX_MAPPING): q8/int8 -> `_quantized`."""
+        return FILE_NAMES[self]
+
+
+FILE_NAMES = {
+    QuantMode.FP32: "model.onnx",
+    QuantMode.FP16: "model_fp16.onnx",
+    QuantMode.INT8: "model_quantized.onnx",
+    QuantMode.Q4: "model_q4.onnx",
+    QuantMode.Q4F16: "model_q4f16.onnx",
+}
+QUANTIZED_MODES = tuple(m for m in QuantMode if m is not QuantMode.FP32)
+
+# The RMSNorm of Qwen3 squares the residual stream (Pow -> ReduceMean): x^2 overflows fp16 above
+# |x| = 256, and real Qwen3 checkpoints carry a few channels in the thousands. Softmax sums exp()
+# over the sequence. These stay fp32; everything else (the MatMuls, i.e. nearly all the time) is fp16.
+FP16_OP_BLOCK_LIST = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "CumSum", "Range", "ArgMax")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    block_size: int = 32  # q4: weights per scale
+    quantize_embedding: bool = True  # q4: embedding Gather -> GatherBlockQuantized (4-bit)
+    symmetric: bool = False  # q4: asymmetric (uint4 + zero point) is ORT's default and more accurate
+    accuracy_level: int = 4  # q4: MatMulNBits computes in int8 (ORT CPU's fast path)
+    per_channel: bool = False  # int8: one scale per output channel instead of per tensor
+    fp16_op_block_list: tuple[str, ...] = FP16_OP_BLOCK_LIST
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def parse_modes(names: tuple[str, ...] | list[str]) -> tuple[QuantMode, ...]:
+    """`--quantize` values -> modes; 'all' expands; unknown names fail listing the valid ones."""
+    valid = [m.value for m in QUANTIZED_MODES]
+    modes: list[QuantMode] = []
+    for name in names:
+        name = name.strip().lower()
+        if name == "all":
+            picked = list(QUANTIZED_MODES)
+        elif name in valid:
+            picked = [QuantMode(name)]
+        else:
+            raise ExportError(f"unknown quantization mode {name!r}", f"valid modes: {', '.join(valid)}, all")
+        modes += [m for m in picked if m not in modes]
+    return tuple(modes)
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Mute the per-node INFO/WARNING chatter of the ORT quantizers and exporters (python logging
+    and warnings); errors still surface as exceptions. Progress is the reporter's job."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _weight_matmuls(model) -> list[str]:
+    """MatMul nodes whose second input is a weight (an initializer), i.e. not attention's
+    activation x activation products, and not the one-column score head (see _head_nodes)."""
+    inits = {t.name for t in model.graph.initializer}
+    head = set(_head_nodes(model))
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits and n.name not in head]
+
+
+def _head_nodes(model) -> list[str]:
+    """The score head (hidden -> 1 logit): a few KB, and its error lands on the logit unscaled."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and dims.get(n.input[1], [0, 0])[-1] == 1]
+
+
+def to_fp32(model, options: QuantizeOptions):
+    return model
+
+
+def to_fp16(model, options: QuantizeOptions):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # value_info comes from export-time shape inference (run on disk, so it works past 2 GB).
+    return convert_float_to_float16(
+        model, keep_io_types=True, disable_shape_infer=True, op_block_list=list(options.fp16_op_block_list),
+    )
+
+
+def to_int8(model, options: QuantizeOptions):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="qconv-int8-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        quantize_dynamic(
+            model, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=_weight_matmuls(model),
+            per_channel=options.per_channel, weight_type=QuantType.QInt8, use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return onnx.load(str(out), load_external_data=True)
+
+
+def to_q4(model, options: QuantizeOptions):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    op_types = ("MatMul", "Gather") if options.quantize_embedding else ("MatMul",)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, nodes_to_exclude=_head_nodes(model),
+        op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def to_q4f16(model, options: QuantizeOptions):
+    return to_fp16(to_q4(model, options), options)
+
+
+QUANTIZERS: dict[QuantMode, Callable] = {
+    QuantMode.FP32: to_fp32,
+    QuantMode.FP16: to_fp16,
+    QuantMode.INT8: to_int8,
+    QuantMode.Q4: to_q4,
+    QuantMode.Q4F16: to_q4f16,
+}
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of all initializers (in memory or external), without serializing (protobuf caps at 2 GB)."""
+    total = 0
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+def save_onnx(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Write `model` to `path`; above `threshold` bytes its weights go to `<name>_data` next to it
+    (the name transformers.js and optimum look for). Returns the files written."""
+    import onnx
+
+    path = Path(path)
+    external = tensor_bytes(model) > threshold
+    data = path.with_name(path.name + "_data")
+    data.unlink(missing_ok=True)
+    try:
+        onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024, convert_attribute=False)
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"cannot write {path.name}: {exc}", "check free disk space") from exc
+    if external:
+        data.chmod(0o644)  # onnx creates it owner-only; the .onnx next to it is world-readable
+    return [path, data] if external else [path]
+
+
+def quantize_file(src: Path, dst: Path, mode: QuantMode, options: QuantizeOptions) -> list[Path]:
+    """Load the fp32 graph at `src` (external data included), apply `mode`, save to `dst`."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=True)
+    with quiet_logs():
+        try:
+            result = QUANTIZERS[mode](model, options)
+        except ExportError:
+            raise
+        except Exception as exc:  # the ORT quantizers raise bare asserts/ValueErrors
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"{mode.value} quantization failed: {first}", "run with QCONV_DEBUG=1 for the traceback") from exc
+    return save_onnx(result, dst, options.external_data_threshold)

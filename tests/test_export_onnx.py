@@ -1,0 +1,316 @@
+"""`qconv export-onnx`: graph shape, parity per precision, padding, quantized graph contents,
+external data, the output layout consumers load, and bad input.
+
+Each fixture is exported once per session (all modes) and every test reads those exports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from qwen_convert.cli import app
+from qwen_convert.errors import ExportError, SourceError
+from qwen_convert.export import ExportOptions, export_onnx
+from qwen_convert.onnx_scoring import load_onnx_scorers
+from qwen_convert.quantize import QuantizeOptions, QuantMode, quantize_file
+from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer
+from qwen_convert.scoring import load_scorers
+
+ALL_MODES = [m.value for m in QuantMode]
+PAIRS = [
+    Pair("what is a cat", "a cat is a small domesticated animal that purrs"),
+    Pair("q", "d " * 120),
+    Pair("how tall is mount everest", "8849 metres"),
+    Pair("capital of france", "Paris is the capital and largest city of France, on the Seine."),
+    Pair("x", "y"),
+]
+FP32_TOL, FP16_TOL = 1e-4, 2e-2
+
+
+def _export(src, out, **kw):
+    return export_onnx(src, out, ExportOptions(modes=("all",), verify=False, **kw))
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """tied: weights forced into external data (threshold 1 KB); untied: everything inline."""
+    root = tmp_path_factory.mktemp("onnx")
+    _export(tiny_models["tied_fp32"], root / "tied", external_data_threshold=1024)
+    _export(tiny_models["untied_fp32"], root / "untied")
+    return {"tied": root / "tied", "untied": root / "untied"}
+
+
+@pytest.fixture(scope="session", params=["tied", "untied"])
+def case(request, exports, tiny_models):
+    """(export dir, causal source) for each fixture."""
+    return exports[request.param], tiny_models[f"{request.param}_fp32"]
+
+
+@pytest.fixture(scope="session")
+def causal_scores(tiny_models):
+    """Reference logits of each causal fixture on PAIRS, left-padded (one batch) and one by one."""
+    out = {}
+    for name in ("tied_fp32", "untied_fp32"):
+        ref = load_scorers(tiny_models[name])[0]
+        enc = PromptEncoder(load_tokenizer(tiny_models[name]), max_length=256)
+        out[tiny_models[name]] = np.array([ref.score(enc.encode([p]))[0] for p in PAIRS])
+    return out
+
+
+def _encoder(path: Path) -> PromptEncoder:
+    return PromptEncoder(load_tokenizer(path), max_length=256)
+
+
+def _graph(path: Path, file: str = "model.onnx") -> onnx.ModelProto:
+    return onnx.load(str(path / "onnx" / file), load_external_data=False)
+
+
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+# --- the graph ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_graph_inputs_and_single_logit_output(case, mode):
+    out, _ = case
+    g = _graph(out, QuantMode(mode).file_name).graph
+    assert [(i.name, i.type.tensor_type.elem_type) for i in g.input] == [
+        ("input_ids", onnx.TensorProto.INT64), ("attention_mask", onnx.TensorProto.INT64)]
+    for i in g.input:  # dynamic batch and sequence
+        assert all(isinstance(d, str) and d for d in _dims(i)), _dims(i)
+    assert [o.name for o in g.output] == ["logits"]
+    assert g.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp16 keeps fp32 I/O
+    batch, one = _dims(g.output[0])
+    assert isinstance(batch, str) and one == 1
+
+
+def test_no_vocabulary_sized_tensor_anywhere(case):
+    out, _ = case
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "onnx" / "model.onnx")))
+    values = list(model.graph.value_info) + list(model.graph.output)
+    assert len(values) > 50  # shape inference really ran
+    for v in values:
+        dims = _dims(v)
+        assert not (len(dims) >= 2 and dims[-1] == vocab), f"{v.name} has shape {dims}"
+    # The only vocab-sized weight is the embedding (one copy, even for untied checkpoints).
+    big = [t.name for t in model.graph.initializer if vocab in t.dims]
+    assert len(big) == 1, big
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,tol", [("fp32", FP32_TOL), ("fp16", FP16_TOL)])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_float_variants_match_causal_reference(case, causal_scores, mode, tol, side):
+    out, causal = case
+    (scorer,) = load_onnx_scorers(out, [mode])
+    got = scorer.score(_encoder(out).encode(PAIRS, side))  # one batch of mixed lengths
+    np.testing.assert_allclose(got, causal_scores[causal], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_padding_side_and_batch_size_do_not_change_scores(case, mode):
+    out, _ = case
+    (scorer,) = load_onnx_scorers(out, [mode])
+    enc = _encoder(out)
+    left = scorer.score(enc.encode(PAIRS, "left"))
+    right = scorer.score(enc.encode(PAIRS, "right"))
+    alone = np.array([scorer.score(enc.encode([p]))[0] for p in PAIRS])
+    # int8 (dynamic quantization) picks one activation scale per tensor, so the other rows of a
+    # batch, pad positions included, move its scores (~0.1 logit on these random weights); every
+    # other variant computes each row independently of its neighbours.
+    tol = 0.25 if mode == "int8" else 1e-3 if mode != "fp32" else 1e-5
+    np.testing.assert_allclose(left, right, atol=tol, rtol=0)
+    np.testing.assert_allclose(left, alone, atol=tol, rtol=0)
+    assert np.isfinite(left).all()
+
+
+def test_quantized_variants_stay_close_on_random_weights(case, causal_scores):
+    """Random weights give no ranking signal to gate on (the trained tiny model does that); this
+    only catches a broken quantizer: scores must stay correlated with the reference."""
+    out, causal = case
+    for scorer in load_onnx_scorers(out, ["int8", "q4", "q4f16"]):
+        got = scorer.score(_encoder(out).encode(PAIRS, "left"))
+        assert np.corrcoef(got, causal_scores[causal])[0, 1] > 0.5, scorer.name
+
+
+def test_seqcls_source_exports_the_same_graph(tiny_models, tmp_path, causal_scores):
+    from qwen_convert.convert import convert_to_seqcls
+
+    seqcls = convert_to_seqcls(tiny_models["untied_fp32"], tmp_path / "seqcls").out
+    result = export_onnx(seqcls, tmp_path / "onnx", ExportOptions(verify=False))
+    assert result.source_kind == "seqcls" and [v.mode for v in result.variants] == ["fp32"]
+    (scorer,) = load_onnx_scorers(tmp_path / "onnx")
+    got = scorer.score(_encoder(tmp_path / "onnx").encode(PAIRS, "left"))
+    np.testing.assert_allclose(got, causal_scores[tiny_models["untied_fp32"]], atol=FP32_TOL, rtol=0)
+
+
+# --- what each quantizer produced --------------------------------------------------------------
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def test_q4_quantizes_matmuls_and_the_embedding(case):
+    out, _ = case
+    cfg = json.loads((out / "config.json").read_text())
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    for file in ("model_q4.onnx", "model_q4f16.onnx"):
+        model = onnx.load(str(out / "onnx" / file))
+        ops = _ops(model)
+        assert ops["MatMulNBits"] == 7 * cfg["num_hidden_layers"], ops  # q, k, v, o, gate, up, down
+        assert ops["GatherBlockQuantized"] == 1, ops
+        embedding = [t for t in model.graph.initializer if list(t.dims) == [vocab, hidden]]
+        assert len(embedding) == 1 and embedding[0].data_type == onnx.TensorProto.UINT4, [(t.name, t.data_type) for t in embedding]
+        float_bytes = sum(np.prod(t.dims) for t in model.graph.initializer
+                          if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+        assert float_bytes < vocab * hidden / 4  # no full-size float embedding left, only scales
+
+
+def test_q4_keep_embedding_option(exports, tmp_path):
+    src = exports["untied"] / "onnx" / "model.onnx"
+    quantize_file(src, tmp_path / "q4.onnx", QuantMode.Q4, QuantizeOptions(quantize_embedding=False))
+    ops = _ops(onnx.load(str(tmp_path / "q4.onnx")))
+    assert ops["MatMulNBits"] > 0 and ops["GatherBlockQuantized"] == 0
+
+
+def test_int8_quantizes_weight_matmuls_only(case):
+    out, _ = case
+    fp32, int8 = _graph(out), _graph(out, "model_quantized.onnx")
+
+    def activation_matmuls(model):
+        inits = {t.name for t in model.graph.initializer}
+        return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in inits)
+
+    assert _ops(int8)["MatMulInteger"] == 7 * json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert activation_matmuls(int8) == activation_matmuls(fp32) > 0  # QK^T and AV stay float
+
+
+def test_fp16_keeps_io_and_norm_statistics_in_fp32(case):
+    out, _ = case
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "onnx" / "model_fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    pows = [n for n in model.graph.node if n.op_type == "Pow"]
+    assert pows and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in pows)  # x^2 of RMSNorm
+
+
+# --- layout and files ---------------------------------------------------------------------------
+
+def test_layout_matches_what_loaders_expect(case):
+    out, _ = case
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md",
+              "quantize_config.json", "onnx/model.onnx", "onnx/model_fp16.onnx", "onnx/model_quantized.onnx",
+              "onnx/model_q4.onnx", "onnx/model_q4f16.onnx"):
+        assert f in names
+    assert not any(n.startswith(".") or "/." in n for n in names), names  # no scratch left behind
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForSequenceClassification"] and cfg["num_labels"] == 1
+    settings = json.loads((out / "quantize_config.json").read_text())
+    assert settings["modes"] == ALL_MODES
+    assert settings["q4"]["block_size"] == 32 and settings["q4"]["quantize_embedding"] is True
+    assert settings["int8"]["per_channel"] is False and "Pow" in settings["fp16"]["op_block_list"]
+
+
+def test_external_data_path(exports):
+    tied = exports["tied"]
+    cfg = json.loads((tied / "config.json").read_text())
+    files = {QuantMode(m).file_name for m in ALL_MODES}
+    assert cfg["transformers.js_config"]["use_external_data_format"] == {f: 1 for f in files}
+    for f in files:
+        assert (tied / "onnx" / (f + "_data")).stat().st_size > 0
+        locations = {e.value for t in _graph(tied, f).graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {f + "_data"}
+    untied = exports["untied"]
+    assert not list((untied / "onnx").glob("*_data"))
+    assert "transformers.js_config" not in json.loads((untied / "config.json").read_text())
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_ortmodel_for_sequence_classification_loads_it(exports, which):
+    import torch
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    out = exports[which]
+    batch = _encoder(out).encode(PAIRS, "left")
+    model = ORTModelForSequenceClassification.from_pretrained(out, subfolder="onnx", file_name="model_q4f16.onnx")
+    logits = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask)).logits
+    (ours,) = load_onnx_scorers(out, ["q4f16"])
+    np.testing.assert_allclose(logits.numpy()[:, 0], ours.score(batch), atol=1e-6)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def _cli(*args):
+    """exit code, stdout, and stderr without the blank line the progress display leaves."""
+    result = CliRunner().invoke(app, list(map(str, args)))
+    return result.exit_code, result.stdout, "".join(line + "\n" for line in result.stderr.splitlines() if line.strip())
+
+
+def test_unknown_mode_lists_valid_ones_and_writes_nothing(tiny_models, tmp_path):
+    code, _, err = _cli("export-onnx", tiny_models["tied_fp32"], tmp_path / "out", "--quantize", "q3", "--no-verify")
+    assert code == 1 and err.count("\n") == 1
+    assert "q3" in err and all(m in err for m in ("fp16", "int8", "q4", "q4f16"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_reranker_is_refused(tmp_path):
+    src = tmp_path / "llama"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    code, _, err = _cli("export-onnx", src, tmp_path / "out", "--no-verify")
+    assert code == 1 and err.count("\n") == 1 and "not Qwen3" in err
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["llama"]
+
+
+def test_non_empty_out_needs_force(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _cli("export-onnx", tiny_models["tied_fp32"], out, "--no-verify")
+    assert code == 1 and err.count("\n") == 1 and "--force" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_missing_external_data_is_named(exports, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["tied"], broken)
+    (broken / "onnx" / "model_q4.onnx_data").unlink()
+    with pytest.raises(SourceError, match=r"model_q4\.onnx_data is missing"):
+        load_onnx_scorers(broken)
+    assert len(load_onnx_scorers(broken, ["fp32", "fp16"])) == 2  # the intact variants still load
+
+
+def test_unknown_variant_and_missing_file(exports, tmp_path):
+    with pytest.raises(SourceError, match="valid variants: fp32, fp16, int8, q4, q4f16"):
+        load_onnx_scorers(exports["tied"], ["q3"])
+    partial = tmp_path / "partial"
+    shutil.copytree(exports["untied"], partial)
+    (partial / "onnx" / "model_fp16.onnx").unlink()
+    with pytest.raises(SourceError, match=r"model_fp16\.onnx is missing"):
+        load_onnx_scorers(partial, ["fp16"])
+    assert [s.name for s in load_onnx_scorers(partial)] == ["onnx/fp32", "onnx/int8", "onnx/q4", "onnx/q4f16"]
+
+
+def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    from qwen_convert import quantize
+
+    def broken(model, options):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setitem(quantize.QUANTIZERS, QuantMode.INT8, broken)
+    with pytest.raises(ExportError, match="int8 quantization failed: boom"):
+        export_onnx(tiny_models["tied_fp32"], tmp_path / "out", ExportOptions(modes=("int8",), verify=False))
+    assert list(tmp_path.iterdir()) == []
