@@ -1,0 +1,633 @@
+"""download_model(id) -> a verified local directory. ModelScope first, then Hugging Face.
+
+Why this order: many users are in China, where ModelScope is fast and huggingface.co is slow or
+blocked; `HF_ENDPOINT` (a mirror such as hf-mirror.com) covers the rest. `--source` or the
+QCONV_SOURCE environment variable picks one hub or changes nothing (`auto`).
+
+What happens for each source, in order, until one succeeds:
+1. list the repository (sizes, and sha256 where the hub gives them) at the requested revision;
+2. choose only what conversion needs (config, safetensors + index, tokenizer, templates, README):
+   pickle weights are never requested, and a repository that only has them is refused;
+3. fetch those files with the hub's own client (its cache, resume and atomic writes), holding a
+   per-model file lock so concurrent runs do not trip over each other;
+4. verify: sizes, sha256 where known, every safetensors header against its file size, every shard
+   the index names. A bad file is deleted from the cache and reported by name, so a re-run
+   re-fetches exactly that file.
+A source that fails (not found, server error, refused connection, timeout, integrity) is recorded
+and the next one is tried; if none succeeds the error lists what each one said.
+
+Offline (`--offline` or HF_HUB_OFFLINE=1): only the caches are consulted, never the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, open_checkpoint
+from .errors import DownloadError, QconvError
+from .progress import NULL, Reporter
+
+SOURCES = ("modelscope", "huggingface")
+SOURCE_ENV = "QCONV_SOURCE"
+# ModelScope calls its default branch `master`, Hugging Face `main`.
+DEFAULT_REVISION = {"modelscope": "master", "huggingface": "main"}
+# Top-level files conversion needs; everything else in a repository is left on the hub.
+WANTED = (
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "chat_template.json", "*.jinja", "README.md",
+)
+STATE_DIR = ".qconv"  # inside each hub cache: per-model locks and verification stamps
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    source: str | None = None  # auto | modelscope | huggingface; None -> $QCONV_SOURCE, else auto
+    revision: str | None = None  # branch, tag or commit; main/master are mapped per hub
+    local_dir: Path | None = None  # also place a copy of the verified files here
+    offline: bool = False  # caches only (also HF_HUB_OFFLINE=1)
+
+
+@dataclass(frozen=True)
+class SourceAttempt:
+    source: str
+    error: str
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    model_id: str
+    path: Path
+    source: str
+    revision: str
+    commit: str | None
+    endpoint: str | None
+    files: tuple[str, ...]
+    total_bytes: int
+    offline: bool = False
+    failed: tuple[SourceAttempt, ...] = ()  # sources tried before the one that served it
+    cache_path: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "model_id": self.model_id, "path": str(self.path), "source": self.source,
+            "revision": self.revision, "commit": self.commit, "endpoint": self.endpoint,
+            "files": list(self.files), "total_bytes": self.total_bytes, "offline": self.offline,
+            "failed_sources": [{"source": a.source, "error": a.error} for a in self.failed],
+            "cache_path": str(self.cache_path) if self.cache_path else None,
+        }
+
+    def render(self) -> str:
+        rev = self.revision + (f" ({self.commit})" if self.commit and self.commit != self.revision else "")
+        how = "from cache (offline)" if self.offline else f"from {self.endpoint or self.source}"
+        lines = [
+            f"{self.model_id}: {len(self.files)} files, {self.total_bytes / 1e6:.1f} MB, verified",
+            f"  source:   {self.source} {how}",
+            f"  revision: {rev}",
+            f"  path:     {self.path}",
+        ]
+        lines += [f"  skipped:  {a.source}: {a.error}" for a in self.failed]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    files: tuple[RemoteFile, ...]
+    commit: str | None = None
+
+
+@dataclass
+class _Fetched:
+    path: Path
+    revision: str
+    commit: str | None
+    files: list[RemoteFile] = field(default_factory=list)
+
+
+# --- public entry points ------------------------------------------------------------------------
+
+def source_order(source: str | None) -> tuple[str, ...]:
+    choice = (source or os.environ.get(SOURCE_ENV) or "auto").strip().lower()
+    aliases = {"ms": "modelscope", "hf": "huggingface", "hub": "huggingface"}
+    choice = aliases.get(choice, choice)
+    if choice == "auto":
+        return SOURCES
+    if choice in SOURCES:
+        return (choice,)
+    raise DownloadError(f"unknown source {choice!r}", f"use one of auto, {', '.join(SOURCES)} (--source or {SOURCE_ENV})")
+
+
+def map_revision(source: str, revision: str | None) -> str:
+    """The other hub's default branch name means this hub's default branch."""
+    if revision in (None, "", "main", "master"):
+        return DEFAULT_REVISION[source]
+    return revision
+
+
+def is_offline(options: DownloadOptions) -> bool:
+    # huggingface_hub itself goes offline on either variable; agreeing with it keeps messages true.
+    return options.offline or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def download_model(model_id: str, options: DownloadOptions = DownloadOptions(), reporter: Reporter = NULL) -> DownloadResult:
+    """Fetch `model_id` from the first source that has it, verify it, and return where it is."""
+    order = source_order(options.source)
+    offline = is_offline(options)
+    failed: list[SourceAttempt] = []
+    for position, name in enumerate(order):
+        hub = HUBS[name]()
+        revision = map_revision(name, options.revision)
+        try:
+            fetched = _from_hub(hub, model_id, revision, offline, reporter)
+        except QconvError as exc:
+            failed.append(SourceAttempt(name, exc.message))
+        except Exception as exc:  # noqa: BLE001 - any client failure means "try the next hub"; all are reported
+            failed.append(SourceAttempt(name, hub.describe(exc)))
+        else:
+            path = fetched.path
+            if options.local_dir is not None:
+                path = _place(fetched, Path(options.local_dir))
+            return DownloadResult(
+                model_id=model_id, path=path, source=name, revision=fetched.revision, commit=fetched.commit,
+                endpoint=None if offline else hub.endpoint(), files=tuple(f.name for f in fetched.files),
+                total_bytes=sum((fetched.path / f.name).stat().st_size for f in fetched.files),
+                offline=offline, failed=tuple(failed), cache_path=fetched.path,
+            )
+        if position + 1 < len(order):
+            reporter.log(f"{name}: {failed[-1].error}; trying {order[position + 1]}")
+    said = "; ".join(f"{a.source}: {a.error}" for a in failed)
+    if offline:
+        raise DownloadError(
+            f"{model_id} is not usable from the local caches (offline mode) - {said}",
+            "run once without --offline / HF_HUB_OFFLINE=1 to download it",
+        )
+    raise DownloadError(
+        f"could not download {model_id} - {said}",
+        "check the model id and revision, your network, or set HF_ENDPOINT to a mirror; --source picks one hub",
+    )
+
+
+# --- the per-hub steps ----------------------------------------------------------------------------
+
+def _from_hub(hub: "_Hub", model_id: str, revision: str, offline: bool, reporter: Reporter) -> _Fetched:
+    state = hub.cache_dir() / STATE_DIR
+    with _model_lock(state, model_id, reporter):
+        if offline:
+            path = hub.cached(model_id, revision)
+            files = [RemoteFile(p.name) for p in sorted(path.iterdir()) if p.is_file() and _wanted(p.name)]
+            _verify(hub, path, files, state, model_id, offline=True)
+            return _Fetched(path, revision, hub.cached_commit(path), files)
+        listing = hub.list(model_id, revision)
+        files = select_files(listing.files)
+        reporter.log(f"{hub.name}: fetching {len(files)} files of {model_id}@{revision} from {hub.endpoint()}")
+        path = hub.fetch(model_id, revision, files, reporter)
+        commit = hub.cached_commit(path) or listing.commit
+        _verify(hub, path, files, state, model_id, offline=False)
+        return _Fetched(path, revision, commit, files)
+
+
+def _wanted(name: str) -> bool:
+    return "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in WANTED) and not name.endswith(PICKLE_SUFFIXES)
+
+
+def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile]) -> list[RemoteFile]:
+    """What conversion needs; refuses repositories without safetensors weights."""
+    chosen = [f for f in files if _wanted(f.name)]
+    names = {f.name for f in chosen}
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = sorted(f.name for f in files if f.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise DownloadError(
+                f"the repository has only pickle weights ({', '.join(pickles)}); qconv never downloads pickle files",
+                "use a revision or repository that ships model.safetensors",
+            )
+        raise DownloadError("the repository has no safetensors weights", "check the model id")
+    if "config.json" not in names:
+        raise DownloadError("the repository has no config.json", "check the model id; qconv needs a Transformers-format repository")
+    return chosen
+
+
+def _verify(hub: "_Hub", root: Path, files: list[RemoteFile], state: Path, model_id: str, offline: bool) -> None:
+    """Sizes, hashes, safetensors headers, index shards. A bad file is deleted, then reported."""
+    from .safetensors_io import read_header
+
+    stamps = _Stamps(state / f"{_safe(model_id)}.{hub.name}.json")
+    try:
+        for f in files:
+            path = root / f.name
+            if not path.is_file():
+                raise _Bad(f.name, "is missing after the download")
+            size = path.stat().st_size
+            if f.size is not None and size != f.size:
+                raise _Bad(f.name, f"has {size} bytes, the hub lists {f.size}")
+            known = stamps.get(path)
+            if f.sha256:
+                digest = known if known is not None else _sha256(path)
+                if digest != f.sha256.lower():
+                    raise _Bad(f.name, f"sha256 {digest[:12]}... does not match the hub's {f.sha256[:12]}...")
+                stamps.put(path, digest)
+            elif offline and stamps.recorded(path) and known is None:
+                # Verified when it was downloaded; a different size/mtime now means it changed on disk.
+                raise _Bad(f.name, "changed on disk since it was downloaded and verified")
+            if f.name.endswith(".safetensors"):
+                try:
+                    read_header(path)
+                except QconvError as exc:
+                    raise _Bad(f.name, exc.message.replace(str(path), "").lstrip(": ")) from exc
+        index = root / INDEX_FILE
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise _Bad(INDEX_FILE, f"is not a valid index ({exc})") from exc
+            missing = sorted(s for s in shards if not (root / s).is_file())
+            if missing:
+                raise DownloadError(f"{INDEX_FILE} names shards that are not there: {', '.join(missing)}", "the repository is incomplete; try another revision or source")
+        try:
+            open_checkpoint(root)
+        except QconvError as exc:
+            raise DownloadError(f"the downloaded model does not open: {exc.message}", exc.hint) from exc
+    except _Bad as bad:
+        hub.forget(root / bad.name)
+        stamps.drop(root / bad.name)
+        raise DownloadError(
+            f"{bad.name} failed the integrity check: it {bad.why}; removed it from the {hub.name} cache",
+            "run the same command again to re-download it" + (" (online)" if offline else ""),
+        ) from bad
+    finally:
+        stamps.save()
+
+
+class _Bad(Exception):
+    def __init__(self, name: str, why: str):
+        super().__init__(f"{name} {why}")
+        self.name = name
+        self.why = why
+
+
+def _place(fetched: _Fetched, local_dir: Path) -> Path:
+    """Copy the verified files into `local_dir` (atomically per file); the hub cache keeps its copy."""
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for f in fetched.files:
+        src = (fetched.path / f.name).resolve()
+        dst = local_dir / f.name
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src):
+            continue
+        tmp = dst.with_name(f".{dst.name}.qconv-tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return local_dir
+
+
+# --- locks and verification stamps ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def _model_lock(state: Path, model_id: str, reporter: Reporter) -> Iterator[None]:
+    """An exclusive flock per model and cache: concurrent runs wait instead of interleaving.
+
+    flock locks belong to the open file description, so two threads of one process exclude each
+    other as two processes do.
+    """
+    import fcntl
+
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / f"{_safe(model_id)}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            reporter.log(f"waiting for another download of {model_id} to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _Stamps:
+    """sha256 of files already verified, keyed by real path + size + mtime, so re-runs skip hashing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data: dict[str, list] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.data = {}
+        self.dirty = False
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, list]:
+        real = path.resolve()
+        st = real.stat()
+        return str(real), [st.st_size, st.st_mtime_ns]
+
+    def recorded(self, path: Path) -> bool:
+        return str(path.resolve()) in self.data
+
+    def get(self, path: Path) -> str | None:
+        key, meta = self._key(path)
+        entry = self.data.get(key)
+        return entry[2] if entry and entry[:2] == meta else None
+
+    def put(self, path: Path, digest: str) -> None:
+        key, meta = self._key(path)
+        if self.data.get(key) != meta + [digest]:
+            self.data[key] = meta + [digest]
+            self.dirty = True
+
+    def drop(self, path: Path) -> None:
+        self.dirty |= self.data.pop(str(path.resolve()), None) is not None
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safe(model_id: str) -> str:
+    return model_id.replace("/", "--")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_bars: dict = {}
+
+
+@contextlib.contextmanager
+def _progress_to_reporter() -> Iterator[None]:
+    """Keep the clients' own tqdm bars off the terminal while the reporter draws (restored after).
+
+    Reference-counted so overlapping downloads in threads restore the original state exactly once.
+    """
+    global _quiet_depth
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _silence_client_bars()
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                _restore_client_bars()
+
+
+def _silence_client_bars() -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    _saved_bars["hf_disabled"] = are_progress_bars_disabled()
+    disable_progress_bars()
+    # modelscope-hub logs an INFO line per snapshot on stderr; qconv's reporter already says it.
+    ms_logger = logging.getLogger("modelscope_hub")
+    _saved_bars["ms_level"] = ms_logger.level
+    ms_logger.setLevel(max(ms_logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        # modelscope-hub draws a bar per file with a module-level tqdm and offers no switch for it.
+        import modelscope_hub._download as ms_download
+
+        _saved_bars["ms"] = (ms_download, ms_download.tqdm)
+        ms_download.tqdm = Silent
+    except (ImportError, AttributeError):
+        pass
+
+
+def _restore_client_bars() -> None:
+    from huggingface_hub.utils import enable_progress_bars
+
+    logging.getLogger("modelscope_hub").setLevel(_saved_bars.pop("ms_level", logging.NOTSET))
+    module, original = _saved_bars.pop("ms", (None, None))
+    if module is not None:
+        module.tqdm = original
+    if not _saved_bars.pop("hf_disabled", True):
+        enable_progress_bars()
+
+
+# --- the hubs ---------------------------------------------------------------------------------------
+
+class _Hub:
+    name: str
+
+    def endpoint(self) -> str: ...
+    def cache_dir(self) -> Path: ...
+    def list(self, model_id: str, revision: str) -> Listing: ...
+    def fetch(self, model_id: str, revision: str, files: list[RemoteFile], reporter: Reporter) -> Path: ...
+    def cached(self, model_id: str, revision: str) -> Path: ...
+    def cached_commit(self, path: Path) -> str | None: ...
+
+    def forget(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def describe(self, exc: Exception) -> str:
+        return _describe(exc, self.endpoint(), self.cache_dir())
+
+
+def _describe(exc: BaseException, endpoint: str, cache: Path) -> str:
+    """One short line for an exception from a hub client: what went wrong, and where."""
+    import requests
+
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    kind = type(exc).__name__
+    text = " ".join(str(exc).split())
+    if kind in ("LocalEntryNotFoundError", "CacheNotFound", "OfflineModeIsEnabled"):
+        return f"not in the local cache ({cache})"
+    if status == 404:
+        return f"not found at {endpoint} (HTTP 404)"
+    if status:
+        return f"HTTP {status} from {endpoint}"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError) or "IncompleteRead" in text:
+        return f"transfer from {endpoint} was cut off ({text[:120]}); run again to resume it"
+    if isinstance(exc, requests.Timeout) or kind == "RequestTimeoutError" or "timed out" in text.lower():
+        return f"timed out talking to {endpoint}"
+    if isinstance(exc, requests.ConnectionError) or kind == "NetworkError":
+        return f"cannot connect to {endpoint}"
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{kind}: {text}" if text else kind
+
+
+class ModelScopeHub(_Hub):
+    name = "modelscope"
+
+    def endpoint(self) -> str:
+        from modelscope_hub.config import HubConfig
+        from modelscope_hub.constants import DEFAULT_ENDPOINT
+
+        configured = self._configured_endpoint()
+        return HubConfig.normalize_endpoint(configured) if configured else DEFAULT_ENDPOINT
+
+    @staticmethod
+    def _configured_endpoint() -> str | None:
+        # Read at call time: modelscope's own default config is a process-wide singleton.
+        return os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or None
+
+    def cache_dir(self) -> Path:
+        configured = os.environ.get("MODELSCOPE_CACHE")
+        if configured:
+            return Path(configured).expanduser()
+        from modelscope_hub.config import HubConfig
+
+        return HubConfig().cache_dir
+
+    def _api(self):
+        from modelscope_hub import HubApi
+
+        configured = self._configured_endpoint()
+        return HubApi(endpoint=self.endpoint() if configured else None)
+
+    def list(self, model_id: str, revision: str) -> Listing:
+        entries = self._api().list_repo_files(model_id, "model", revision=revision, recursive=True)
+        files = tuple(RemoteFile(e.path, e.size, e.sha256) for e in entries if not e.is_dir and e.path)
+        return Listing(files, None)
+
+    def fetch(self, model_id: str, revision: str, files: list[RemoteFile], reporter: Reporter) -> Path:
+        from modelscope.hub.snapshot_download import snapshot_download
+        from modelscope_hub import ProgressCallback
+
+        class ToReporter(ProgressCallback):
+            def __init__(self, filename: str, file_size: int):
+                super().__init__(filename, file_size)
+                self.task = reporter.task(f"modelscope {filename}", total=file_size or None)
+
+            def update(self, size: int) -> None:
+                self.task.advance(size)
+
+        configured = self._configured_endpoint()
+        with _progress_to_reporter():
+            path = snapshot_download(
+                model_id, revision=revision, cache_dir=str(self.cache_dir()),
+                allow_patterns=[_literal(f.name) for f in files],
+                endpoint=self.endpoint() if configured else None,
+                progress_callbacks=[ToReporter], max_workers=4,
+            )
+        return Path(path)
+
+    def cached(self, model_id: str, revision: str) -> Path:
+        from modelscope.hub.snapshot_download import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision, cache_dir=str(self.cache_dir()), local_files_only=True))
+
+    def cached_commit(self, path: Path) -> str | None:
+        return None  # ModelScope's cache is keyed by branch name; it records no commit
+
+    def describe(self, exc: Exception) -> str:
+        failed = getattr(exc, "failed_files", None)
+        if failed:  # FileDownloadError: the client tried every file; name the ones that failed
+            return "; ".join(f"{name}: {super(ModelScopeHub, self).describe(cause)}" for name, cause in sorted(failed.items()))
+        return super().describe(exc)
+
+
+class HuggingFaceHub(_Hub):
+    name = "huggingface"
+
+    def endpoint(self) -> str:
+        # HF_ENDPOINT is read now, not at huggingface_hub's import, so a mirror set later still counts.
+        configured = os.environ.get("HF_ENDPOINT")
+        if configured:
+            return configured.rstrip("/")
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+
+    def cache_dir(self) -> Path:
+        if os.environ.get("HF_HUB_CACHE"):
+            return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        if os.environ.get("HF_HOME"):
+            return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+
+    def list(self, model_id: str, revision: str) -> Listing:
+        from huggingface_hub import HfApi
+
+        info = HfApi(endpoint=self.endpoint()).model_info(model_id, revision=revision, files_metadata=True)
+        files = tuple(
+            RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None)
+            for s in (info.siblings or [])
+        )
+        return Listing(files, info.sha)
+
+    def fetch(self, model_id: str, revision: str, files: list[RemoteFile], reporter: Reporter) -> Path:
+        from huggingface_hub import snapshot_download
+        from tqdm.auto import tqdm
+
+        task = reporter.task(f"huggingface {model_id} (files)", total=len(files))
+
+        class ToReporter(tqdm):
+            def __init__(self, *args, **kwargs):
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+            def update(self, n=1):
+                task.advance(n or 0)
+
+        with _progress_to_reporter():
+            path = snapshot_download(
+                model_id, revision=revision, cache_dir=str(self.cache_dir()), endpoint=self.endpoint(),
+                allow_patterns=[_literal(f.name) for f in files], tqdm_class=ToReporter, max_workers=4,
+            )
+        return Path(path)
+
+    def cached(self, model_id: str, revision: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            model_id, revision=revision, cache_dir=str(self.cache_dir()), local_files_only=True,
+            allow_patterns=list(WANTED),
+        ))
+
+    def cached_commit(self, path: Path) -> str | None:
+        return path.name if path.parent.name == "snapshots" else None
+
+    def forget(self, path: Path) -> None:
+        # A snapshot entry is a symlink into blobs/: drop the blob too, or the re-run reuses it.
+        if path.is_symlink():
+            path.resolve().unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def _literal(name: str) -> str:
+    """A file name as an fnmatch pattern that matches only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+HUBS: dict[str, type[_Hub]] = {"modelscope": ModelScopeHub, "huggingface": HuggingFaceHub}
