@@ -221,23 +221,26 @@ def download(
 @app.command()
 @handles_errors
 def run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe file (recipes/*.toml), or with --check an output directory.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe file (recipes/*.toml, or --dry-run output), a model (hub id, directory, qconv:NAME) with default settings, or with --check an output directory.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: artifacts/<recipe name>).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the fully resolved recipe and stop.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set gates.tol_logit=1e-3 --set 'artifacts.onnx=[\"fp32\",\"q4\"]' (repeat).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the fully resolved recipe (TOML; JSON with --json) and stop.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Validate DIR/manifest.json against the files on disk.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run a recipe: resolve/download, seq-cls, ONNX + quantize, verify, manifest.json + REPORT.md."""
+    """Run a recipe: resolve/download, seq-cls, ONNX + quantize, verify, manifest.json + REPORT.md; exit 1 if a gate fails."""
     from . import pipeline
 
     if check:
-        result = pipeline.check_manifest(recipe)
-    elif dry_run:
-        result = pipeline.resolve_recipe(recipe, out=out)
+        result = pipeline.check_manifest(Path(recipe))
     else:
-        with _reporter(quiet) as rep:
-            result = pipeline.run_recipe(recipe, out=out, reporter=rep)
+        resolved = pipeline.resolve_recipe(recipe, overrides=set_ or ())
+        if dry_run:
+            result = resolved
+        else:
+            with _reporter(quiet) as rep:
+                result = pipeline.run_recipe(resolved, out=out, reporter=rep)
     emit(result, as_json)
     if not getattr(result, "passed", True):
         raise typer.Exit(1)

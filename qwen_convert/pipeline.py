@@ -1,0 +1,530 @@
+"""`qconv run RECIPE`: resolve/download -> seq-cls -> ONNX + quantization -> verify -> manifest + REPORT.
+
+Each step writes its outputs atomically (a temporary sibling renamed into place) and, once done,
+records in DIR/.qconv-run.json a key (the recipe settings it depends on, chained with the previous
+step's outputs) and the sha256 of every file it wrote. A re-run skips a step whose key is unchanged
+and whose files still hash the same, and redoes it otherwise; every step after a redone one sees a
+new key and is redone too. An interrupted run therefore resumes at the step it was in.
+
+The steps, per recipe kind, are one table (PLANS); each step is a function in STEPS.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import RecipeError
+from .fsutil import TMP_MARKER, atomic_output_file
+from .manifest import (
+    MANIFEST, REPORT, STATE, Artifact, FileEntry, Manifest, Metric, check_manifest, file_entries, sha256_file,
+)
+
+__all__ = ["run_recipe", "resolve_recipe", "check_manifest", "RunResult"]
+from .progress import NULL, Reporter
+from .recipe import Recipe, load_recipe
+
+SEQCLS_DIR = "seqcls"
+ONNX_OUT = "onnx"
+VERIFY_FILE = "verify.json"
+DEFAULT_ROOT = Path("artifacts")
+
+
+# --- the state file -----------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    path: Path
+    recipe: str
+    steps: dict[str, dict] = field(default_factory=dict)
+
+    def save(self) -> None:
+        with atomic_output_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"recipe": self.recipe, "qconv": __version__, "steps": self.steps}, indent=2) + "\n", encoding="utf-8")
+
+
+def _owner(out: Path) -> str | None:
+    """Name of the recipe whose artifacts `out` holds (from the state file, else the manifest)."""
+    for name, get in ((STATE, lambda d: d.get("recipe")), (MANIFEST, lambda d: (d.get("recipe") or {}).get("name"))):
+        path = out / name
+        if path.is_file():
+            try:
+                owner = get(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, AttributeError):
+                raise RecipeError(f"{path} is unreadable", f"delete {out} or choose another --out") from None
+            if isinstance(owner, str):
+                return owner
+    return None
+
+
+def claim_output(out: Path, recipe: Recipe) -> RunState:
+    """Open (or start) the run state of `out`; refuse a directory holding anything else."""
+    state = RunState(out / STATE, recipe.name)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output {out} exists and is not a directory", "choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        owner = _owner(out)
+        if owner is None:
+            raise RecipeError(f"output directory {out} is not empty and was not written by `qconv run`",
+                              "choose another --out, or empty it")
+        if owner != recipe.name:
+            raise RecipeError(f"output directory {out} holds the artifacts of recipe {owner!r}, not {recipe.name!r}",
+                              f"choose another --out (default: {DEFAULT_ROOT}/{recipe.name}), or delete {out}")
+        try:
+            steps = json.loads(state.path.read_text(encoding="utf-8")).get("steps", {})
+            state.steps = steps if isinstance(steps, dict) else {}
+        except (OSError, ValueError):
+            state.steps = {}  # no (or an unreadable) step record: every step is redone
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".*{TMP_MARKER}*"):  # left by a hard kill mid-step
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    # A manifest describes a finished run; until this one finishes there is none.
+    (out / MANIFEST).unlink(missing_ok=True)
+    (out / REPORT).unlink(missing_ok=True)
+    state.save()
+    return state
+
+
+# --- steps ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Context:
+    recipe: Recipe
+    out: Path
+    reporter: Reporter
+    done: dict[str, dict]  # records of the steps completed (or skipped as intact) in this run
+    previous: dict[str, dict]  # records of the last run into this directory
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outputs: tuple[str, ...]  # files/directories written under out (relative)
+    result: dict
+
+
+def _source_files(root: Path, previous: dict[str, dict]) -> list[dict]:
+    """sha256 of every source file; a file whose size and mtime match the last run keeps its hash."""
+    files = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue  # hub-cache bookkeeping (.qconv, .mdl, .msc ...) is not the model
+        st = p.stat()
+        old = previous.get(rel.as_posix())
+        same = old and old["bytes"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns
+        files.append({"path": rel.as_posix(), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                      "sha256": old["sha256"] if same else sha256_file(p)})
+    return files
+
+
+def step_resolve(ctx: Context) -> Outcome:
+    from .errors import DownloadError
+    from .resolve import resolve_model
+
+    s = ctx.recipe.source
+    if s.path:
+        attempts = [(s.path, None)]
+    elif s.hub == "auto" and s.modelscope and s.huggingface and s.modelscope != s.huggingface:
+        attempts = [(s.modelscope, "modelscope"), (s.huggingface, "huggingface")]
+    elif s.hub in ("auto", "modelscope") and s.modelscope:
+        attempts = [(s.modelscope, None if s.hub == "auto" and s.modelscope == s.huggingface else "modelscope")]
+    else:
+        attempts = [(s.huggingface, "huggingface")]
+    errors = []
+    for model_id, hub in attempts:
+        try:
+            resolved = resolve_model(model_id, source=hub, revision=s.revision, reporter=ctx.reporter)
+            break
+        except DownloadError as exc:
+            errors.append(str(exc))
+    else:
+        raise DownloadError("; ".join(errors), "check the recipe's [source] ids and your network")
+    previous = {f["path"]: f for f in (ctx.previous.get("resolve") or {}).get("result", {}).get("files", [])}
+    files = _source_files(Path(resolved.path), previous)
+    return Outcome((), {"hub": resolved.source, "id": resolved.model_id or model_id, "revision": resolved.revision,
+                        "path": str(Path(resolved.path).resolve()), "files": files})
+
+
+def _source_path(ctx: Context) -> Path:
+    return Path(ctx.done["resolve"]["result"]["path"])
+
+
+def step_seqcls(ctx: Context) -> Outcome:
+    from .convert import ConvertOptions, convert_to_seqcls
+
+    options = ConvertOptions(score_dtype=ctx.recipe.artifacts.score_dtype, force=True)
+    result = convert_to_seqcls(_source_path(ctx), ctx.out / SEQCLS_DIR, options, reporter=ctx.reporter)
+    return Outcome((SEQCLS_DIR,), {"tensors": result.tensors, "weight_bytes": result.weight_bytes})
+
+
+def _quantized(recipe: Recipe) -> tuple[str, ...]:
+    return tuple(m for m in recipe.artifacts.onnx if m != "fp32")
+
+
+def step_onnx(ctx: Context) -> Outcome:
+    from .export import ExportOptions, export_onnx
+
+    r = ctx.recipe
+    # Export from our own fp32-head seq-cls output when there is one (no second conversion);
+    # a bf16/fp16 head would cost the fp32 graph its parity, so then from the causal source.
+    use_seqcls = r.artifacts.seqcls and r.artifacts.score_dtype == "float32"
+    src = ctx.out / SEQCLS_DIR if use_seqcls else _source_path(ctx)
+    q = r.quantization
+    options = ExportOptions(modes=_quantized(r), block_size=q.block_size, quantize_embedding=q.quantize_embedding,
+                            per_channel=q.per_channel, verify=False, force=True)
+    result = export_onnx(src, ctx.out / ONNX_OUT, options, reporter=ctx.reporter)
+    return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants]})
+
+
+def _pairs_file(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if value.startswith("qconv:"):
+        from .resolve import builtin_path
+
+        name, _, rel = value[len("qconv:"):].partition("/")
+        return builtin_path(name) / rel
+    return Path(value)
+
+
+def step_verify(ctx: Context) -> Outcome:
+    from .verify import VerifyOptions, verify
+
+    r = ctx.recipe
+    candidates = []
+    if r.artifacts.seqcls:
+        candidates.append(ctx.out / SEQCLS_DIR)
+    if r.artifacts.onnx:
+        candidates.append(ctx.out / ONNX_OUT)
+    options = VerifyOptions(
+        pairs_file=_pairs_file(r.verify.pairs), variants=r.artifacts.onnx, tol_logit=r.gates.tol_logit,
+        tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, instruction=r.instruction,
+        max_length=r.verify.max_length, batch_size=r.verify.batch_size,
+    )
+    report = verify(_source_path(ctx), candidates, options, reporter=ctx.reporter)
+    _write_json(ctx.out / VERIFY_FILE, report.to_dict())
+    return Outcome((VERIFY_FILE,), {"passed": report.passed})
+
+
+def step_causal_onnx(ctx: Context) -> Outcome:
+    from .causal_lm import CausalExportOptions, export_causal_lm
+
+    r = ctx.recipe
+    options = CausalExportOptions(modes=r.artifacts.onnx, block_size=r.quantization.block_size,
+                                  quantize_embedding=r.quantization.quantize_embedding, force=True)
+    result = export_causal_lm(_source_path(ctx), ctx.out / ONNX_OUT, options, reporter=ctx.reporter)
+    return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants]})
+
+
+def step_causal_verify(ctx: Context) -> Outcome:
+    from .causal_lm import CausalGates, verify_causal_lm
+
+    r = ctx.recipe
+    gates = CausalGates(tol_logit=r.gates.tol_logit, min_token_agreement=r.gates.min_token_agreement)
+    report = verify_causal_lm(_source_path(ctx), ctx.out / ONNX_OUT, r.verify.prompts, r.verify.max_new_tokens,
+                              r.artifacts.onnx, gates, reporter=ctx.reporter)
+    _write_json(ctx.out / VERIFY_FILE, report.to_dict())
+    return Outcome((VERIFY_FILE,), {"passed": report.passed})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+STEPS: dict[str, Callable[[Context], Outcome]] = {
+    "resolve": step_resolve,
+    "seqcls": step_seqcls,
+    "onnx": step_onnx,
+    "verify": step_verify,
+    "causal-onnx": step_causal_onnx,
+    "causal-verify": step_causal_verify,
+}
+
+
+def plan(recipe: Recipe) -> list[str]:
+    if recipe.kind == "causal-lm":
+        return ["resolve", "causal-onnx", "causal-verify"]
+    steps = ["resolve"]
+    if recipe.artifacts.seqcls:
+        steps.append("seqcls")
+    if recipe.artifacts.onnx:
+        steps.append("onnx")
+    return steps + ["verify"]
+
+
+def step_config(recipe: Recipe, step: str) -> dict:
+    """The recipe settings a step's outputs depend on (its key); changing others does not redo it."""
+    r = recipe.to_dict()
+    if step == "resolve":
+        return {"source": r["source"]}
+    if step in ("seqcls",):
+        return {"artifacts": {"score_dtype": recipe.artifacts.score_dtype}}
+    if step in ("onnx", "causal-onnx"):
+        return {"artifacts": {"onnx": r["artifacts"]["onnx"], "seqcls": recipe.artifacts.seqcls,
+                              "score_dtype": recipe.artifacts.score_dtype}, "quantization": r["quantization"]}
+    return {k: r.get(k) for k in ("instruction", "gates", "verify")}
+
+
+def _step_key(recipe: Recipe, step: str, upstream: str) -> str:
+    from .recipe import fingerprint
+
+    return fingerprint({"step": step, "qconv": __version__, "config": step_config(recipe, step), "upstream": upstream})
+
+
+def _intact(out: Path, step: str, record: dict) -> bool:
+    if step == "resolve":
+        result = record.get("result") or {}
+        root = Path(result.get("path", ""))
+        for f in result.get("files", []):
+            p = root / f["path"]
+            if not p.is_file():
+                return False
+            st = p.stat()
+            if st.st_size != f["bytes"] or st.st_mtime_ns != f["mtime_ns"]:
+                return False
+        return bool(result.get("files"))
+    outputs = record.get("outputs") or {}
+    for top in record.get("roots", []):
+        if set(_files_under(out, top)) != {p for p in outputs if p == top or p.startswith(top + "/")}:
+            return False  # a file appeared or disappeared under this step's outputs
+    for rel, entry in outputs.items():
+        p = out / rel
+        if not p.is_file() or p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
+            return False
+    return bool(outputs)
+
+
+def _files_under(out: Path, rel: str) -> list[str]:
+    target = out / rel
+    if target.is_file():
+        return [rel]
+    return [p.relative_to(out).as_posix() for p in target.rglob("*") if p.is_file()]
+
+
+def _digest(record: dict) -> str:
+    """What the next step's key chains on: this step's key and the hashes of what it produced."""
+    from .recipe import fingerprint
+
+    files = [(f["path"], f["sha256"]) for f in record["result"].get("files", [])]
+    return fingerprint({"key": record["key"], "outputs": record["outputs"], "source_files": files})
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    out: Path
+    manifest: Manifest
+    report: str  # REPORT.md
+
+    @property
+    def passed(self) -> bool:
+        return self.manifest.passed
+
+    @property
+    def timings(self) -> dict[str, dict]:
+        return self.manifest.timings
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), **self.manifest.to_dict()}
+
+    def render(self) -> str:
+        return self.report
+
+
+def resolve_recipe(spec: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """The fully resolved recipe (`--dry-run`): every default filled, overrides applied."""
+    return load_recipe(spec, overrides)
+
+
+def default_out(recipe: Recipe) -> Path:
+    return DEFAULT_ROOT / recipe.name
+
+
+def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+               reporter: Reporter = NULL) -> RunResult:
+    """Run every step of the recipe into `out`, skipping those whose outputs are intact."""
+    recipe = spec if isinstance(spec, Recipe) else load_recipe(spec, overrides)
+    out = Path(out) if out is not None else default_out(recipe)
+    state = claim_output(out, recipe)
+    previous = dict(state.steps)
+    state.steps = {}
+    timings: dict[str, dict] = {}
+    upstream = ""
+    for step in plan(recipe):
+        key = _step_key(recipe, step, upstream)
+        record = previous.get(step)
+        if record and record.get("key") == key and _intact(out, step, record):
+            reporter.log(f"{step}: outputs intact, skipped")
+            timings[step] = {"seconds": record["seconds"], "skipped": True}
+        else:
+            reporter.log(f"{step}: running")
+            started = time.perf_counter()
+            outcome = STEPS[step](Context(recipe, out, reporter, state.steps, previous))
+            seconds = round(time.perf_counter() - started, 3)
+            outputs = {e.path: {"bytes": e.bytes, "sha256": e.sha256} for rel in outcome.outputs for e in file_entries(out, rel)}
+            record = {"key": key, "seconds": seconds, "roots": list(outcome.outputs), "outputs": outputs, "result": outcome.result}
+            timings[step] = {"seconds": seconds, "skipped": False}
+        state.steps[step] = record
+        state.save()
+        upstream = _digest(record)
+    manifest = build_manifest(recipe, out, state, timings)
+    manifest.write(out)
+    report = render_report(manifest)
+    with atomic_output_file(out / REPORT) as tmp:
+        tmp.write_text(report, encoding="utf-8")
+    return RunResult(recipe, out, manifest, report)
+
+
+# --- manifest and report -------------------------------------------------------------------------------
+
+def _entries(record: dict, prefix: str) -> list[FileEntry]:
+    return [FileEntry(p, e["bytes"], e["sha256"]) for p, e in sorted(record["outputs"].items())
+            if p == prefix or p.startswith(prefix + "/")]
+
+
+def _artifacts(recipe: Recipe, steps: dict[str, dict]) -> list[Artifact]:
+    from .quantize import QuantMode
+
+    arts: list[Artifact] = []
+    if "seqcls" in steps:
+        arts.append(Artifact("seqcls", "seqcls", {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[recipe.artifacts.score_dtype],
+                             SEQCLS_DIR, tuple(_entries(steps["seqcls"], SEQCLS_DIR))))
+    onnx_step = steps.get("onnx") or steps.get("causal-onnx")
+    if onnx_step:
+        kind = "onnx" if recipe.kind == "reranker" else "causal-lm-onnx"
+        claimed: set[str] = set()
+        for mode in recipe.artifacts.onnx:
+            main = f"{ONNX_OUT}/{ONNX_OUT}/{QuantMode(mode).file_name}"
+            files = [e for e in _entries(onnx_step, ONNX_OUT) if e.path in (main, main + "_data")]
+            claimed.update(e.path for e in files)
+            arts.append(Artifact(f"onnx/{mode}", kind, mode, main, tuple(files)))
+        support = tuple(e for e in _entries(onnx_step, ONNX_OUT) if e.path not in claimed)
+        arts.append(Artifact("onnx/support", kind + "-support", None, ONNX_OUT, support))
+    verify_step = steps.get("verify") or steps.get("causal-verify")
+    if verify_step:
+        arts.append(Artifact("verify", "report", None, VERIFY_FILE, tuple(_entries(verify_step, VERIFY_FILE))))
+    return arts
+
+
+def _reranker_metrics(report: dict) -> tuple[list[Metric], list[str]]:
+    metrics, failures = [], []
+    ref = report["reference"]
+    if ref.get("max_padding_delta") is not None:
+        metrics.append(Metric("reference", "padding_delta", ref["max_padding_delta"], f"<= {ref['padding_tolerance']:g}", ref["padding_invariant"]))
+        if not ref["padding_invariant"]:
+            failures.append(f"reference: logits depend on the padding side by {ref['max_padding_delta']:.2e}")
+    for c in report["candidates"]:
+        gate = c.get("gate") or {}
+        failed = {f["check"] for f in c["failures"]}
+        name = c["name"]
+
+        def add(metric: str, value, limit, op: str, check: str) -> None:
+            gated = limit is not None
+            metrics.append(Metric(name, metric, value, f"{op} {limit:g}" if gated else None,
+                                  (check not in failed) if gated else None))
+
+        add("max_abs_logit", c["max_abs_logit"], gate.get("max_abs_logit"), "<=", "max_abs_logit")
+        add("max_abs_prob", c["max_abs_prob"], gate.get("max_abs_prob"), "<=", "max_abs_prob")
+        add("ndcg", c["ndcg"], None, "", "")
+        add("retention", c["retention"], gate.get("min_retention"), ">=", "retention")
+        add("min_kendall_tau", c["ranking"]["min_kendall_tau"], None, "", "")
+        failures += [f"{name}: {f['detail']}" for f in c["failures"]]
+    return metrics, failures
+
+
+def _causal_metrics(report: dict, recipe: Recipe) -> tuple[list[Metric], list[str]]:
+    metrics, failures = [], []
+    for c in report["candidates"]:
+        name, fp32 = c["name"], c["mode"] == "fp32"
+        failed = " ".join(c["failures"])
+        tol, agreement = recipe.gates.tol_logit, recipe.gates.min_token_agreement
+        metrics += [
+            Metric(name, "greedy_match", c["greedy_match"], ">= 1" if fp32 else None, ("greedy" not in failed) if fp32 else None),
+            Metric(name, "max_abs_logit", c["max_abs_logit"], f"<= {tol:g}" if fp32 else None, ("Δlogit" not in failed) if fp32 else None),
+            Metric(name, "token_agreement", c["token_agreement"], None if fp32 else f">= {agreement:g}",
+                   None if fp32 else "agreement" not in failed),
+        ]
+        failures += c["failures"]
+    return metrics, failures
+
+
+def build_manifest(recipe: Recipe, out: Path, state: RunState, timings: dict[str, dict]) -> Manifest:
+    steps = state.steps
+    source = steps["resolve"]["result"]
+    verify_step = "verify" if recipe.kind == "reranker" else "causal-verify"
+    report = json.loads((out / VERIFY_FILE).read_text(encoding="utf-8")) if verify_step in steps else None
+    if report is None:
+        metrics, failures = [], ["verify: did not run"]
+    elif recipe.kind == "reranker":
+        metrics, failures = _reranker_metrics(report)
+    else:
+        metrics, failures = _causal_metrics(report, recipe)
+    return Manifest(
+        recipe=recipe.to_dict(),
+        source={"hub": source["hub"], "id": source["id"], "revision": source["revision"], "path": source["path"],
+                "files": [{k: f[k] for k in ("path", "bytes", "sha256")} for f in source["files"]]},
+        artifacts=_artifacts(recipe, steps), metrics=metrics, failures=failures,
+        timings={**timings, "total": {"seconds": round(sum(t["seconds"] for t in timings.values() if not t["skipped"]), 3)}},
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _num(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and (abs(value) < 1e-2 and value != 0):
+        return f"{value:.2e}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cell(metric: Metric) -> str:
+    text = _num(metric.value)
+    return f"**{text}**" if metric.passed is False else text
+
+
+def render_report(m: Manifest) -> str:
+    """REPORT.md: one row per artifact (size, every metric, pass/fail), then the failed gates by name."""
+    r, s = m.recipe, m.source
+    libs = m.tool["libraries"]
+    lines = [
+        f"# qconv run: {r['name']} — {'PASSED' if m.passed else 'FAILED'}",
+        "",
+        f"- kind: {r['kind']}",
+        f"- source: {s['id']} ({s['hub']}{', revision ' + s['revision'] if s.get('revision') else ''}), {len(s['files'])} files",
+        f"- qconv {m.tool['version']}; torch {libs.get('torch')}, transformers {libs.get('transformers')}, "
+        f"onnxruntime {libs.get('onnxruntime')}, optimum-onnx {libs.get('optimum-onnx')}",
+        "",
+    ]
+    by_artifact: dict[str, dict[str, Metric]] = {}
+    for x in m.metrics:
+        by_artifact.setdefault(x.artifact, {})[x.name] = x
+    columns = list(dict.fromkeys(x.name for x in m.metrics))
+    header = ["artifact", "mode", "size"] + columns + ["gate", "result"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    sizes = {a.name: a for a in m.artifacts}
+    for name in [n for n in by_artifact if n not in sizes] + [a.name for a in m.artifacts]:
+        metrics = by_artifact.get(name, {})
+        art = sizes.get(name)
+        gated = [x for x in metrics.values() if x.passed is not None]
+        gate = ", ".join(f"{x.name} {x.gate}" for x in gated)
+        result = "" if not gated else ("PASS" if all(x.passed for x in gated) else "**FAIL**")
+        cells = [_cell(metrics[c]) if c in metrics else "" for c in columns]
+        lines.append("| " + " | ".join([name, (art.mode or "") if art else "", _size(art.bytes) if art else ""] + cells + [gate, result]) + " |")
+    lines += ["", "## Failed gates", ""]
+    lines += [f"- {f}" for f in m.failures] or ["none: every gate passed"]
+    lines += ["", "## Files", "", "| artifact | path | sha256 |", "|---|---|---|"]
+    lines += [f"| {a.name} | `{a.path}` | `{(a.sha256 or '')[:16]}` |" for a in m.artifacts]
+    lines += ["", "## Timings", "", "| step | seconds | |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.2f} | {'skipped: outputs intact' if v.get('skipped') else ''} |" for k, v in m.timings.items()]
+    return "\n".join(lines) + "\n"
