@@ -47,7 +47,8 @@ WANTED = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "tokenizer.model", "chat_template.json", "*.jinja", "README.md",
 )
-STATE_DIR = ".qconv"  # inside each hub cache: per-model locks and verification stamps
+STATE_DIR = ".qconv"
+LIST_TIMEOUT_S = 30  # Hugging Face listing call; HF_HUB_ETAG_TIMEOUT overrides it  # inside each hub cache: per-model locks and verification stamps
 
 
 @dataclass(frozen=True)
@@ -579,7 +580,9 @@ class HuggingFaceHub(_Hub):
     def list(self, model_id: str, revision: str) -> Listing:
         from huggingface_hub import HfApi
 
-        info = HfApi(endpoint=self.endpoint()).model_info(model_id, revision=revision, files_metadata=True)
+        # huggingface_hub sends API calls without a timeout; a black-holed endpoint would hang forever.
+        timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or LIST_TIMEOUT_S)
+        info = HfApi(endpoint=self.endpoint()).model_info(model_id, revision=revision, files_metadata=True, timeout=timeout)
         files = tuple(
             RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None)
             for s in (info.siblings or [])

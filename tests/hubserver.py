@@ -13,7 +13,7 @@ one hub's API for the *real* client library to list and download a repository:
 
 Faults are switched on by attributes, so a test can break a server, run a download, fix it and
 re-run: `status` (answer every request with it), `corrupt` (file -> bytes served instead of the
-listed ones), `delay`, `cut` (files whose body stops half way and the connection closes). Every request is
+listed ones), `delay`, `stall` (never answer), `cut` (files whose body stops half way and the connection closes). Every request is
 recorded in `requests` as (method, path-with-query, headers).
 """
 
@@ -67,6 +67,7 @@ class HubServer:
     corrupt: dict[str, bytes] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)
     delay: float = 0.0  # seconds to wait before each file body (widens race windows)
+    stall: float = 0.0  # seconds to sit on every request before answering (a hung server)
     requests: list[RequestLog] = field(default_factory=list)
     default_revision: str = ""
 
@@ -166,6 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, head: bool) -> None:
         self.hub.record(RequestLog(self.command, self.path, dict(self.headers.items())))
+        if self.hub.stall:
+            time.sleep(self.hub.stall)
+            return
         if self.hub.status is not None:
             self._json(self.hub.status, {"Code": self.hub.status, "Message": f"injected HTTP {self.hub.status}", "Success": False}, head)
             return

@@ -166,6 +166,19 @@ def test_modelscope_failure_falls_back_to_huggingface(hubs, source_model, failur
     assert result.path.is_relative_to(hubs.tmp / "hf-home" / "hub")
 
 
+def test_hung_sources_time_out_and_move_on(hubs, source_model):
+    import modelscope_hub._legacy_api
+
+    hubs.monkeypatch.setattr(modelscope_hub._legacy_api, "REPO_TREE_PAGE_TIMEOUT_SECONDS", 1)
+    hubs.monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    hubs.ms.stall = 2.5
+    result = download_model(MODEL)
+    assert result.source == "huggingface" and "timed out" in result.failed[0].error
+    hubs.hf.stall = 2.5
+    with pytest.raises(DownloadError, match="modelscope: timed out.*huggingface: timed out"):
+        download_model("Qwen/Other", DownloadOptions())
+
+
 def test_both_sources_fail_with_one_error_naming_both(hubs):
     hubs.ms.status = 500
     hubs.hf.status = 503
@@ -281,6 +294,20 @@ def test_offline_uses_the_cache(hubs, source_model, how):
     assert result.commit == online.commit
     assert len(hubs.hf.requests) == count and hubs.ms.requests == []
     _same_bytes(result.path, source_model)
+
+
+def test_cache_damaged_on_disk_is_caught_offline_and_repaired_online(hubs, source_model):
+    online = download_model(MODEL, DownloadOptions(source="huggingface"))
+    shard = sorted(p.name for p in source_model.glob("*.safetensors"))[-1]
+    blob = (online.path / shard).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match=f"{shard} failed the integrity check.*changed on disk"):
+        download_model(MODEL, DownloadOptions(offline=True, source="huggingface"))
+    assert not blob.exists()
+    repaired = download_model(MODEL, DownloadOptions(source="huggingface"))
+    _same_bytes(repaired.path, source_model)
 
 
 def test_local_path_never_touches_the_network(hubs, source_model):
