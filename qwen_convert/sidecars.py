@@ -14,7 +14,7 @@ What consumers read from config.json (checked against their sources):
     classify API from `problem_type` (unset: sigmoid for one label). `method`,
     `classifier_from_token` and `is_original_qwen3_reranker` would make vLLM rebuild the head from a
     lm_head this directory no longer has, so they are removed. `use_sep_token: false` concatenates
-    query and document (no separator) when no template is given.
+    query and document (no separator) when no template is given (older vLLM: `use_pad_token`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def seqcls_config(src_config: dict, tokens: RerankerTokens, torch_dtype: str | N
     config["label2id"] = {"LABEL_0": 0}
     config["pad_token_id"] = tokens.pad_id
     config["use_sep_token"] = False
+    config["use_pad_token"] = False  # the same switch under its name in vLLM before use_sep_token
     st = dict(config.get("sentence_transformers") or {})
     st["activation_fn"] = SIGMOID
     config["sentence_transformers"] = st
