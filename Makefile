@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip
 RECIPE  ?= recipes/tiny.toml
 OUT     ?= artifacts
+SET     ?=
+# The output directory of a recipe is named after it: recipes/qwen3-reranker-8b.toml -> artifacts/qwen3-reranker-8b.
+NAME    := $(basename $(notdir $(RECIPE)))
 
 .PHONY: install test demo bench artifacts clean
 
@@ -26,8 +29,11 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/bench_seqcls.py
 
+# `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
+# artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails.
 artifacts: install
-	$(BIN)/qconv run $(RECIPE) --out $(OUT)
+	$(BIN)/qconv run $(RECIPE) --out $(OUT)/$(NAME) $(foreach kv,$(SET),--set '$(kv)')
+	$(BIN)/qconv run --check $(OUT)/$(NAME)
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache
