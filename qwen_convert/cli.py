@@ -179,7 +179,8 @@ def export_onnx(
     quantize_embedding: Annotated[bool, typer.Option("--quantize-embedding/--keep-embedding", help="q4: quantize the embedding Gather too.")] = True,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="int8: per-channel weight scales.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check of what was written.")] = False,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="Causal reranker to verify against (default: SRC if it is causal, else the seq-cls SRC itself).")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="The original causal reranker to verify against (default: SRC; required when SRC is already seq-cls).")] = None,
+    pairs: PairsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -189,7 +190,7 @@ def export_onnx(
 
     options = ExportOptions(
         modes=tuple(quantize or ()), block_size=block_size, quantize_embedding=quantize_embedding,
-        per_channel=per_channel, verify=not no_verify, reference=reference, force=force,
+        per_channel=per_channel, verify=not no_verify, reference=reference, pairs_file=pairs, force=force,
     )
     with _reporter(quiet) as rep:
         result = run_export(src, out, options, reporter=rep)

@@ -46,6 +46,7 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     reference: str | None = None  # verify against this causal model (default: SRC when it is causal)
+    pairs_file: Path | None = None  # verification pairs (JSONL); None = verify's built-in probes
     exporter: str = "optimum"  # key of EXPORTERS
     opset: int | None = None  # None: the exporter's default for qwen3
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes; lowered by tests
@@ -109,7 +110,6 @@ class ExportResult:
         else:
             lines.append(f"  verified against {self.reference} ({self.reference_note})")
             lines.append(self.verification.render())
-            lines.append("PASSED" if self.passed else "FAILED: at least one variant missed its gate")
         return "\n".join(lines)
 
 
@@ -313,6 +313,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     kind = detect_kind(path)
     if kind is ArtifactKind.ONNX:
         raise SourceError(f"{path} is already an ONNX export", "pass the causal reranker or its seq-cls conversion")
+    reference, note = _reference(src, kind, options, reporter) or (None, "")
 
     with atomic_output_dir(out, options.force) as tmp:
         if kind is ArtifactKind.CAUSAL:
@@ -356,10 +357,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
 
-    reference, note, report = None, "", None
-    if options.verify:
-        reference, note = _reference(src, kind, options)
-        report = _verify(reference, out, reporter)
+    report = _verify(reference, out, options.pairs_file, reporter) if reference is not None else None
     return ExportResult(
         out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
         reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
@@ -373,17 +371,24 @@ def _opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _reference(src: str | Path, kind: ArtifactKind, options: ExportOptions) -> tuple[str, str]:
-    if options.reference is not None:
-        return options.reference, "the causal reference given with --reference"
-    if kind is ArtifactKind.CAUSAL:
-        return str(src), "the causal source"
-    # No causal model at hand: the seq-cls torch model is the reference. This proves the export and
-    # the quantization, not the seq-cls conversion itself (`qconv verify` does that).
-    return str(src), "the seq-cls source in torch; pass --reference CAUSAL to check against the original"
+def _reference(src: str | Path, kind: ArtifactKind, options: ExportOptions, reporter: Reporter) -> tuple[str, str] | None:
+    """What the export is verified against: always a causal reranker (checked before any work)."""
+    if not options.verify:
+        return None
+    if options.reference is None:
+        if kind is ArtifactKind.CAUSAL:
+            return str(src), "the causal source"
+        # A seq-cls torch model as reference would prove the export but not the head conversion;
+        # `verify` only trusts the original.
+        raise SourceError(f"{src} is already a seq-cls model, so there is no causal reference to verify against",
+                          "pass --reference with the original Qwen3-Reranker, or --no-verify")
+    ref = resolve_model(options.reference, reporter=reporter)
+    if detect_kind(ref.path) is not ArtifactKind.CAUSAL:
+        raise SourceError(f"reference {options.reference} is not a causal reranker (Qwen3ForCausalLM)", "pass the original Qwen3-Reranker")
+    return options.reference, "the causal reference given with --reference"
 
 
-def _verify(reference: str, out: Path, reporter: Reporter):
+def _verify(reference: str, out: Path, pairs_file: Path | None, reporter: Reporter):
     from .verify import VerifyOptions, verify
 
-    return verify(reference, [out], VerifyOptions(), reporter=reporter)
+    return verify(reference, [out], VerifyOptions(pairs_file=pairs_file), reporter=reporter)
