@@ -63,6 +63,7 @@ class DownloadOptions:
 class SourceAttempt:
     source: str
     error: str
+    hint: str | None = None  # set when the source answered and qconv refused what it had
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def download_model(model_id: str, options: DownloadOptions = DownloadOptions(), 
         try:
             fetched = _from_hub(hub, model_id, revision, offline, reporter)
         except QconvError as exc:
-            failed.append(SourceAttempt(name, exc.message))
+            failed.append(SourceAttempt(name, exc.message, exc.hint))
         except Exception as exc:  # noqa: BLE001 - any client failure means "try the next hub"; all are reported
             failed.append(SourceAttempt(name, hub.describe(exc)))
         else:
@@ -179,10 +180,10 @@ def download_model(model_id: str, options: DownloadOptions = DownloadOptions(), 
             f"{model_id} is not usable from the local caches (offline mode) - {said}",
             "run once without --offline / HF_HUB_OFFLINE=1 to download it",
         )
-    raise DownloadError(
-        f"could not download {model_id} - {said}",
-        "check the model id and revision, your network, or set HF_ENDPOINT to a mirror; --source picks one hub",
-    )
+    # A hub that answered but was refused (pickle-only, corrupt file) knows the better next step.
+    hints = list(dict.fromkeys(a.hint for a in failed if a.hint))
+    hint = "; ".join(hints) or "check the model id and revision, your network, or set HF_ENDPOINT to a mirror; --source picks one hub"
+    raise DownloadError(f"could not download {model_id} - {said}", hint)
 
 
 # --- the per-hub steps ----------------------------------------------------------------------------
@@ -234,10 +235,10 @@ def _verify(hub: "_Hub", root: Path, files: list[RemoteFile], state: Path, model
         for f in files:
             path = root / f.name
             if not path.is_file():
-                raise _Bad(f.name, "is missing after the download")
+                raise _Bad(f.name, "missing after the download")
             size = path.stat().st_size
             if f.size is not None and size != f.size:
-                raise _Bad(f.name, f"has {size} bytes, the hub lists {f.size}")
+                raise _Bad(f.name, f"size is {size} bytes, the hub lists {f.size}")
             known = stamps.get(path)
             if f.sha256:
                 digest = known if known is not None else _sha256(path)
@@ -257,7 +258,7 @@ def _verify(hub: "_Hub", root: Path, files: list[RemoteFile], state: Path, model
             try:
                 shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise _Bad(INDEX_FILE, f"is not a valid index ({exc})") from exc
+                raise _Bad(INDEX_FILE, f"not a valid index ({exc})") from exc
             missing = sorted(s for s in shards if not (root / s).is_file())
             if missing:
                 raise DownloadError(f"{INDEX_FILE} names shards that are not there: {', '.join(missing)}", "the repository is incomplete; try another revision or source")
@@ -269,7 +270,7 @@ def _verify(hub: "_Hub", root: Path, files: list[RemoteFile], state: Path, model
         hub.forget(root / bad.name)
         stamps.drop(root / bad.name)
         raise DownloadError(
-            f"{bad.name} failed the integrity check: it {bad.why}; removed it from the {hub.name} cache",
+            f"{bad.name} failed the integrity check: {bad.why}; removed it from the {hub.name} cache",
             "run the same command again to re-download it" + (" (online)" if offline else ""),
         ) from bad
     finally:
@@ -416,10 +417,12 @@ def _silence_client_bars() -> None:
 
     _saved_bars["hf_disabled"] = are_progress_bars_disabled()
     disable_progress_bars()
-    # modelscope-hub logs an INFO line per snapshot on stderr; qconv's reporter already says it.
+    # modelscope-hub logs every step and failure on stderr; qconv reports the same facts once, in its
+    # own error (QCONV_DEBUG=1 keeps the client's log).
     ms_logger = logging.getLogger("modelscope_hub")
     _saved_bars["ms_level"] = ms_logger.level
-    ms_logger.setLevel(max(ms_logger.getEffectiveLevel(), logging.WARNING))
+    if not os.environ.get("QCONV_DEBUG"):
+        ms_logger.setLevel(logging.CRITICAL)
     try:
         # modelscope-hub draws a bar per file with a module-level tqdm and offers no switch for it.
         import modelscope_hub._download as ms_download

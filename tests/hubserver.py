@@ -68,6 +68,7 @@ class HubServer:
     cut: set[str] = field(default_factory=set)
     delay: float = 0.0  # seconds to wait before each file body (widens race windows)
     stall: float = 0.0  # seconds to sit on every request before answering (a hung server)
+    hide_sha: bool = False  # ModelScope listing without Sha256 (as for files it does not hash)
     requests: list[RequestLog] = field(default_factory=list)
     default_revision: str = ""
 
@@ -243,7 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"Code": 200, "Data": {"Name": repo_id.split("/")[1], "Path": repo_id.split("/")[0]}, "Success": True}, head)
         elif tail == "/repo/files":
             files = [
-                {"Name": name, "Path": name, "Type": "blob", "Size": len(data), "Sha256": _sha256(data),
+                {"Name": name, "Path": name, "Type": "blob", "Size": len(data),
+                 "Sha256": None if self.hub.hide_sha else _sha256(data),
                  "Revision": repo.commit, "IsLFS": name.endswith(LFS_SUFFIXES)}
                 for name, data in sorted(repo.files.items())
             ]

@@ -227,6 +227,17 @@ def test_corrupted_file_is_named_removed_and_repaired_by_a_rerun(hubs, source_mo
     _same_bytes(result.path, source_model)
 
 
+def test_broken_safetensors_header_is_caught_when_the_hub_gives_no_hash(hubs, source_model):
+    shard = sorted(p.name for p in source_model.glob("*.safetensors"))[0]
+    good = (source_model / shard).read_bytes()
+    hubs.ms.hide_sha = True
+    hubs.ms.corrupt[shard] = (10**9).to_bytes(8, "little") + good[8:]  # same size, absurd header length
+    with pytest.raises(DownloadError, match=f"{shard} failed the integrity check: .*header"):
+        download_model(MODEL, DownloadOptions(source="modelscope"))
+    hubs.ms.corrupt.clear()
+    _same_bytes(download_model(MODEL, DownloadOptions(source="modelscope")).path, source_model)
+
+
 def test_index_naming_a_missing_shard_is_refused(hubs, repo):
     name = "model.safetensors.index.json"
     index = json.loads(repo.files[name])
@@ -268,6 +279,7 @@ def test_pickle_only_repository_is_refused_without_fetching_it(hubs, source_mode
         download_model("Qwen/Pickle-Only")
     text = str(err.value)
     assert text.count("only pickle weights") == 2 and "pytorch_model.bin" in text
+    assert "ships model.safetensors" in text and "HF_ENDPOINT" not in text
     for server in (hubs.ms, hubs.hf):
         assert not [n for n in server.file_requests() if n.endswith((".bin", ".pt"))]
         assert server.requests, "each hub was asked for the listing"
