@@ -25,10 +25,12 @@ class ResolvedModel:
     path: Path
     source: str  # local | builtin | modelscope | huggingface
     model_id: str | None = None
-    revision: str | None = None
+    revision: str | None = None  # branch/tag asked for (per hub: master on ModelScope, main on Hugging Face)
+    commit: str | None = None  # resolved commit, where the hub gives one (Hugging Face)
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "source": self.source, "model_id": self.model_id, "revision": self.revision}
+        return {"path": str(self.path), "source": self.source, "model_id": self.model_id,
+                "revision": self.revision, "commit": self.commit}
 
 
 def builtin_path(name: str) -> Path:
@@ -53,5 +55,5 @@ def resolve_model(src: str | Path, *, source: str | None = None, revision: str |
         from .download import DownloadOptions, download_model
 
         result = download_model(text, DownloadOptions(source=source, revision=revision, offline=offline), reporter=reporter)
-        return ResolvedModel(result.path, result.source, text, result.revision)
+        return ResolvedModel(result.path, result.source, text, result.revision, result.commit)
     raise SourceError(f"{text} does not exist", "pass an existing model directory, a hub id like Qwen/Qwen3-Reranker-0.6B, or qconv:tiny-reranker")

@@ -334,6 +334,7 @@ def test_hub_id_through_resolve_model_and_revision_mapping(hubs, source_model):
     assert any("Revision=master" in r.path for r in hubs.ms.requests)
     resolved = resolve_model(MODEL, source="huggingface", revision="master")
     assert (resolved.source, resolved.revision) == ("huggingface", "main")
+    assert resolved.commit == hubs.hf.repos[MODEL].commit and resolved.to_dict()["commit"] == resolved.commit
     assert any("/revision/main" in r.path for r in hubs.hf.requests)
 
 
