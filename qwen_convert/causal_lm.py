@@ -136,7 +136,7 @@ class VariantCheck:
     decode_max_abs_logit: float  # generate() logits (KV-cache path) while the tokens agree
     prefill_max_abs_logit: float  # teacher-forced logits over torch's greedy continuation
     token_agreement: float  # teacher-forced argmax == torch's greedy token, fraction of positions
-    gate: str
+    checks: list[dict] = field(default_factory=list)  # {name, value, gate, passed}: the manifest's metrics
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -151,12 +151,36 @@ class VariantCheck:
     def max_abs_logit(self) -> float:
         return max(self.decode_max_abs_logit, self.prefill_max_abs_logit)
 
+    @property
+    def gate(self) -> str:
+        return ", ".join(f"{c['name']} {c['gate']}" for c in self.checks if c["gate"]) or "none"
+
     def to_dict(self) -> dict:
         return {"name": f"onnx/{self.mode}", "mode": self.mode, "passed": self.passed, "gate": self.gate,
                 "prompts": self.prompts, "greedy_identical": self.greedy_identical, "greedy_match": self.greedy_match,
                 "first_divergence": self.first_divergence, "max_abs_logit": self.max_abs_logit,
                 "decode_max_abs_logit": self.decode_max_abs_logit, "prefill_max_abs_logit": self.prefill_max_abs_logit,
-                "token_agreement": self.token_agreement, "failures": self.failures}
+                "token_agreement": self.token_agreement, "checks": self.checks, "failures": self.failures}
+
+    def gated(self, gates: "CausalGates") -> "VariantCheck":
+        """Fill checks and failures: fp32 must generate identically within tol_logit; quantized
+        variants must agree on the next token at least min_token_agreement of the time."""
+        fp32 = self.mode == QuantMode.FP32.value
+        self.checks = [
+            {"name": "greedy_match", "value": self.greedy_match, "gate": ">= 1" if fp32 else None,
+             "passed": self.greedy_match >= 1 if fp32 else None},
+            {"name": "max_abs_logit", "value": self.max_abs_logit, "gate": f"<= {gates.tol_logit:g}" if fp32 else None,
+             "passed": bool(self.max_abs_logit <= gates.tol_logit) if fp32 else None},
+            {"name": "token_agreement", "value": self.token_agreement, "gate": None if fp32 else f">= {gates.min_token_agreement:g}",
+             "passed": None if fp32 else bool(self.token_agreement >= gates.min_token_agreement)},
+        ]
+        details = {
+            "greedy_match": f"greedy generation differs from torch on {self.prompts - self.greedy_identical} of {self.prompts} prompts",
+            "max_abs_logit": f"max |Δlogit| {self.max_abs_logit:.3e} > {gates.tol_logit:.1e}",
+            "token_agreement": f"teacher-forced top-1 agreement {self.token_agreement:.3f} < {gates.min_token_agreement:g}",
+        }
+        self.failures = [f"onnx/{self.mode}: {details[c['name']]}" for c in self.checks if c["passed"] is False]
+        return self
 
 
 @dataclass
@@ -252,7 +276,6 @@ def verify_causal_lm(reference: str | Path, export_dir: str | Path, prompts: Seq
     checks = []
     for mode in _modes(modes):
         model = load_ort_causal_lm(export_dir, mode.value)
-        quantized = mode is not QuantMode.FP32
         identical, divergence, decode_max, prefill_max = 0, [], 0.0, 0.0
         agree = total = 0
         task = reporter.task(f"onnx/{mode.value}", total=len(encoded))
@@ -276,19 +299,7 @@ def verify_causal_lm(reference: str | Path, export_dir: str | Path, prompts: Seq
         del model
         gc.collect()
         agreement = agree / total if total else 1.0
-        failures = []
-        if quantized:
-            gate = f"top-1 agreement >= {gates.min_token_agreement:g}"
-            if not agreement >= gates.min_token_agreement:
-                failures.append(f"onnx/{mode.value}: teacher-forced top-1 agreement {agreement:.3f} < {gates.min_token_agreement:g}")
-        else:
-            gate = f"greedy identical, max|Δlogit| <= {gates.tol_logit:.0e}"
-            worst = max(decode_max, prefill_max)
-            if identical != len(encoded):
-                failures.append(f"onnx/{mode.value}: greedy generation differs from torch on {len(encoded) - identical} of {len(encoded)} prompts")
-            if not worst <= gates.tol_logit:
-                failures.append(f"onnx/{mode.value}: max |Δlogit| {worst:.3e} > {gates.tol_logit:.1e}")
-        checks.append(VariantCheck(mode.value, len(encoded), identical, divergence, decode_max, prefill_max, agreement, gate, failures))
+        checks.append(VariantCheck(mode.value, len(encoded), identical, divergence, decode_max, prefill_max, agreement).gated(gates))
     return CausalVerifyReport(str(reference), tuple(prompts), max_new_tokens, checks, bool(getattr(tokenizer, "chat_template", None)))
 
 

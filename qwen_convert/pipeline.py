@@ -129,12 +129,12 @@ def step_resolve(ctx: Context) -> Outcome:
     s = ctx.recipe.source
     if s.path:
         attempts = [(s.path, None)]
-    elif s.hub == "auto" and s.modelscope and s.huggingface and s.modelscope != s.huggingface:
-        attempts = [(s.modelscope, "modelscope"), (s.huggingface, "huggingface")]
-    elif s.hub in ("auto", "modelscope") and s.modelscope:
-        attempts = [(s.modelscope, None if s.hub == "auto" and s.modelscope == s.huggingface else "modelscope")]
     else:
-        attempts = [(s.huggingface, "huggingface")]
+        order = ("modelscope", "huggingface") if s.hub == "auto" else (s.hub,)
+        attempts = [(getattr(s, hub), hub) for hub in order if getattr(s, hub)]
+        if s.hub == "auto" and len({model_id for model_id, _ in attempts}) == 1:
+            # One id for both hubs: the downloader's own order (ModelScope first, QCONV_SOURCE honoured).
+            attempts = [(attempts[0][0], None)]
     errors = []
     for model_id, hub in attempts:
         try:
@@ -356,9 +356,15 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
     state = claim_output(out, recipe)
     previous = dict(state.steps)
     state.steps = {}
+    steps = plan(recipe)
+    for name, record in previous.items():
+        if name not in steps:  # e.g. seqcls switched off since the last run: its outputs must go
+            for root in record.get("roots", []):
+                target = out / root
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     timings: dict[str, dict] = {}
     upstream = ""
-    for step in plan(recipe):
+    for step in steps:
         key = _step_key(recipe, step, upstream)
         record = previous.get(step)
         if record and record.get("key") == key and _intact(out, step, record):
@@ -440,20 +446,9 @@ def _reranker_metrics(report: dict) -> tuple[list[Metric], list[str]]:
     return metrics, failures
 
 
-def _causal_metrics(report: dict, recipe: Recipe) -> tuple[list[Metric], list[str]]:
-    metrics, failures = [], []
-    for c in report["candidates"]:
-        name, fp32 = c["name"], c["mode"] == "fp32"
-        failed = " ".join(c["failures"])
-        tol, agreement = recipe.gates.tol_logit, recipe.gates.min_token_agreement
-        metrics += [
-            Metric(name, "greedy_match", c["greedy_match"], ">= 1" if fp32 else None, ("greedy" not in failed) if fp32 else None),
-            Metric(name, "max_abs_logit", c["max_abs_logit"], f"<= {tol:g}" if fp32 else None, ("Δlogit" not in failed) if fp32 else None),
-            Metric(name, "token_agreement", c["token_agreement"], None if fp32 else f">= {agreement:g}",
-                   None if fp32 else "agreement" not in failed),
-        ]
-        failures += c["failures"]
-    return metrics, failures
+def _causal_metrics(report: dict) -> tuple[list[Metric], list[str]]:
+    metrics = [Metric(c["name"], x["name"], x["value"], x["gate"], x["passed"]) for c in report["candidates"] for x in c["checks"]]
+    return metrics, [f for c in report["candidates"] for f in c["failures"]]
 
 
 def build_manifest(recipe: Recipe, out: Path, state: RunState, timings: dict[str, dict]) -> Manifest:
@@ -466,7 +461,7 @@ def build_manifest(recipe: Recipe, out: Path, state: RunState, timings: dict[str
     elif recipe.kind == "reranker":
         metrics, failures = _reranker_metrics(report)
     else:
-        metrics, failures = _causal_metrics(report, recipe)
+        metrics, failures = _causal_metrics(report)
     return Manifest(
         recipe=recipe.to_dict(),
         source={"hub": source["hub"], "id": source["id"], "revision": source["revision"], "path": source["path"],
