@@ -20,9 +20,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .checkpoint import load_config
-from .errors import SourceError
-from .reranker import EncodedBatch, PromptEncoder, load_tokenizer, reranker_tokens
+from .checkpoint import load_config, open_checkpoint
+from .errors import QconvError, SourceError
+from .reranker import EncodedBatch, PaddingSide, Pair, PromptEncoder, load_tokenizer, reranker_tokens
 
 
 class ArtifactKind(str, Enum):
@@ -48,10 +48,10 @@ def check_qwen3(config: dict, path: Path) -> None:
 
 def detect_kind(path: Path) -> ArtifactKind:
     path = Path(path)
+    config = load_config(path)  # an ONNX export keeps config.json at its root too
+    check_qwen3(config, path)
     if (path / "onnx").is_dir():
         return ArtifactKind.ONNX
-    config = load_config(path)
-    check_qwen3(config, path)
     archs = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return ArtifactKind.SEQCLS
@@ -107,21 +107,38 @@ class SeqClsScorer:
 def _load_causal(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
     from transformers import AutoModelForCausalLM
 
+    open_checkpoint(path)  # headers only: refuses pickle-only, truncated or incomplete weights up front
     tokens = reranker_tokens(load_tokenizer(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype)).eval()
     return [CausalScorer(model, tokens.yes_id, tokens.no_id, precision=_PRECISION[dtype])]
 
 
 def _load_seqcls(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    if "score.weight" not in open_checkpoint(path).tensors:
+        # transformers would silently initialise a random head and every score would be noise.
+        raise SourceError(f"{path} declares a sequence classifier but its weights have no score.weight",
+                          "re-run `qconv seqcls` on the original reranker")
+    config = AutoConfig.from_pretrained(str(path))
+    if config.num_labels != 1:
+        raise SourceError(f"{path} is a sequence classifier with {config.num_labels} labels",
+                          "qconv scores one-logit rerankers (num_labels: 1), as written by `qconv seqcls`")
+    if config.pad_token_id is None:
+        # Qwen3ForSequenceClassification finds the last real token by pad id; without one it cannot pool batches.
+        raise SourceError(f"{path}/config.json has no pad_token_id", "set it to the tokenizer's pad id, or re-run `qconv seqcls`")
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=_torch_dtype(dtype)).eval()
     return [SeqClsScorer(model, precision=_PRECISION[dtype])]
 
 
 def _load_onnx(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
-    from .onnx_scoring import load_onnx_scorers  # provided by the ONNX export module
-
+    try:
+        from .onnx_scoring import load_onnx_scorers  # provided by the ONNX export module
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("qwen_convert.onnx_scoring", "onnxruntime"):
+            raise
+        raise SourceError(f"{path} is an ONNX export, but ONNX scoring is unavailable ({exc.msg})",
+                          "install qconv with onnxruntime") from exc
     return load_onnx_scorers(path, variants)
 
 
@@ -137,6 +154,26 @@ def load_scorers(path: Path, variants: Sequence[str] = (), dtype: str = "float32
     """All scorers a directory provides (one for torch models, one per ONNX variant)."""
     path = Path(path)
     return LOADERS[detect_kind(path)](path, variants, dtype)
+
+
+def score_pairs(scorer: Scorer, batches: Sequence[EncodedBatch], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """One logit per row over pre-encoded batches, concatenated in order (float64)."""
+    out = []
+    for batch in batches:
+        scores = np.asarray(scorer.score(batch), dtype=np.float64).reshape(-1)
+        if scores.shape[0] != batch.input_ids.shape[0]:
+            raise ValueError(f"{scorer.name} returned {scores.shape[0]} scores for a batch of {batch.input_ids.shape[0]}")
+        out.append(scores)
+        if on_batch is not None:
+            on_batch(batch.input_ids.shape[0])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def encode_batches(encoder: PromptEncoder, pairs: Sequence[Pair], batch_size: int, padding_side: PaddingSide) -> list[EncodedBatch]:
+    """Consecutive pairs in padded batches (input order kept, so batches mix lengths)."""
+    if batch_size < 1:
+        raise QconvError(f"batch size {batch_size} is not positive", "use --batch-size 1 or more")
+    return [encoder.encode(pairs[i : i + batch_size], padding_side) for i in range(0, len(pairs), batch_size)]
 
 
 def prompt_encoder(path: Path, instruction: str | None, max_length: int) -> PromptEncoder:

@@ -1,0 +1,449 @@
+"""verify(reference, candidates) -> VerifyReport: do the candidates score like the original reranker?
+
+The reference is the causal model itself, scored without any converted head: logit(yes) − logit(no)
+at the last real token (scoring.CausalScorer), always in fp32. Every candidate (a seq-cls directory, or
+each variant of an ONNX export: scoring.load_scorers is the seam) runs on the same prompts in the same
+padded batches, on both padding sides. The candidate's precision picks its gate from one table
+(DEFAULT_GATES); like optimum's validation, every check that misses is collected and reported against
+its tolerance, and the report fails if any candidate fails or if the reference itself depends on the
+padding side (then nothing measured against it can be trusted).
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from .errors import QconvError, SourceError
+from .metrics import kendall_tau, mean_ndcg, ranking, sigmoid
+from .probes import LabeledPair, group_by_query, has_labels, resolve_pairs
+from .progress import NULL, Reporter
+from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, load_tokenizer
+
+PADDING_SIDES: tuple[PaddingSide, ...] = ("left", "right")
+REFERENCE_PADDING_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a candidate of one precision must satisfy; None = reported, not gated."""
+
+    max_abs_logit: float | None = None
+    max_abs_prob: float | None = None
+    min_retention: float | None = None  # NDCG@k(candidate) / NDCG@k(reference)
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_abs_logit is not None:
+            parts.append(f"|Δlogit|≤{self.max_abs_logit:.0e}")
+        if self.max_abs_prob is not None:
+            parts.append(f"|ΔP|≤{self.max_abs_prob:.0e}")
+        if self.min_retention is not None:
+            parts.append(f"retention≥{self.min_retention:g}")
+        return ", ".join(parts) or "report only"
+
+    def to_dict(self) -> dict:
+        return {"max_abs_logit": self.max_abs_logit, "max_abs_prob": self.max_abs_prob, "min_retention": self.min_retention}
+
+
+QUANTIZED = ("int8", "q4", "q4f16")
+# fp32 : a correct yes−no head reproduces the reference to ~1e-6; a bf16-stored head already costs ~1e-3.
+# fp16 : fp16 activations move logits by up to ~1e-2 on real models.
+# bf16 and quantized: the logits move by 1e-1 or more; what must survive is the ranking, so they are
+#        gated on NDCG retention, with max |Δlogit| and |ΔP(yes)| reported.
+DEFAULT_GATES: Mapping[str, Gate] = MappingProxyType({
+    "fp32": Gate(max_abs_logit=1e-4),
+    "fp16": Gate(max_abs_logit=2e-2),
+    "bf16": Gate(min_retention=0.97),
+    **{mode: Gate(min_retention=0.97) for mode in QUANTIZED},
+})
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    pairs_file: Path | None = None  # JSONL; None = the built-in probe set
+    variants: tuple[str, ...] = ()  # ONNX variants to check (empty = all in the directory)
+    tol_logit: float | None = None  # fp32 gate: max |Δlogit|
+    tol_fp16: float | None = None  # fp16 gate: max |Δlogit|
+    min_retention: float | None = None  # bf16 and quantized gates: min NDCG retention
+    instruction: str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    batch_size: int = 8
+    padding_sides: tuple[PaddingSide, ...] = PADDING_SIDES
+    gates: Mapping[str, Gate] | None = None  # per-precision overrides (recipes); the tol_* options win
+    ndcg_k: int = 10
+    ndcg_gains: str = "auto"  # labels | reference | auto (labels when every pair has one)
+    tol_reference_padding: float = REFERENCE_PADDING_TOL
+    pairs: tuple[LabeledPair, ...] | None = None  # in-memory pairs (library callers); beats pairs_file
+
+
+def gate_table(options: VerifyOptions) -> dict[str, Gate]:
+    """The gates in force: defaults, then options.gates, then the CLI tolerances."""
+    table = dict(DEFAULT_GATES)
+    table.update(options.gates or {})
+    if options.tol_logit is not None:
+        table["fp32"] = replace(table["fp32"], max_abs_logit=options.tol_logit)
+    if options.tol_fp16 is not None:
+        table["fp16"] = replace(table["fp16"], max_abs_logit=options.tol_fp16)
+    if options.min_retention is not None:
+        for precision in ("bf16", *QUANTIZED):
+            table[precision] = replace(table[precision], min_retention=options.min_retention)
+    for precision, gate in table.items():
+        for name in ("max_abs_logit", "max_abs_prob", "min_retention"):
+            value = getattr(gate, name)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise QconvError(f"the {precision} gate's {name} is {value}", "tolerances must be finite and not negative")
+    return table
+
+
+@dataclass(frozen=True)
+class Failure:
+    check: str  # max_abs_logit | max_abs_prob | retention | tokenizer | gate
+    value: float | None
+    tolerance: float | None
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "value": self.value, "tolerance": self.tolerance, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Per-query agreement of a candidate's ranking with the reference's (worst padding side)."""
+
+    queries: int
+    identical: int  # queries whose full order is unchanged
+    top1: int  # queries whose best document is unchanged
+    mean_kendall_tau: float
+    min_kendall_tau: float
+
+    def to_dict(self) -> dict:
+        return {"queries": self.queries, "identical": self.identical, "top1": self.top1,
+                "mean_kendall_tau": self.mean_kendall_tau, "min_kendall_tau": self.min_kendall_tau}
+
+
+@dataclass
+class CandidateResult:
+    path: str
+    name: str  # scorer name: seqcls, causal, onnx/fp32, onnx/q4f16 ...
+    kind: str
+    precision: str
+    gate: Gate | None
+    max_abs_logit: float
+    max_abs_prob: float
+    worst: dict  # the pair behind max |Δlogit|
+    per_side: dict[str, dict]
+    ranking: Ranking
+    ndcg_reference: float | None
+    ndcg: float | None
+    retention: float | None
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def label(self) -> str:
+        return f"{Path(self.path).name} [{self.name}]"
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "name": self.name, "kind": self.kind, "precision": self.precision,
+            "passed": self.passed, "gate": self.gate.to_dict() if self.gate else None,
+            "max_abs_logit": self.max_abs_logit, "max_abs_prob": self.max_abs_prob, "worst": self.worst,
+            "per_side": self.per_side, "ranking": self.ranking.to_dict(),
+            "ndcg_reference": self.ndcg_reference, "ndcg": self.ndcg, "retention": self.retention,
+            "failures": [f.to_dict() for f in self.failures],
+        }
+
+
+@dataclass
+class ReferenceResult:
+    path: str
+    source: str
+    ndcg: float | None
+    max_padding_delta: float | None  # max |left − right| of the reference's own logits; None with one side
+    padding_invariant: bool
+    tolerance: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "source": self.source, "kind": "causal", "precision": "fp32", "ndcg": self.ndcg,
+                "max_padding_delta": self.max_padding_delta, "padding_invariant": self.padding_invariant,
+                "padding_tolerance": self.tolerance}
+
+
+@dataclass
+class VerifyReport:
+    reference: ReferenceResult
+    candidates: list[CandidateResult]
+    pairs_source: str
+    num_pairs: int
+    num_queries: int
+    ndcg_gains: str  # labels | reference
+    ndcg_k: int
+    padding_sides: tuple[str, ...]
+    batch_size: int
+    max_length: int
+    instruction: str
+    gates: dict[str, Gate]
+    versions: dict[str, str]
+
+    @property
+    def passed(self) -> bool:
+        return self.reference.padding_invariant and all(c.passed for c in self.candidates)
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "reference": self.reference.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "pairs": {"source": self.pairs_source, "count": self.num_pairs, "queries": self.num_queries},
+            "ndcg": {"k": self.ndcg_k, "gains": self.ndcg_gains},
+            "padding_sides": list(self.padding_sides),
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "instruction": self.instruction,
+            "tolerances": {p: g.to_dict() for p, g in self.gates.items()},
+            "versions": self.versions,
+        }
+
+    def render(self) -> str:
+        ref = self.reference
+        pad = ("n/a (one padding side)" if ref.max_padding_delta is None
+               else f"{'ok' if ref.padding_invariant else 'FAILED'} (max |left−right| {ref.max_padding_delta:.1e})")
+        lines = [
+            f"reference  {ref.path} (causal, fp32)  NDCG@{self.ndcg_k} {_fmt(ref.ndcg, '.3f')}",
+            f"pairs      {self.num_pairs} from {self.pairs_source}, {self.num_queries} queries; padding "
+            f"{'+'.join(self.padding_sides)}; batch {self.batch_size}; max length {self.max_length}",
+            f"reference padding invariance: {pad}",
+            "",
+        ]
+        header = ("candidate", "prec", "max|Δlogit|", "max|ΔP|", "ranking", "NDCG ref→cand", "retention", "gate", "result")
+        rows = [header]
+        for c in self.candidates:
+            rows.append((
+                c.label, c.precision, f"{c.max_abs_logit:.2e}", f"{c.max_abs_prob:.2e}",
+                f"{c.ranking.identical}/{c.ranking.queries} τ≥{c.ranking.min_kendall_tau:.2f}",
+                f"{_fmt(c.ndcg_reference, '.3f')}→{_fmt(c.ndcg, '.3f')}", _fmt(c.retention, ".3f"),
+                c.gate.describe() if c.gate else "none", "PASS" if c.passed else "FAIL",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        for c in self.candidates:
+            lines += [f"  FAIL {c.label}: {f.detail}" for f in c.failures]
+        if not ref.padding_invariant:
+            lines.append(f"  FAIL reference: its logits change with the padding side by {ref.max_padding_delta:.2e} "
+                         f"(> {ref.tolerance:.0e}); the comparison cannot be trusted")
+        lines.append("")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what computed the numbers (torch/transformers/onnxruntime only if they were used)."""
+    from . import __version__
+
+    out = {"qconv": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    for module in ("torch", "transformers", "onnxruntime", "onnx", "optimum"):
+        mod = sys.modules.get(module)
+        if mod is not None and getattr(mod, "__version__", None):
+            out[module] = str(mod.__version__)
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def _check_options(options: VerifyOptions) -> None:
+    if options.batch_size < 1:
+        raise QconvError(f"batch size {options.batch_size} is not positive", "use --batch-size 1 or more")
+    sides = options.padding_sides
+    if not sides or any(s not in PADDING_SIDES for s in sides) or len(set(sides)) != len(sides):
+        raise QconvError(f"padding sides {sides!r} are invalid", "use ('left', 'right'), or one of them")
+    if options.ndcg_gains not in ("auto", "labels", "reference"):
+        raise QconvError(f"ndcg_gains {options.ndcg_gains!r} is invalid", "use auto, labels or reference")
+    if options.ndcg_k < 1:
+        raise QconvError(f"NDCG cut-off {options.ndcg_k} is not positive", "use k = 10")
+
+
+def _check_candidate(path: Path):
+    from .scoring import detect_kind
+
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"candidate {path} does not exist", "pass the output directory of `qconv seqcls` or `qconv export-onnx`")
+    return detect_kind(path)
+
+
+def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: PromptEncoder) -> list[Failure]:
+    """A candidate is served with its own tokenizer: it must turn every prompt into the reference's ids."""
+    try:
+        encoder = PromptEncoder(load_tokenizer(path), reference.instruction, reference.max_length)
+    except QconvError as exc:
+        return [Failure("tokenizer", None, None, f"tokenizer unusable: {exc}")]
+    failures = []
+    if encoder.tokens != reference.tokens:
+        failures.append(Failure("tokenizer", None, None, f"yes/no/pad ids {encoder.tokens} differ from the reference's {reference.tokens}"))
+    differ = sum(encoder.ids(p) != reference.ids(p) for p in pairs)
+    if differ:
+        failures.append(Failure("tokenizer", float(differ), 0.0, f"tokenizer: {differ} of {len(pairs)} prompts tokenize differently from the reference"))
+    return failures
+
+
+def _score_sides(scorer, batches: Mapping[str, list], n: int, reporter: Reporter, label: str) -> dict[str, np.ndarray]:
+    from .scoring import score_pairs
+
+    out = {}
+    for side, side_batches in batches.items():
+        task = reporter.task(f"{label} ({side} padding)", total=n)
+        out[side] = score_pairs(scorer, side_batches, on_batch=task.advance)
+    return out
+
+
+def _ranking(groups: list[list[int]], ref: np.ndarray, cand: np.ndarray) -> tuple[int, int, list[float]]:
+    identical = top1 = 0
+    taus = []
+    for idx in groups:
+        r, c = ranking(ref[idx]), ranking(cand[idx])
+        identical += bool(np.array_equal(r, c))
+        top1 += bool(r[0] == c[0])
+        taus.append(kendall_tau(ref[idx], cand[idx]))
+    return identical, top1, taus
+
+
+def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], pairs: Sequence[LabeledPair],
+             groups: list[list[int]], gains: np.ndarray, ndcg_ref: float | None, k: int, gates: Mapping[str, Gate],
+             extra_failures: list[Failure]) -> CandidateResult:
+    per_side: dict[str, dict] = {}
+    worst = {"max_abs_logit": -1.0}
+    max_prob = 0.0
+    rank_stats = []
+    ndcgs = []
+    for side in ref:
+        with np.errstate(invalid="ignore"):
+            d_logit = np.abs(cand[side] - ref[side])
+            d_prob = np.abs(sigmoid(cand[side]) - sigmoid(ref[side]))
+        # NaN must count as the worst possible difference, never as "no difference".
+        d_logit = np.where(np.isnan(d_logit), np.inf, d_logit)
+        d_prob = np.where(np.isnan(d_prob), 1.0, d_prob)
+        i = int(np.argmax(d_logit))
+        per_side[side] = {"max_abs_logit": float(d_logit[i]), "max_abs_prob": float(d_prob.max()), "worst_pair": i}
+        if d_logit[i] > worst["max_abs_logit"]:
+            worst = {"max_abs_logit": float(d_logit[i]), "pair": i, "side": side, "query": pairs[i].query,
+                     "reference_logit": float(ref[side][i]), "candidate_logit": float(cand[side][i])}
+        max_prob = max(max_prob, float(d_prob.max()))
+        rank_stats.append(_ranking(groups, ref[side], cand[side]))
+        ndcgs.append(mean_ndcg(groups, cand[side], gains, k))
+    max_logit = worst.pop("max_abs_logit")
+    rank = Ranking(
+        queries=len(groups),
+        identical=min(s[0] for s in rank_stats),
+        top1=min(s[1] for s in rank_stats),
+        mean_kendall_tau=float(min(np.mean(s[2]) for s in rank_stats)),
+        min_kendall_tau=float(min(min(s[2]) for s in rank_stats)),
+    )
+    ndcg = None if any(v is None for v in ndcgs) else min(ndcgs)
+    retention = None if ndcg is None or ndcg_ref is None else (ndcg / ndcg_ref if ndcg_ref > 0 else 1.0)
+
+    gate = gates.get(scorer.precision)
+    failures = list(extra_failures)
+    if gate is None:
+        failures.append(Failure("gate", None, None, f"no gate for precision {scorer.precision!r} (known: {', '.join(gates)})"))
+    else:
+        where = f"pair {worst['pair']}, {worst['side']} padding"
+        if gate.max_abs_logit is not None and not max_logit <= gate.max_abs_logit:
+            failures.append(Failure("max_abs_logit", max_logit, gate.max_abs_logit,
+                                    f"max |Δlogit| {max_logit:.3e} > {gate.max_abs_logit:.1e} ({where})"))
+        if gate.max_abs_prob is not None and not max_prob <= gate.max_abs_prob:
+            failures.append(Failure("max_abs_prob", max_prob, gate.max_abs_prob,
+                                    f"max |ΔP(yes)| {max_prob:.3e} > {gate.max_abs_prob:.1e}"))
+        if gate.min_retention is not None:
+            if retention is None:
+                failures.append(Failure("retention", None, gate.min_retention, f"NDCG@{k} retention cannot be computed (no relevant documents)"))
+            elif not retention >= gate.min_retention:
+                failures.append(Failure("retention", retention, gate.min_retention,
+                                        f"NDCG@{k} retention {retention:.4f} < {gate.min_retention:g} "
+                                        f"({_fmt(ndcg_ref, '.4f')} → {_fmt(ndcg, '.4f')})"))
+    return CandidateResult(
+        path=str(path), name=scorer.name, kind=getattr(scorer.kind, "value", str(scorer.kind)), precision=scorer.precision,
+        gate=gate, max_abs_logit=max_logit, max_abs_prob=max_prob, worst=worst, per_side=per_side, ranking=rank,
+        ndcg_reference=ndcg_ref, ndcg=ndcg, retention=retention, failures=failures,
+    )
+
+
+def verify(reference: str | Path, candidates: Sequence[Path | str], options: VerifyOptions = VerifyOptions(),
+           reporter: Reporter = NULL) -> VerifyReport:
+    """Score the probe pairs with the causal reference and every candidate; gate each by its precision."""
+    from .resolve import resolve_model
+    from .scoring import ArtifactKind, detect_kind, encode_batches, load_scorers, prompt_encoder
+
+    _check_options(options)
+    gates = gate_table(options)
+    if options.pairs is not None:
+        pairs, pairs_source = list(options.pairs), "in-memory"
+        if not pairs:
+            raise QconvError("no pairs to verify on", "pass at least one (query, document) pair")
+    else:
+        pairs, pairs_source = resolve_pairs(options.pairs_file)
+
+    # Everything that can be refused is refused before any model is loaded.
+    resolved = resolve_model(reference, reporter=reporter)
+    if detect_kind(resolved.path) is not ArtifactKind.CAUSAL:
+        raise SourceError(f"reference {resolved.path} is not a causal reranker (Qwen3ForCausalLM)",
+                          "the reference must be the original Qwen3-Reranker; pass converted models as candidates")
+    kinds = [(Path(c), _check_candidate(Path(c))) for c in candidates]
+    if options.variants and not any(kind is ArtifactKind.ONNX for _, kind in kinds):
+        raise QconvError("--variant applies to ONNX exports, and no candidate is one", "drop --variant")
+
+    encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
+    batches = {side: encode_batches(encoder, pairs, options.batch_size, side) for side in options.padding_sides}
+    groups = list(group_by_query(pairs).values())
+    use_labels = options.ndcg_gains == "labels" or (options.ndcg_gains == "auto" and has_labels(pairs))
+    if use_labels and not has_labels(pairs):
+        raise QconvError("ndcg_gains='labels' but some pairs have no label", 'add "label" to every line, or use gains from the reference')
+
+    reporter.log(f"reference: {resolved.path}")
+    ref_scorer = load_scorers(resolved.path, (), "float32")[0]
+    ref = _score_sides(ref_scorer, batches, len(pairs), reporter, "reference")
+    del ref_scorer
+    gc.collect()
+
+    first = options.padding_sides[0]
+    gains = (np.array([p.label for p in pairs], dtype=np.float64) if use_labels else sigmoid(ref[first]))
+    ndcg_ref = mean_ndcg(groups, ref[first], gains, options.ndcg_k)
+    pad_delta = float(np.max(np.abs(ref["left"] - ref["right"]))) if len(ref) == 2 else None
+    reference_result = ReferenceResult(
+        path=str(resolved.path), source=resolved.source, ndcg=ndcg_ref, max_padding_delta=pad_delta,
+        padding_invariant=pad_delta is None or bool(pad_delta <= options.tol_reference_padding),
+        tolerance=options.tol_reference_padding,
+    )
+
+    results: list[CandidateResult] = []
+    for path, _kind in kinds:
+        tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
+        scorers = load_scorers(path, options.variants, "float32")
+        while scorers:
+            scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
+            reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
+            cand = _score_sides(scorer, batches, len(pairs), reporter, f"{path.name} [{scorer.name}]")
+            results.append(_compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures))
+            del scorer
+            gc.collect()
+
+    return VerifyReport(
+        reference=reference_result, candidates=results, pairs_source=pairs_source, num_pairs=len(pairs),
+        num_queries=len(groups), ndcg_gains="labels" if use_labels else "reference", ndcg_k=options.ndcg_k,
+        padding_sides=tuple(options.padding_sides), batch_size=options.batch_size, max_length=options.max_length,
+        instruction=encoder.instruction, gates=gates, versions=versions(),
+    )
