@@ -147,7 +147,7 @@ def step_resolve(ctx: Context) -> Outcome:
     previous = {f["path"]: f for f in (ctx.previous.get("resolve") or {}).get("result", {}).get("files", [])}
     files = _source_files(Path(resolved.path), previous)
     return Outcome((), {"hub": resolved.source, "id": resolved.model_id or model_id, "revision": resolved.revision,
-                        "path": str(Path(resolved.path).resolve()), "files": files})
+                        "commit": resolved.commit, "path": str(Path(resolved.path).resolve()), "files": files})
 
 
 def _source_path(ctx: Context) -> Path:
@@ -464,7 +464,8 @@ def build_manifest(recipe: Recipe, out: Path, state: RunState, timings: dict[str
         metrics, failures = _causal_metrics(report)
     return Manifest(
         recipe=recipe.to_dict(),
-        source={"hub": source["hub"], "id": source["id"], "revision": source["revision"], "path": source["path"],
+        source={"hub": source["hub"], "id": source["id"], "revision": source["revision"], "commit": source.get("commit"),
+                "path": source["path"],
                 "files": [{k: f[k] for k in ("path", "bytes", "sha256")} for f in source["files"]]},
         artifacts=_artifacts(recipe, steps), metrics=metrics, failures=failures,
         timings={**timings, "total": {"seconds": round(sum(t["seconds"] for t in timings.values() if not t["skipped"]), 3)}},
