@@ -130,12 +130,14 @@ def score(
     instruction: InstructionOpt = None,
     max_length: MaxLenOpt = 8192,
     batch_size: BatchOpt = 8,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="ONNX exports: which graph (fp32, fp16, int8, q4, q4f16; default fp32).")] = None,
+    dtype: Annotated[ScoreDtype, typer.Option("--dtype", help="Torch models: compute dtype.")] = ScoreDtype.float32,
     as_json: JsonOpt = False,
 ) -> None:
     """Score and rank documents for a query with a causal reranker, a seq-cls model or an ONNX export."""
     from .score import ScoreOptions, score_documents
 
-    options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size)
+    options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size, variant=variant, dtype=dtype.value)
     emit(score_documents(model, query=query, documents=doc or [], pairs_file=pairs, options=options), as_json)
 
 

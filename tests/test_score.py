@@ -1,0 +1,145 @@
+"""`score`: ranks documents; P(yes) is sigmoid of the reference logit for causal, seq-cls and ONNX dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from _handmade import one_torch_thread, reference_logit
+from typer.testing import CliRunner
+
+from qwen_convert import scoring
+from qwen_convert.cli import app
+from qwen_convert.convert import convert_to_seqcls
+from qwen_convert.errors import QconvError
+from qwen_convert.probes import PROBE_PAIRS
+from qwen_convert.score import ScoreOptions, score_documents
+from qwen_convert.scoring import ArtifactKind, load_scorers, prompt_encoder
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
+
+QUERY = PROBE_PAIRS[0].query
+DOCS = [p.document for p in PROBE_PAIRS[:4]] + ["巴黎是法国的首都。"]
+
+
+@pytest.fixture(scope="module")
+def seqcls_dir(tiny_models, tmp_path_factory):
+    return convert_to_seqcls(tiny_models["untied_fp32"], tmp_path_factory.mktemp("score") / "seqcls").out
+
+
+def _expected_logits(src, docs):
+    """Each prompt alone, unpadded, through the plain causal LM: logit(yes) − logit(no)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    encoder = prompt_encoder(src, None, 8192)
+    return np.array([reference_logit(model, encoder.tokens, encoder.ids(p)) for p in _pairs(docs)])
+
+
+def _pairs(docs):
+    from qwen_convert.probes import LabeledPair
+
+    return [LabeledPair(QUERY, d) for d in docs]
+
+
+def test_causal_and_seqcls_rank_by_sigmoid_of_the_reference_logit(tiny_models, seqcls_dir):
+    src = tiny_models["untied_fp32"]
+    expected = _expected_logits(src, DOCS)
+    for model in (src, seqcls_dir):
+        result = score_documents(model, QUERY, DOCS, options=ScoreOptions(batch_size=3))
+        [q] = result.queries
+        assert q.query == QUERY and len(q.documents) == len(DOCS)
+        assert [d.rank for d in q.documents] == [1, 2, 3, 4, 5]
+        assert [d.index for d in q.documents] == list(np.argsort(-expected, kind="stable"))
+        for d in q.documents:
+            assert d.document == DOCS[d.index]
+            assert d.logit == pytest.approx(expected[d.index], abs=2e-6)
+            assert d.p_yes == pytest.approx(1 / (1 + np.exp(-expected[d.index])), abs=1e-6)
+    assert score_documents(src, QUERY, DOCS).kind == "causal" and result.kind == "seqcls"
+
+
+def test_cli_score_json_and_table(tiny_models):
+    runner = CliRunner()
+    src = str(tiny_models["tied_fp32"])
+    args = ["score", src, "--query", QUERY] + [x for d in DOCS[:3] for x in ("--doc", d)]
+    r = runner.invoke(app, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    results = out["queries"][0]["results"]
+    assert out["kind"] == "causal" and out["precision"] == "fp32" and out["queries"][0]["query"] == QUERY
+    assert [x["rank"] for x in results] == [1, 2, 3]
+    assert results[0]["p_yes"] >= results[1]["p_yes"] >= results[2]["p_yes"]
+    expected = _expected_logits(tiny_models["tied_fp32"], DOCS[:3])
+    for x in results:
+        assert x["p_yes"] == pytest.approx(1 / (1 + np.exp(-expected[x["index"]])), abs=1e-6)
+        assert x["document"] == DOCS[x["index"]]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[2] == f"query: {QUERY}" and "P(yes)" in lines[3]
+    assert lines[4].split()[:2] == ["1", f"{results[0]['p_yes']:.4f}"]
+
+
+def test_pairs_file_groups_queries_and_keeps_labels(tiny_models, tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    rows = [PROBE_PAIRS[i] for i in (0, 22, 1, 23, 24)]
+    f.write_text("".join(json.dumps({"query": p.query, "document": p.document, "label": p.label}, ensure_ascii=False) + "\n"
+                         for p in rows), encoding="utf-8")
+    result = score_documents(tiny_models["tied_fp32"], pairs_file=f, options=ScoreOptions(batch_size=2))
+    assert [q.query for q in result.queries] == [PROBE_PAIRS[0].query, PROBE_PAIRS[22].query]
+    assert sorted(d.document for d in result.queries[1].documents) == sorted(p.document for p in rows[1::2] + rows[4:])
+    assert {d.label for d in result.queries[0].documents} == {3.0, 0.0}
+    assert "label" in result.to_dict()["queries"][0]["results"][0]
+
+
+def test_onnx_export_scores_with_fp32_unless_told(tiny_models, seqcls_dir, monkeypatch, tmp_path):
+    """The ONNX seam: an export dir asks the ONNX loader for fp32 by default, or the named variant."""
+    export = tmp_path / "export"
+    shutil.copytree(seqcls_dir, export)
+    (export / "onnx").mkdir()
+    asked = []
+
+    def fake_onnx_loader(path, variants, dtype):
+        asked.append(tuple(variants))
+        scorer = load_scorers(seqcls_dir)[0]
+        scorer.name, scorer.kind, scorer.precision = f"onnx/{variants[0]}", ArtifactKind.ONNX, variants[0]
+        return [scorer]
+
+    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, fake_onnx_loader)
+    result = score_documents(export, QUERY, DOCS[:2])
+    assert result.kind == "onnx" and result.scorer == "onnx/fp32"
+    assert score_documents(export, QUERY, DOCS[:2], options=ScoreOptions(variant="q4f16")).precision == "q4f16"
+    assert asked == [("fp32",), ("q4f16",)]
+    with pytest.raises(QconvError, match="--variant q4 applies to ONNX exports"):
+        score_documents(tiny_models["tied_fp32"], QUERY, DOCS[:1], options=ScoreOptions(variant="q4"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "error: nothing to score (pass --query with one or more --doc, or --pairs FILE.jsonl)"),
+        (["--doc", "d"], "error: --doc given without --query (add --query TEXT)"),
+        (["--query", "q"], "error: --query given without any --doc (add one --doc TEXT per document)"),
+        (["--query", "q", "--doc", "d", "--pairs", "PAIRS"], "error: give either --query with --doc, or --pairs, not both"),
+        (["--pairs", "PAIRS", "--max-length", "30"], "error: max length 30 leaves no room for the query and document"),
+    ],
+)
+def test_cli_score_errors(tiny_models, tmp_path, args, message):
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"query": "q", "document": "d"}\n')
+    args = [str(pairs) if a == "PAIRS" else a for a in args]
+    r = CliRunner().invoke(app, ["score", str(tiny_models["tied_fp32"]), *args])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith(message) and r.stderr.count("\n") == 1
+
+
+def test_cli_score_bad_pairs_line_and_missing_model(tiny_models, tmp_path):
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"query": "q", "document": "d"}\n{"query": "q", "document": "d"}\n{"query": "q", "doc": "d"}\n')
+    r = CliRunner().invoke(app, ["score", str(tiny_models["tied_fp32"]), "--pairs", str(pairs)])
+    assert r.exit_code == 1 and f'{pairs}, line 3: missing key "document"' in r.stderr and r.stderr.count("\n") == 1
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "nowhere"), "--query", "q", "--doc", "d"])
+    assert r.exit_code == 1 and "does not exist" in r.stderr and "Traceback" not in r.output
