@@ -242,8 +242,14 @@ def run(
         if dry_run:
             result = resolved
         else:
-            with _reporter(quiet) as rep:
-                result = pipeline.run_recipe(resolved, out=out, reporter=rep)
+            try:
+                with _reporter(quiet) as rep:
+                    result = pipeline.run_recipe(resolved, out=out, reporter=rep)
+            except KeyboardInterrupt:
+                if os.environ.get("QCONV_DEBUG"):
+                    raise
+                typer.echo("error: interrupted; the steps that finished are kept (run the same command again to resume)", err=True)
+                raise typer.Exit(130)
     emit(result, as_json)
     if not getattr(result, "passed", True):
         raise typer.Exit(1)

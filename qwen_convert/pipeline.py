@@ -6,7 +6,7 @@ step's outputs) and the sha256 of every file it wrote. A re-run skips a step who
 and whose files still hash the same, and redoes it otherwise; every step after a redone one sees a
 new key and is redone too. An interrupted run therefore resumes at the step it was in.
 
-The steps, per recipe kind, are one table (PLANS); each step is a function in STEPS.
+`plan(recipe)` lists the steps of a recipe's kind; each step is a function in STEPS.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from .fsutil import TMP_MARKER, atomic_output_file
 from .manifest import (
     MANIFEST, REPORT, STATE, Artifact, FileEntry, Manifest, Metric, check_manifest, file_entries, sha256_file,
 )
-
-__all__ = ["run_recipe", "resolve_recipe", "check_manifest", "RunResult"]
 from .progress import NULL, Reporter
 from .recipe import Recipe, load_recipe
+
+__all__ = ["run_recipe", "resolve_recipe", "check_manifest", "RunResult"]  # check_manifest: `run --check`
 
 SEQCLS_DIR = "seqcls"
 ONNX_OUT = "onnx"
@@ -364,14 +364,14 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     timings: dict[str, dict] = {}
     upstream = ""
-    for step in steps:
+    for i, step in enumerate(steps, 1):
         key = _step_key(recipe, step, upstream)
         record = previous.get(step)
         if record and record.get("key") == key and _intact(out, step, record):
-            reporter.log(f"{step}: outputs intact, skipped")
+            reporter.log(f"[{i}/{len(steps)}] {step}: outputs intact, skipped")
             timings[step] = {"seconds": record["seconds"], "skipped": True}
         else:
-            reporter.log(f"{step}: running")
+            reporter.log(f"[{i}/{len(steps)}] {step}")
             started = time.perf_counter()
             outcome = STEPS[step](Context(recipe, out, reporter, state.steps, previous))
             seconds = round(time.perf_counter() - started, 3)
