@@ -27,7 +27,8 @@ from . import __version__
 from .errors import ExportError, SourceError
 from .fsutil import atomic_output_dir, check_output_dir
 from .progress import NULL, Reporter
-from .quantize import EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode, parse_modes, quantize_file, quiet_logs, save_onnx, tensor_bytes
+from .quantize import (EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode, parse_modes, quantize_file, quantize_settings,
+                       quiet_logs, save_onnx, tensor_bytes)
 from .resolve import resolve_model
 from .scoring import ArtifactKind, detect_kind
 from .sidecars import TEMPLATE_FILE, Provenance, provenance_lines, write_sidecars
@@ -194,7 +195,7 @@ def _seqcls_provenance(src: str, resolved, path: Path) -> Provenance:
     )
 
 
-def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> list[Path]:
+def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> None:
     """seq-cls weights -> fp32 graph at onnx_path, normalized: one `<name>_data` file above the
     threshold (none below), and value_info from shape inference (fp16 conversion relies on it)."""
     import onnx
@@ -227,7 +228,6 @@ def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> list[
     del graph
     # On the path, not in memory: protobuf cannot hold a 2 GB model, and the data stays in place.
     onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
-    return [p for p in (onnx_path, data) if p.exists()]
 
 
 def _variant_file(out: Path, mode: QuantMode) -> VariantFile:
@@ -341,17 +341,9 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
 
         variants = [_variant_file(tmp, m) for m in (QuantMode.FP32, *modes)]
         settings = {
-            "qconv_version": __version__, "exporter": options.exporter, "opset": _opset(onnx_dir / QuantMode.FP32.file_name),
-            "modes": [v.mode for v in variants], "files": {v.mode: v.path for v in variants},
-            "score_head": "kept fp32 in every variant (hidden -> 1: a few KB, its error lands on the logit unscaled)",
-            "int8": {"method": "onnxruntime quantize_dynamic", "op_types": ["MatMul"], "nodes": "weight MatMuls only (not attention activation x activation)",
-                     "weight_type": "QInt8", "per_channel": qopts.per_channel},
-            "q4": {"method": "onnxruntime MatMulNBitsQuantizer (RTN)", "bits": 4, "block_size": qopts.block_size,
-                   "symmetric": qopts.symmetric, "accuracy_level": qopts.accuracy_level,
-                   "quantize_embedding": qopts.quantize_embedding, "embedding_op": "GatherBlockQuantized" if qopts.quantize_embedding else "Gather (fp32)"},
-            "fp16": {"method": "onnxruntime.transformers.float16", "keep_io_types": True, "op_block_list": list(qopts.fp16_op_block_list)},
-            "q4f16": "q4, then fp16 as above",
-            "external_data_threshold": qopts.external_data_threshold,
+            "qconv_version": __version__, "exporter": options.exporter,
+            "opset": _opset(onnx_dir / QuantMode.FP32.file_name),
+            "files": {v.mode: v.path for v in variants}, **quantize_settings(qopts),
         }
         write_sidecars(tmp, seqcls, _onnx_config(seqcls, variants), provenance, card=onnx_card(provenance, variants, out.name))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -60,8 +60,6 @@ class QuantizeOptions:
     fp16_op_block_list: tuple[str, ...] = FP16_OP_BLOCK_LIST
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def parse_modes(names: tuple[str, ...] | list[str]) -> tuple[QuantMode, ...]:
@@ -160,6 +158,24 @@ QUANTIZERS: dict[QuantMode, Callable] = {
     QuantMode.Q4: to_q4,
     QuantMode.Q4F16: to_q4f16,
 }
+
+
+def quantize_settings(options: QuantizeOptions) -> dict:
+    """Every setting of every mode, for quantize_config.json (the settings are fixed per run)."""
+    return {
+        "score_head": "fp32 in every variant (hidden -> 1: a few KB, and its error lands on the logit unscaled)",
+        "fp16": {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
+                 "op_block_list": list(options.fp16_op_block_list)},
+        "int8": {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": ["MatMul"],
+                 "nodes": "weight MatMuls only (attention's activation x activation MatMuls stay float)",
+                 "per_channel": options.per_channel},
+        "q4": {"method": "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "bits": 4, "block_size": options.block_size,
+               "symmetric": options.symmetric, "accuracy_level": options.accuracy_level,
+               "quantize_embedding": options.quantize_embedding,
+               "embedding": "GatherBlockQuantized (4-bit, blocks along hidden)" if options.quantize_embedding else "Gather (fp32)"},
+        "q4f16": "q4, then fp16 with the settings above",
+        "external_data_threshold": options.external_data_threshold,
+    }
 
 
 def tensor_bytes(model) -> int:
