@@ -272,7 +272,7 @@ def test_layout_matches_what_loaders_expect(case):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForSequenceClassification"] and cfg["num_labels"] == 1
     settings = json.loads((out / "quantize_config.json").read_text())
-    assert settings["modes"] == ALL_MODES
+    assert list(settings["files"]) == ALL_MODES and settings["files"]["int8"] == "onnx/model_quantized.onnx"
     assert settings["q4"]["block_size"] == 32 and settings["q4"]["quantize_embedding"] is True
     assert settings["int8"]["per_channel"] is False and "Pow" in settings["fp16"]["op_block_list"]
 
