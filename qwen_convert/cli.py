@@ -35,7 +35,7 @@ OutArg = Annotated[Path, typer.Argument(help="Output directory (written atomical
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Task instruction for the prompt template.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Truncate prompts to this many tokens (only the query/document body is cut).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Pairs per padded batch.")]
-PairsOpt = Annotated[Optional[Path], typer.Option("--pairs", help='JSONL file, one {"query": ..., "document": ...} per line.')]
+PairsOpt = Annotated[Optional[Path], typer.Option("--pairs", help='JSONL file, one {"query": ..., "document": ..., "label": optional graded relevance} per line.')]
 
 
 class ScoreDtype(str, Enum):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import platform
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -145,6 +146,7 @@ class CandidateResult:
     ndcg: float | None
     retention: float | None
     failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0  # scoring time, all padding sides
 
     @property
     def passed(self) -> bool:
@@ -155,14 +157,14 @@ class CandidateResult:
         return f"{Path(self.path).name} [{self.name}]"
 
     def to_dict(self) -> dict:
-        return {
+        return _finite({
             "path": self.path, "name": self.name, "kind": self.kind, "precision": self.precision,
             "passed": self.passed, "gate": self.gate.to_dict() if self.gate else None,
             "max_abs_logit": self.max_abs_logit, "max_abs_prob": self.max_abs_prob, "worst": self.worst,
             "per_side": self.per_side, "ranking": self.ranking.to_dict(),
             "ndcg_reference": self.ndcg_reference, "ndcg": self.ndcg, "retention": self.retention,
-            "failures": [f.to_dict() for f in self.failures],
-        }
+            "failures": [f.to_dict() for f in self.failures], "seconds": round(self.seconds, 3),
+        })
 
 
 @dataclass
@@ -173,11 +175,12 @@ class ReferenceResult:
     max_padding_delta: float | None  # max |left − right| of the reference's own logits; None with one side
     padding_invariant: bool
     tolerance: float
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"path": self.path, "source": self.source, "kind": "causal", "precision": "fp32", "ndcg": self.ndcg,
                 "max_padding_delta": self.max_padding_delta, "padding_invariant": self.padding_invariant,
-                "padding_tolerance": self.tolerance}
+                "padding_tolerance": self.tolerance, "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -245,6 +248,17 @@ class VerifyReport:
         lines.append("")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
+
+
+def _finite(value):
+    """Strict JSON has no NaN/Infinity: non-finite numbers become null (the failures say why)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -358,6 +372,9 @@ def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.
 
     gate = gates.get(scorer.precision)
     failures = list(extra_failures)
+    non_finite = sum(int(np.count_nonzero(~np.isfinite(v))) for v in cand.values())
+    if non_finite:
+        failures.append(Failure("finite", float(non_finite), 0.0, f"{non_finite} scores are NaN or infinite"))
     if gate is None:
         failures.append(Failure("gate", None, None, f"no gate for precision {scorer.precision!r} (known: {', '.join(gates)})"))
     else:
@@ -415,9 +432,13 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
 
     reporter.log(f"reference: {resolved.path}")
     ref_scorer = load_scorers(resolved.path, (), "float32")[0]
+    started = time.perf_counter()
     ref = _score_sides(ref_scorer, batches, len(pairs), reporter, "reference")
+    ref_seconds = time.perf_counter() - started
     del ref_scorer
     gc.collect()
+    if not all(np.isfinite(v).all() for v in ref.values()):
+        raise SourceError(f"the reference {resolved.path} produced NaN or infinite scores", "its weights are broken; re-download it")
 
     first = options.padding_sides[0]
     gains = (np.array([p.label for p in pairs], dtype=np.float64) if use_labels else sigmoid(ref[first]))
@@ -426,7 +447,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     reference_result = ReferenceResult(
         path=str(resolved.path), source=resolved.source, ndcg=ndcg_ref, max_padding_delta=pad_delta,
         padding_invariant=pad_delta is None or bool(pad_delta <= options.tol_reference_padding),
-        tolerance=options.tol_reference_padding,
+        tolerance=options.tol_reference_padding, seconds=ref_seconds,
     )
 
     results: list[CandidateResult] = []
@@ -436,8 +457,11 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         while scorers:
             scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
             reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
+            started = time.perf_counter()
             cand = _score_sides(scorer, batches, len(pairs), reporter, f"{path.name} [{scorer.name}]")
-            results.append(_compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures))
+            result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
+            result.seconds = time.perf_counter() - started
+            results.append(result)
             del scorer
             gc.collect()
 

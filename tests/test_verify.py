@@ -174,6 +174,22 @@ def test_gate_table_chooses_by_precision(tiny_models, candidates, monkeypatch, t
         gate_table(VerifyOptions(tol_logit=-1.0))
 
 
+def test_non_finite_candidate_scores_fail_and_json_stays_strict(tiny_models, candidates, monkeypatch, tmp_path):
+    onnx_dir = tmp_path / "export"
+    shutil.copytree(candidates["tied_fp32/converted"], onnx_dir)
+    (onnx_dir / "onnx").mkdir()
+    base = load_scorers(candidates["tied_fp32/converted"])[0]
+    nan_first = _Shifted(base, "fp16", lambda s: np.where(np.arange(s.size) == 0, np.nan, 0.0))
+    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [nan_first])
+    report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SHORT, batch_size=4))
+    [c] = report.candidates
+    assert {f.check for f in c.failures} == {"finite", "max_abs_logit"}
+    assert next(f for f in c.failures if f.check == "finite").value == 4.0  # first row of 2 batches x 2 sides
+    assert c.max_abs_logit == np.inf and c.max_abs_prob == 1.0
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["candidates"][0]["max_abs_logit"] is None and data["passed"] is False
+
+
 def test_reference_that_depends_on_padding_is_flagged(tiny_models, candidates, monkeypatch):
     original = scoring.CausalScorer.score
 
