@@ -199,7 +199,7 @@ def _from_hub(hub: "_Hub", model_id: str, revision: str, offline: bool, reporter
         listing = hub.list(model_id, revision)
         files = select_files(listing.files)
         reporter.log(f"{hub.name}: fetching {len(files)} files of {model_id}@{revision} from {hub.endpoint()}")
-        path = hub.fetch(model_id, revision, files, reporter)
+        path = hub.fetch(model_id, revision, listing.commit, files, reporter)
         commit = hub.cached_commit(path) or listing.commit
         _verify(hub, path, files, state, model_id, offline=False)
         return _Fetched(path, revision, commit, files)
@@ -452,7 +452,7 @@ class _Hub:
     def endpoint(self) -> str: ...
     def cache_dir(self) -> Path: ...
     def list(self, model_id: str, revision: str) -> Listing: ...
-    def fetch(self, model_id: str, revision: str, files: list[RemoteFile], reporter: Reporter) -> Path: ...
+    def fetch(self, model_id: str, revision: str, commit: str | None, files: list[RemoteFile], reporter: Reporter) -> Path: ...
     def cached(self, model_id: str, revision: str) -> Path: ...
     def cached_commit(self, path: Path) -> str | None: ...
 
@@ -522,7 +522,7 @@ class ModelScopeHub(_Hub):
         files = tuple(RemoteFile(e.path, e.size, e.sha256) for e in entries if not e.is_dir and e.path)
         return Listing(files, None)
 
-    def fetch(self, model_id: str, revision: str, files: list[RemoteFile], reporter: Reporter) -> Path:
+    def fetch(self, model_id: str, revision: str, commit: str | None, files: list[RemoteFile], reporter: Reporter) -> Path:
         from modelscope.hub.snapshot_download import snapshot_download
         from modelscope_hub import ProgressCallback
 
@@ -592,11 +592,17 @@ class HuggingFaceHub(_Hub):
         )
         return Listing(files, info.sha)
 
-    def fetch(self, model_id: str, revision: str, files: list[RemoteFile], reporter: Reporter) -> Path:
+    def fetch(self, model_id: str, revision: str, commit: str | None, files: list[RemoteFile], reporter: Reporter) -> Path:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.file_download import repo_folder_name
         from tqdm.auto import tqdm
 
-        task = reporter.task(f"huggingface {model_id} (files)", total=len(files))
+        # huggingface_hub reports only "one more file done" to the tqdm class it accepts; turn that
+        # into bytes by looking at which files have landed in the snapshot folder.
+        snapshot = self.cache_dir() / repo_folder_name(repo_id=model_id, repo_type="model") / "snapshots" / (commit or "")
+        sizes = {f.name: f.size or 0 for f in files}
+        task = reporter.task(f"huggingface {model_id}", total=sum(sizes.values()) or None)
+        done = 0
 
         class ToReporter(tqdm):
             def __init__(self, *args, **kwargs):
@@ -604,7 +610,10 @@ class HuggingFaceHub(_Hub):
                 super().__init__(*args, **kwargs)
 
             def update(self, n=1):
-                task.advance(n or 0)
+                nonlocal done
+                landed = sum(size for name, size in sizes.items() if commit and (snapshot / name).exists())
+                task.advance(landed - done)
+                done = landed
 
         with _progress_to_reporter():
             path = snapshot_download(

@@ -374,6 +374,39 @@ def test_concurrent_downloads_of_one_model_do_not_corrupt_each_other(hubs, sourc
         _same_bytes(r.path, source_model)
 
 
+class RecordingReporter:
+    def __init__(self):
+        self.tasks: list[list] = []  # [description, total, advanced]
+        self.logs: list[str] = []
+        self.lock = threading.Lock()
+
+    def task(self, description, total=None):
+        entry = [description, total, 0]
+        self.tasks.append(entry)
+        lock = self.lock
+
+        class Task:
+            def advance(self, n=1):
+                with lock:
+                    entry[2] += n
+
+        return Task()
+
+    def log(self, message):
+        self.logs.append(message)
+
+
+@pytest.mark.parametrize("source", ["modelscope", "huggingface"])
+def test_progress_goes_through_the_reporter_not_the_clients_bars(hubs, capfd, source):
+    rep = RecordingReporter()
+    result = download_model(MODEL, DownloadOptions(source=source), reporter=rep)
+    assert rep.tasks and all(total == advanced for _, total, advanced in rep.tasks), rep.tasks
+    assert sum(advanced for _, _, advanced in rep.tasks) == result.total_bytes
+    assert any("fetching" in line for line in rep.logs)
+    out, err = capfd.readouterr()
+    assert out == "" and "it/s" not in err and "B/s" not in err and "%|" not in err
+
+
 def test_cli_download_json_fields(hubs, source_model, tmp_path):
     out = tmp_path / "copy"
     res = CliRunner().invoke(app, ["download", MODEL, "--json", "--quiet", "--local-dir", str(out)])
