@@ -16,7 +16,9 @@ What happens for each source, in order, until one succeeds:
 A source that fails (not found, server error, refused connection, timeout, integrity) is recorded
 and the next one is tried; if none succeeds the error lists what each one said.
 
-Offline (`--offline` or HF_HUB_OFFLINE=1): only the caches are consulted, never the network.
+Offline (`--offline`, HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1): only the caches are consulted,
+never the network; files are still checked (headers, index, and against the sha256 recorded when
+they were downloaded).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ WANTED = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "tokenizer.model", "chat_template.json", "*.jinja", "README.md",
 )
-STATE_DIR = ".qconv"
-LIST_TIMEOUT_S = 30  # Hugging Face listing call; HF_HUB_ETAG_TIMEOUT overrides it  # inside each hub cache: per-model locks and verification stamps
+STATE_DIR = ".qconv"  # inside each hub cache: per-model locks and verification stamps
+LIST_TIMEOUT_S = 30  # Hugging Face listing call; HF_HUB_ETAG_TIMEOUT overrides it
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,12 @@ def _from_hub(hub: "_Hub", model_id: str, revision: str, offline: bool, reporter
         reporter.log(f"{hub.name}: fetching {len(files)} files of {model_id}@{revision} from {hub.endpoint()}")
         path = hub.fetch(model_id, revision, listing.commit, files, reporter)
         commit = hub.cached_commit(path) or listing.commit
+        if listing.commit and commit != listing.commit:
+            # huggingface_hub falls back to an older cached snapshot when its own call fails.
+            raise DownloadError(
+                f"the hub lists commit {listing.commit} but the client returned snapshot {commit}",
+                "run again; if it persists, pass --revision with the commit you want",
+            )
         _verify(hub, path, files, state, model_id, offline=False)
         return _Fetched(path, revision, commit, files)
 
@@ -292,7 +300,7 @@ def _place(fetched: _Fetched, local_dir: Path) -> Path:
         dst = local_dir / f.name
         if dst.is_file() and dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src):
             continue
-        tmp = dst.with_name(f".{dst.name}.qconv-tmp")
+        tmp = dst.with_name(f".{dst.name}.qconv-tmp-{os.getpid()}-{threading.get_ident()}")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     return local_dir
@@ -307,10 +315,17 @@ def _model_lock(state: Path, model_id: str, reporter: Reporter) -> Iterator[None
     flock locks belong to the open file description, so two threads of one process exclude each
     other as two processes do.
     """
-    import fcntl
-
     state.mkdir(parents=True, exist_ok=True)
-    with open(state / f"{_safe(model_id)}.lock", "a+b") as handle:
+    lock_path = state / f"{_safe(model_id)}.lock"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: filelock (a huggingface_hub dependency) does the same job
+        from filelock import FileLock
+
+        with FileLock(str(lock_path)):
+            yield
+        return
+    with open(lock_path, "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -447,6 +462,8 @@ def _restore_client_bars() -> None:
 # --- the hubs ---------------------------------------------------------------------------------------
 
 class _Hub:
+    """What download_model needs from a hub; one subclass per hub, registered in HUBS."""
+
     name: str
 
     def endpoint(self) -> str: ...
