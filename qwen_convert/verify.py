@@ -81,6 +81,9 @@ class VerifyOptions:
     gates: Mapping[str, Gate] | None = None  # per-precision overrides (recipes); the tol_* options win
     ndcg_k: int = 10
     ndcg_gains: str = "auto"  # labels | reference | auto (labels when every pair has one)
+    # Batch pairs in order of length: about half the padded tokens of the probe set's given order, and
+    # batches still mix lengths (the last one pairs ~150- with ~650-token prompts), so padding stays exercised.
+    sort_by_length: bool = True
     tol_reference_padding: float = REFERENCE_PADDING_TOL
     pairs: tuple[LabeledPair, ...] | None = None  # in-memory pairs (library callers); beats pairs_file
 
@@ -184,7 +187,7 @@ class ReferenceResult:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport:  # STYLE.md calls it ParityReport; both names work
     reference: ReferenceResult
     candidates: list[CandidateResult]
     pairs_source: str
@@ -315,13 +318,16 @@ def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: Pro
     return failures
 
 
-def _score_sides(scorer, batches: Mapping[str, list], n: int, reporter: Reporter, label: str) -> dict[str, np.ndarray]:
+def _score_sides(scorer, batches: Mapping[str, list], order: np.ndarray, reporter: Reporter, label: str) -> dict[str, np.ndarray]:
+    """Logits per padding side, in the pairs' own order (batches were built in `order`)."""
     from .scoring import score_pairs
 
     out = {}
     for side, side_batches in batches.items():
-        task = reporter.task(f"{label} ({side} padding)", total=n)
-        out[side] = score_pairs(scorer, side_batches, on_batch=task.advance)
+        task = reporter.task(f"{label} ({side} padding)", total=len(order))
+        scores = np.empty(len(order))
+        scores[order] = score_pairs(scorer, side_batches, on_batch=task.advance)
+        out[side] = scores
     return out
 
 
@@ -424,7 +430,11 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         raise QconvError("--variant applies to ONNX exports, and no candidate is one", "drop --variant")
 
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
-    batches = {side: encode_batches(encoder, pairs, options.batch_size, side) for side in options.padding_sides}
+    order = np.arange(len(pairs))
+    if options.sort_by_length:
+        order = np.argsort([len(encoder.ids(p)) for p in pairs], kind="stable")
+    batched = [pairs[i] for i in order]
+    batches = {side: encode_batches(encoder, batched, options.batch_size, side) for side in options.padding_sides}
     groups = list(group_by_query(pairs).values())
     use_labels = options.ndcg_gains == "labels" or (options.ndcg_gains == "auto" and has_labels(pairs))
     if use_labels and not has_labels(pairs):
@@ -433,7 +443,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     reporter.log(f"reference: {resolved.path}")
     ref_scorer = load_scorers(resolved.path, (), "float32")[0]
     started = time.perf_counter()
-    ref = _score_sides(ref_scorer, batches, len(pairs), reporter, "reference")
+    ref = _score_sides(ref_scorer, batches, order, reporter, "reference")
     ref_seconds = time.perf_counter() - started
     del ref_scorer
     gc.collect()
@@ -458,7 +468,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
             scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
             reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
             started = time.perf_counter()
-            cand = _score_sides(scorer, batches, len(pairs), reporter, f"{path.name} [{scorer.name}]")
+            cand = _score_sides(scorer, batches, order, reporter, f"{path.name} [{scorer.name}]")
             result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
             result.seconds = time.perf_counter() - started
             results.append(result)
@@ -471,3 +481,6 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         padding_sides=tuple(options.padding_sides), batch_size=options.batch_size, max_length=options.max_length,
         instruction=encoder.instruction, gates=gates, versions=versions(),
     )
+
+
+ParityReport = VerifyReport

@@ -52,7 +52,8 @@ def _logits(model_dir: Path, pairs, batch_size: int, side: str, encoder_dir: Pat
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_correct_candidates_pass_on_every_fixture(tiny_models, candidates, name, batch_size):
     cands = [candidates[k] for k in candidates if k.startswith(f"{name}/")]
-    report = verify(tiny_models[name], cands, VerifyOptions(pairs=SUBSET, batch_size=batch_size))
+    # Given order: batches mix 102- and 523-token prompts (the CLI tests cover the length-sorted default).
+    report = verify(tiny_models[name], cands, VerifyOptions(pairs=SUBSET, batch_size=batch_size, sort_by_length=False))
     assert report.passed, report.render()
     assert report.padding_sides == ("left", "right") and report.reference.padding_invariant
     assert report.reference.max_padding_delta < 1e-5
@@ -101,7 +102,7 @@ def test_perturbed_head_fails_with_the_measured_numbers(tiny_models, candidates,
     # The reported number is the real one: recompute it independently.
     expected = max(np.abs(_logits(candidates[bad], SHORT, 3, side, src) - _logits(src, SHORT, 3, side)).max()
                    for side in ("left", "right"))
-    assert broken.max_abs_logit == pytest.approx(expected, rel=1e-6)
+    assert broken.max_abs_logit == pytest.approx(expected, abs=2e-6)  # batching differs: fp32 rounding only
     assert low < broken.max_abs_logit < high
     [failure] = broken.failures
     assert (failure.check, failure.value, failure.tolerance) == ("max_abs_logit", broken.max_abs_logit, 1e-4)
