@@ -226,6 +226,8 @@ def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> None:
             if f != data:
                 f.unlink(missing_ok=True)
     del graph
+    if data.exists():
+        data.chmod(0o644)  # the exporter creates it owner-only
     # On the path, not in memory: protobuf cannot hold a 2 GB model, and the data stays in place.
     onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
 

@@ -224,7 +224,7 @@ def test_q4_quantizes_matmuls_and_the_embedding(case):
         assert ops["MatMulNBits"] == 7 * cfg["num_hidden_layers"], ops  # q, k, v, o, gate, up, down
         assert ops["GatherBlockQuantized"] == 1, ops
         embedding = [t for t in model.graph.initializer if list(t.dims) == [vocab, hidden]]
-        assert len(embedding) == 1 and embedding[0].data_type == onnx.TensorProto.UINT4, [(t.name, t.data_type) for t in embedding]
+        assert len(embedding) == 1 and embedding[0].data_type == onnx.TensorProto.INT4, [(t.name, t.data_type) for t in embedding]
         float_bytes = sum(np.prod(t.dims) for t in model.graph.initializer
                           if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
         assert float_bytes < vocab * hidden / 4  # no full-size float embedding left, only scales
