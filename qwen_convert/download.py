@@ -152,6 +152,10 @@ def is_offline(options: DownloadOptions) -> bool:
 
 def download_model(model_id: str, options: DownloadOptions = DownloadOptions(), reporter: Reporter = NULL) -> DownloadResult:
     """Fetch `model_id` from the first source that has it, verify it, and return where it is."""
+    from .resolve import HUB_ID
+
+    if not HUB_ID.match(model_id):
+        raise DownloadError(f"{model_id!r} is not a hub id", "use the form org/name, e.g. Qwen/Qwen3-Reranker-0.6B")
     order = source_order(options.source)
     offline = is_offline(options)
     failed: list[SourceAttempt] = []

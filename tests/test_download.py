@@ -189,6 +189,12 @@ def test_both_sources_fail_with_one_error_naming_both(hubs):
     assert "HF_ENDPOINT" in text  # the hint says what to try next
 
 
+def test_malformed_id_is_refused_before_any_request(hubs):
+    with pytest.raises(DownloadError, match="not a hub id"):
+        download_model("not-a-hub-id")
+    assert hubs.ms.requests == [] and hubs.hf.requests == []
+
+
 def test_unknown_model_is_not_found_on_either(hubs):
     with pytest.raises(DownloadError, match="modelscope: not found.*huggingface: not found"):
         download_model("Qwen/No-Such-Model")
