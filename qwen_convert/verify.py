@@ -200,6 +200,7 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
     max_length: int
     instruction: str
     gates: dict[str, Gate]
+    batch_order: str  # length | given
     versions: dict[str, str]
 
     @property
@@ -215,6 +216,7 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
             "ndcg": {"k": self.ndcg_k, "gains": self.ndcg_gains},
             "padding_sides": list(self.padding_sides),
             "batch_size": self.batch_size,
+            "batch_order": self.batch_order,
             "max_length": self.max_length,
             "instruction": self.instruction,
             "tolerances": {p: g.to_dict() for p, g in self.gates.items()},
@@ -480,6 +482,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         num_queries=len(groups), ndcg_gains="labels" if use_labels else "reference", ndcg_k=options.ndcg_k,
         padding_sides=tuple(options.padding_sides), batch_size=options.batch_size, max_length=options.max_length,
         instruction=encoder.instruction, gates=gates, versions=versions(),
+        batch_order="length" if options.sort_by_length else "given",
     )
 
 

@@ -269,6 +269,7 @@ def test_cli_full_probe_set_json_and_exit_codes(tiny_models, candidates):
     assert report["passed"] is False
     assert report["pairs"] == {"source": "builtin", "count": len(PROBE_PAIRS), "queries": 11}
     assert report["padding_sides"] == ["left", "right"] and report["ndcg"] == {"k": 10, "gains": "labels"}
+    assert report["batch_order"] == "length" and report["batch_size"] == 8
     assert report["tolerances"]["fp32"]["max_abs_logit"] == 1e-4 and report["tolerances"]["q4f16"]["min_retention"] == 0.97
     assert {"torch", "transformers", "qconv", "numpy"} <= set(report["versions"])
     assert report["reference"]["padding_invariant"] is True
