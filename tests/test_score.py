@@ -143,3 +143,21 @@ def test_cli_score_bad_pairs_line_and_missing_model(tiny_models, tmp_path):
     assert r.exit_code == 1 and f'{pairs}, line 3: missing key "document"' in r.stderr and r.stderr.count("\n") == 1
     r = CliRunner().invoke(app, ["score", str(tmp_path / "nowhere"), "--query", "q", "--doc", "d"])
     assert r.exit_code == 1 and "does not exist" in r.stderr and "Traceback" not in r.output
+
+
+def test_real_onnx_export_scores_like_the_reference(tiny_models, tmp_path):
+    """End to end through onnxruntime: fp32 graph by default, a named variant on request."""
+    from qwen_convert.export import ExportOptions, export_onnx
+
+    src = tiny_models["untied_fp32"]
+    out = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
+    expected = _expected_logits(src, DOCS)
+    [q] = score_documents(out, QUERY, DOCS, options=ScoreOptions(batch_size=2)).queries
+    for d in q.documents:
+        assert d.logit == pytest.approx(expected[d.index], abs=1e-5)
+    r = CliRunner().invoke(app, ["score", str(out), "--variant", "int8", "--json", "--query", QUERY, "--doc", DOCS[0], "--doc", DOCS[1]])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["scorer"] == "onnx/int8" and data["precision"] == "int8" and len(data["queries"][0]["results"]) == 2
+    r = CliRunner().invoke(app, ["score", str(out), "--variant", "q3", "--query", QUERY, "--doc", DOCS[0]])
+    assert r.exit_code == 1 and "unknown ONNX variant 'q3'" in r.stderr

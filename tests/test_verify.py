@@ -316,3 +316,27 @@ def test_cli_pairs_file_and_tolerance(tiny_models, candidates, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["tolerances"]["fp32"]["max_abs_logit"] == 1e-2
 
+
+
+def test_cli_real_onnx_export_with_variant(tiny_models, candidates, tmp_path):
+    """A real export through onnxruntime next to a seq-cls candidate; --variant picks the graphs."""
+    from qwen_convert.export import ExportOptions, export_onnx
+
+    src = tiny_models["untied_fp32"]
+    out = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("fp16", "int8"), verify=False)).out
+    args = ["verify", str(src), str(out), str(candidates["untied_fp32/converted"]), "--variant", "fp32", "--variant", "fp16",
+            "--pairs", str(_write_pairs(tmp_path / "p.jsonl", SHORT)), "--json", "--quiet"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [(c["name"], c["precision"]) for c in data["candidates"]] == [("onnx/fp32", "fp32"), ("onnx/fp16", "fp16"), ("seqcls", "fp32")]
+    fp32, fp16, seqcls = data["candidates"]
+    assert fp32["max_abs_logit"] < 1e-5 and seqcls["max_abs_logit"] < 1e-5
+    assert 1e-6 < fp16["max_abs_logit"] < 2e-2 and fp16["gate"]["max_abs_logit"] == 2e-2
+    assert "onnxruntime" in data["versions"] and data["ndcg"]["gains"] == "labels"
+
+
+def _write_pairs(path: Path, pairs) -> Path:
+    path.write_text("".join(json.dumps({"query": p.query, "document": p.document, "label": p.label}, ensure_ascii=False) + "\n"
+                            for p in pairs), encoding="utf-8")
+    return path
