@@ -118,9 +118,15 @@ class PromptEncoder:
                 f"use a max length above {len(self.prefix_ids) + len(self.suffix_ids)}",
             )
 
+    def body_ids(self, pair: Pair) -> list[int]:
+        """The untruncated body: instruction, query and document."""
+        return self.tokenizer.encode(format_body(pair.query, pair.document, self.instruction), add_special_tokens=False)
+
     def ids(self, pair: Pair) -> list[int]:
-        body = self.tokenizer.encode(format_body(pair.query, pair.document, self.instruction), add_special_tokens=False)
-        return self.prefix_ids + body[: self.body_budget] + self.suffix_ids
+        return self.prefix_ids + self.body_ids(pair)[: self.body_budget] + self.suffix_ids
+
+    def truncated(self, pair: Pair) -> bool:
+        return len(self.body_ids(pair)) > self.body_budget
 
     def encode(self, pairs: Sequence[Pair], padding_side: PaddingSide = "left") -> EncodedBatch:
         rows = [self.ids(p) for p in pairs]

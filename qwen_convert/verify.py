@@ -193,6 +193,7 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
     pairs_source: str
     num_pairs: int
     num_queries: int
+    num_truncated: int  # prompts cut to max_length (body only; prefix and suffix are kept)
     ndcg_gains: str  # labels | reference
     ndcg_k: int
     padding_sides: tuple[str, ...]
@@ -212,7 +213,8 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
             "passed": self.passed,
             "reference": self.reference.to_dict(),
             "candidates": [c.to_dict() for c in self.candidates],
-            "pairs": {"source": self.pairs_source, "count": self.num_pairs, "queries": self.num_queries},
+            "pairs": {"source": self.pairs_source, "count": self.num_pairs, "queries": self.num_queries,
+                      "truncated": self.num_truncated},
             "ndcg": {"k": self.ndcg_k, "gains": self.ndcg_gains},
             "padding_sides": list(self.padding_sides),
             "batch_size": self.batch_size,
@@ -230,7 +232,8 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
         lines = [
             f"reference  {ref.path} (causal, fp32)  NDCG@{self.ndcg_k} {_fmt(ref.ndcg, '.3f')}",
             f"pairs      {self.num_pairs} from {self.pairs_source}, {self.num_queries} queries; padding "
-            f"{'+'.join(self.padding_sides)}; batch {self.batch_size}; max length {self.max_length}",
+            f"{'+'.join(self.padding_sides)}; batch {self.batch_size}; max length {self.max_length}"
+            + (f" ({self.num_truncated} truncated)" if self.num_truncated else ""),
             f"reference padding invariance: {pad}",
             "",
         ]
@@ -479,6 +482,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
 
     return VerifyReport(
         reference=reference_result, candidates=results, pairs_source=pairs_source, num_pairs=len(pairs),
+        num_truncated=sum(encoder.truncated(p) for p in pairs),
         num_queries=len(groups), ndcg_gains="labels" if use_labels else "reference", ndcg_k=options.ndcg_k,
         padding_sides=tuple(options.padding_sides), batch_size=options.batch_size, max_length=options.max_length,
         instruction=encoder.instruction, gates=gates, versions=versions(),

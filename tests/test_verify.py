@@ -222,6 +222,7 @@ def test_truncation_keeps_the_suffix_and_matches_explicitly_truncated_ids(tiny_m
     long_pairs = [p for p in PROBE_PAIRS if len(p.document) > 500][:3] + [PROBE_PAIRS[0]]
     report = verify(src, [candidates["tied_fp32/converted"]], VerifyOptions(pairs=tuple(long_pairs), max_length=96, batch_size=4))
     assert report.passed and report.max_length == 96
+    assert report.num_truncated == 4 and report.to_dict()["pairs"]["truncated"] == 4 and "(4 truncated)" in report.render()
 
     tok = load_tokenizer(src)
     encoder = prompt_encoder(src, None, 96)
@@ -267,7 +268,7 @@ def test_cli_full_probe_set_json_and_exit_codes(tiny_models, candidates):
     assert r.exit_code == 1, r.output
     report = json.loads(r.stdout)
     assert report["passed"] is False
-    assert report["pairs"] == {"source": "builtin", "count": len(PROBE_PAIRS), "queries": 11}
+    assert report["pairs"] == {"source": "builtin", "count": len(PROBE_PAIRS), "queries": 11, "truncated": 0}
     assert report["padding_sides"] == ["left", "right"] and report["ndcg"] == {"k": 10, "gains": "labels"}
     assert report["batch_order"] == "length" and report["batch_size"] == 8
     assert report["tolerances"]["fp32"]["max_abs_logit"] == 1e-4 and report["tolerances"]["q4f16"]["min_retention"] == 0.97
