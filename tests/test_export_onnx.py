@@ -237,6 +237,14 @@ def test_q4_keep_embedding_option(exports, tmp_path):
     assert ops["MatMulNBits"] > 0 and ops["GatherBlockQuantized"] == 0
 
 
+@pytest.mark.parametrize("mode", [QuantMode.INT8, QuantMode.Q4F16])
+def test_quantizers_say_nothing(exports, tmp_path, capfd, mode):
+    """The ORT quantizers log every node (python logging, warnings); none of it reaches the user."""
+    quantize_file(exports["untied"] / "onnx" / "model.onnx", tmp_path / "m.onnx", mode, QuantizeOptions())
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
 def test_int8_quantizes_weight_matmuls_only(case):
     out, _ = case
     fp32, int8 = _graph(out), _graph(out, "model_quantized.onnx")
@@ -377,3 +385,4 @@ def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monk
     with pytest.raises(ExportError, match="int8 quantization failed: boom"):
         export_onnx(tiny_models["tied_fp32"], tmp_path / "out", ExportOptions(modes=("int8",), verify=False))
     assert list(tmp_path.iterdir()) == []
+
