@@ -43,7 +43,6 @@ yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
 causal = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
 head = causal.get_output_embeddings().weight
 score = (head[yes].float() - head[no].float()).unsqueeze(0)
-del causal
 seq = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.bfloat16)
 seq.score.weight.data = score.to(seq.score.weight.dtype)
 seq.config.pad_token_id = tok.pad_token_id
