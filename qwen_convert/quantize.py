@@ -62,6 +62,10 @@ class QuantizeOptions:
     fp16_op_block_list: tuple[str, ...] = FP16_OP_BLOCK_LIST
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
+    def __post_init__(self):
+        # MatMulNBits and GatherBlockQuantized take power-of-two blocks of at least 16.
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"block size {self.block_size} is not a power of two >= 16", "use 16, 32, 64 or 128")
 
 
 def parse_modes(names: tuple[str, ...] | list[str]) -> tuple[QuantMode, ...]:

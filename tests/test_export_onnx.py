@@ -327,6 +327,11 @@ def test_unknown_mode_lists_valid_ones_and_writes_nothing(tiny_models, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_block_size_is_refused_before_any_work(tiny_models, tmp_path):
+    code, _, err = _cli("export-onnx", tiny_models["tied_fp32"], tmp_path / "out", "--quantize", "q4", "--block-size", "48", "--no-verify")
+    assert code == 1 and err.count("\n") == 1 and "power of two" in err and not (tmp_path / "out").exists()
+
+
 def test_not_a_reranker_is_refused(tmp_path):
     src = tmp_path / "llama"
     src.mkdir()
@@ -385,4 +390,5 @@ def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monk
     with pytest.raises(ExportError, match="int8 quantization failed: boom"):
         export_onnx(tiny_models["tied_fp32"], tmp_path / "out", ExportOptions(modes=("int8",), verify=False))
     assert list(tmp_path.iterdir()) == []
+
 
