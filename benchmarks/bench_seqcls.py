@@ -1,9 +1,10 @@
 """Benchmark `qconv seqcls` against the two-full-loads recipe and a plain copy of the checkpoint.
 
-Each run is a fresh subprocess; wall time and peak RSS come from os.wait4 (the child's own
-ru_maxrss). Methods alternate within each repeat so drift (page cache, other load) spreads evenly;
-the table reports the median time and the max peak RSS. `sync` runs between runs, outside the
-timings, so no run pays for the previous one's dirty pages. Writes its own section of BENCHMARKS.md.
+Each run is a fresh subprocess under GNU `time` (peak RSS, %M); wall time is measured here.
+Methods alternate within each repeat so drift (page cache, other load) spreads evenly; the table
+reports medians and the max peak RSS. `sync` runs before each run (untimed, so no run pays for the
+previous one's dirty pages) and after it (timed, as "time to durable output").
+Writes its own section of BENCHMARKS.md, between its markers.
 
     flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_seqcls.py [--repeats 3]
 """
@@ -58,6 +59,7 @@ convert_to_seqcls(sys.argv[1], sys.argv[2])
 print(f"ELAPSED {time.perf_counter() - started}")
 """
 BASELINE = "plain copy (cp -r)"
+TIME = "/usr/bin/time"  # GNU time: reports the child's peak RSS (%M)
 SHUTIL_COPY = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
 
 
@@ -81,24 +83,29 @@ def methods(src: Path, out: Path) -> dict[str, list[str]]:
 
 
 def run_once(cmd: list[str]) -> Run:
+    """Wall time from here; peak RSS from GNU time, whose own fork of a tiny process sets the floor
+    (a child forked from this process would inherit our high-water mark across exec)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    started = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        started = time.perf_counter()
+        proc = subprocess.run([TIME, "-f", "BENCH_MAXRSS_KB %M", *cmd], stdout=out, stderr=err, env=env)
         seconds = time.perf_counter() - started
         os.sync()
         durable = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        stdout, stderr = out.read(1 << 20).decode(errors="replace"), err.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}):\n{stderr[-2000:]}")
+    rss_kb = [int(line.split()[1]) for line in stderr.splitlines() if line.startswith("BENCH_MAXRSS_KB ")]
     inner = [float(line.split()[1]) for line in stdout.splitlines() if line.startswith("ELAPSED ")]
     if inner:  # timed inside the child: drop start-up, keep the sync
         durable, seconds = inner[0] + (durable - seconds), inner[0]
-    return Run(seconds, durable, usage.ru_maxrss * 1024)
+    return Run(seconds, durable, rss_kb[-1] * 1024)
+
+
+def warm_cache(src: Path) -> None:
+    subprocess.run(["cat", *(str(p) for p in sorted(src.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
 
 
 def ensure_checkpoint(name: str) -> Path:
@@ -119,7 +126,7 @@ def bench(repeats: int) -> dict[str, dict[str, list[Run]]]:
         shutil.rmtree(out, ignore_errors=True)
         table = methods(src, out)
         runs: dict[str, list[Run]] = {m: [] for m in table}
-        run_once(["cat", *(str(p) for p in sorted(src.glob("*.safetensors")))])  # warm the page cache
+        warm_cache(src)
         for rep in range(repeats):
             order = list(table)
             order = order[rep % len(order):] + order[: rep % len(order)]  # rotate who goes first
@@ -189,7 +196,7 @@ def section(results, repeats: int) -> str:
 ## `qconv seqcls` vs the two-full-loads recipe vs a plain copy
 
 Run with `make bench` (`benchmarks/bench_seqcls.py`, {repeats} alternating repeats per method,
-each a fresh process; medians, max peak RSS from `wait4`). "Time to durable output" is the process
+each a fresh process; medians, max peak RSS from GNU `time -f %M`). "Time to durable output" is the process
 plus a `sync` (the output is on disk: the fair comparison when the machine's write-back decides
 when a writer pays); "process time" stops when the process exits. Random real-shaped checkpoints
 from `benchmarks/make_checkpoint.py` (written with numpy, no torch model):
