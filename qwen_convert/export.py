@@ -332,14 +332,17 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         onnx_dir = tmp / ONNX_DIR
         onnx_dir.mkdir()
         reporter.log(f"exporting {path} -> {out}/{ONNX_DIR}/model.onnx ({options.exporter} exporter)")
+        step = time.perf_counter()
         task = reporter.task("export fp32", total=None)
         _export_fp32(seqcls, onnx_dir / QuantMode.FP32.file_name, options)
         task.advance()
+        reporter.log(f"wrote {ONNX_DIR}/{QuantMode.FP32.file_name} ({time.perf_counter() - step:.1f} s)")
         for mode in modes:
+            step = time.perf_counter()
             task = reporter.task(f"quantize {mode.value}", total=None)
             quantize_file(onnx_dir / QuantMode.FP32.file_name, onnx_dir / mode.file_name, mode, qopts)
             task.advance()
-            reporter.log(f"wrote {ONNX_DIR}/{mode.file_name}")
+            reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({time.perf_counter() - step:.1f} s)")
 
         variants = [_variant_file(tmp, m) for m in (QuantMode.FP32, *modes)]
         settings = {
