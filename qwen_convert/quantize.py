@@ -44,10 +44,13 @@ FILE_NAMES = {
 }
 QUANTIZED_MODES = tuple(m for m in QuantMode if m is not QuantMode.FP32)
 
-# The RMSNorm of Qwen3 squares the residual stream (Pow -> ReduceMean): x^2 overflows fp16 above
-# |x| = 256, and real Qwen3 checkpoints carry a few channels in the thousands. Softmax sums exp()
-# over the sequence. These stay fp32; everything else (the MatMuls, i.e. nearly all the time) is fp16.
-FP16_OP_BLOCK_LIST = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "CumSum", "Range", "ArgMax")
+# Ops kept fp32 wherever they occur: softmax sums exp() over the sequence; CumSum/Range/ArgMax
+# compute positions. The RMSNorm statistics are kept fp32 by structure (see _rms_statistics):
+# blocking Pow and ReduceMean by type is not enough, as each blocked op is wrapped in its own casts
+# and mean(x^2) overflows when cast back to fp16 (measured: the trained tiny reranker's residual
+# stream reaches |x| ~ 70, its mean square passes 65504, every fp16 logit came out 0).
+FP16_OP_BLOCK_LIST = ("Softmax", "CumSum", "Range", "ArgMax")
+RMS_CHAIN = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "Mul")
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,73 @@ def to_fp32(model, options: QuantizeOptions):
     return model
 
 
+def _rms_statistics(model) -> list[str]:
+    """Nodes computing an RMSNorm's 1/rms(x): from each Pow(x, 2) feeding a ReduceMean, along single
+    consumers through Add(eps), Sqrt, Reciprocal/Div up to the Mul that rescales x (included)."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(node):
+        nxt = consumers.get(node.output[0], [])
+        return nxt[0] if len(nxt) == 1 and nxt[0].op_type in RMS_CHAIN else None
+
+    chain: list[str] = []
+    for node in model.graph.node:
+        current = only_consumer(node) if node.op_type == "Pow" else None
+        if current is None or current.op_type != "ReduceMean":
+            continue
+        chain += [node.name, current.name]
+        while current.op_type != "Mul" and (current := only_consumer(current)) is not None:
+            chain.append(current.name)
+    return chain
+
+
+def _drop_fp16_round_trips(model):
+    """The converter wraps every blocked node in its own casts, so a chain of blocked nodes still
+    passes each intermediate through fp16 (fp32 -> Cast fp16 -> Cast fp32). Connect the consumers of
+    such a pair to the fp32 tensor directly and drop the casts nobody reads any more."""
+    import onnx
+
+    graph = model.graph
+    float32 = onnx.TensorProto.FLOAT
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {out: node for node in graph.node for out in node.output}
+    kept_outputs = {o.name for o in graph.output}
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rewire: dict[str, str] = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if cast_to(node) == float32 else None
+        if (first is not None and cast_to(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == float32
+                and node.output[0] not in kept_outputs):
+            rewire[node.output[0]] = first.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+    while True:  # a dropped second cast can leave its first cast unread
+        used = {name for node in graph.node for name in node.input} | kept_outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in used]
+        if not dead:
+            return model
+        for node in dead:
+            graph.node.remove(node)
+
+
 def to_fp16(model, options: QuantizeOptions):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # value_info comes from export-time shape inference (run on disk, so it works past 2 GB).
-    return convert_float_to_float16(
+    converted = convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True, op_block_list=list(options.fp16_op_block_list),
+        node_block_list=_rms_statistics(model),
     )
+    return _drop_fp16_round_trips(converted)
 
 
 def to_int8(model, options: QuantizeOptions):
@@ -171,7 +234,8 @@ def quantize_settings(options: QuantizeOptions) -> dict:
     return {
         "score_head": "fp32 in every variant (hidden -> 1: a few KB, and its error lands on the logit unscaled)",
         "fp16": {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
-                 "op_block_list": list(options.fp16_op_block_list)},
+                 "op_block_list": list(options.fp16_op_block_list),
+                 "node_block_list": "every RMSNorm's statistics in fp32: Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul"},
         "int8": {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": ["MatMul"],
                  "nodes": "weight MatMuls only (attention's activation x activation MatMuls stay float)",
                  "per_channel": options.per_channel},
