@@ -22,9 +22,11 @@ $(BIN)/qconv: pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest -q
 
+# The whole job offline on the embedded trained tiny reranker: seq-cls, every ONNX mode, verified,
+# manifest.json + REPORT.md in artifacts/tiny (a re-run skips what is intact), then checked.
 demo: install
-	$(BIN)/qconv seqcls qconv:tiny-reranker $(OUT)/demo-seqcls --force
-	$(BIN)/qconv verify qconv:tiny-reranker $(OUT)/demo-seqcls
+	$(BIN)/qconv run recipes/tiny.toml --out $(OUT)/tiny
+	$(BIN)/qconv run --check $(OUT)/tiny
 
 bench: install
 	$(BIN)/python benchmarks/bench_seqcls.py

@@ -1,16 +1,18 @@
 """`qconv run RECIPE`: resolve/download -> seq-cls -> ONNX + quantization -> verify -> manifest + REPORT.
 
 Each step writes its outputs atomically (a temporary sibling renamed into place) and, once done,
-records in DIR/.qconv-run.json a key (the recipe settings it depends on, chained with the previous
-step's outputs) and the sha256 of every file it wrote. A re-run skips a step whose key is unchanged
-and whose files still hash the same, and redoes it otherwise; every step after a redone one sees a
-new key and is redone too. An interrupted run therefore resumes at the step it was in.
+records in DIR/.qconv-run.json a key (the recipe settings it depends on, the qconv sources and
+library versions, chained with the previous step's outputs) and the sha256 of every file it wrote.
+A re-run skips a step whose key is unchanged and whose files still hash the same, and redoes it
+otherwise; a step after a redone one is redone too unless the redone outputs came out byte-identical.
+An interrupted run therefore resumes at the step it was in.
 
 `plan(recipe)` lists the steps of a recipe's kind; each step is a function in STEPS.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -271,10 +273,24 @@ def step_config(recipe: Recipe, step: str) -> dict:
     return {k: r.get(k) for k in ("instruction", "gates", "verify")}
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """The qconv sources and the library versions: a fix in a quantizer must not reuse old outputs."""
+    import hashlib
+
+    from .manifest import library_versions
+
+    h = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _step_key(recipe: Recipe, step: str, upstream: str) -> str:
     from .recipe import fingerprint
 
-    return fingerprint({"step": step, "qconv": __version__, "config": step_config(recipe, step), "upstream": upstream})
+    return fingerprint({"step": step, "qconv": __version__, "code": code_fingerprint(),
+                        "config": step_config(recipe, step), "upstream": upstream})
 
 
 def _intact(out: Path, step: str, record: dict) -> bool:
