@@ -212,10 +212,11 @@ from `benchmarks/make_checkpoint.py` (written with numpy, no torch model):
 into `score`, `save_pretrained`. qconv streams tensors with `copy_file_range` and reads two head
 rows by seeking, so its memory is the interpreter plus the tokenizer, whatever the model size.
 Sources are in the page cache for every method (read once before timing), so a copy runs at
-memory speed. qconv and `cp` both move the bytes with `copy_file_range` (same syscall count and
-kernel time under `strace -c`); the gap is the CLI's fixed start-up (Python, typer with pydantic,
+memory speed. qconv and `cp` both move the bytes with `copy_file_range` (about the same kernel
+time under `strace -c`); the gap is fixed start-up (Python, typer with pydantic,
 rich, numpy, tokenizers: ~0.5–1 s, more while other jobs load the 2 CPUs), which weighs most on the
-smaller checkpoint. The "in-process" row times `convert_to_seqcls` inside the process.
+smaller checkpoint. The "in-process" row times the import of `qwen_convert.convert` (numpy,
+tokenizers) plus `convert_to_seqcls` inside the process, without the interpreter and CLI start-up.
 
 Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_mem_gib():.0f} GiB RAM, shared with other jobs;
 Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},
