@@ -276,12 +276,9 @@ quantized variants; the trained tiny reranker's labeled eval set is where the te
 
 
 def write_section(text: str) -> None:
-    old = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    BENCHMARKS_MD.write_text(new)
+    from report import write_section as write
+
+    write(text, START, END, BENCHMARKS_MD)
 
 
 def main() -> None:
