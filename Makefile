@@ -9,7 +9,7 @@ SET     ?=
 # The output directory of a recipe is named after it: recipes/qwen3-reranker-8b.toml -> artifacts/qwen3-reranker-8b.
 NAME    := $(basename $(notdir $(RECIPE)))
 
-.PHONY: install test demo bench artifacts clean
+.PHONY: install test demo bench bench-onnx artifacts clean
 
 install: $(BIN)/qconv
 
@@ -30,6 +30,10 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_seqcls.py
+
+# ~30 min and ~10 GB RAM on 2 cores: exports and scores a real-shaped 0.6B checkpoint.
+bench-onnx: install
+	$(BIN)/python benchmarks/bench_onnx.py
 
 # `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
 # artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails.
