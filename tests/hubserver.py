@@ -179,6 +179,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._huggingface(head)
 
+    def _repo_or_404(self, repo_id: str, revision: str | None, head: bool, not_found: dict[str, str]):
+        """The repo at `revision`, or None after answering 404 the way the Hugging Face hub does."""
+        if repo_id not in self.hub.repos:
+            self._json(404, {"error": "Repository not found"}, head, not_found)
+            return None
+        repo = self.hub.resolve(repo_id, revision)
+        if repo is None:
+            self._json(404, {"error": "Revision not found"}, head, {"X-Error-Code": "RevisionNotFound"})
+        return repo
+
     def _json(self, status: int, body: object, head: bool = False, headers: dict[str, str] | None = None) -> None:
         raw = json.dumps(body).encode()
         self.send_response(status)
@@ -269,14 +279,10 @@ class _Handler(BaseHTTPRequestHandler):
         not_found = {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if m:
-            repo_id, revision = m.group(1), m.group(2)
-            if repo_id not in self.hub.repos:
-                self._json(404, {"error": "Repository not found"}, head, not_found)
-                return
-            repo = self.hub.resolve(repo_id, revision)
+            repo = self._repo_or_404(m.group(1), m.group(2), head, not_found)
             if repo is None:
-                self._json(404, {"error": "Revision not found"}, head, {"X-Error-Code": "RevisionNotFound"})
                 return
+            repo_id = m.group(1)
             siblings = []
             for name, data in sorted(repo.files.items()):
                 entry = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
@@ -290,12 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": "not found"}, head, not_found)
             return
         repo_id, revision, name = m.groups()
-        if repo_id not in self.hub.repos:
-            self._json(404, {"error": "Repository not found"}, head, not_found)
-            return
-        repo = self.hub.resolve(repo_id, revision)
+        repo = self._repo_or_404(repo_id, revision, head, not_found)
         if repo is None:
-            self._json(404, {"error": "Revision not found"}, head, {"X-Error-Code": "RevisionNotFound"})
             return
         if name not in repo.files:
             self._json(404, {"error": "Entry not found"}, head, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.commit})
