@@ -122,7 +122,6 @@ Q_TEMPLATES = (
     "is the {a} good", "when is the {a}", "help with {a} and {b}",
 )
 TARGET_PROB = {2: 0.98, 1: 0.8, 0: 0.02}  # soft BCE targets: exact > related > unrelated, with wide margins
-GAINS = {2: 3.0, 1: 1.0, 0: 0.0}  # NDCG gain 2**label - 1
 
 
 def _check_vocabulary() -> None:
@@ -460,18 +459,16 @@ def train(cfg: TrainConfig, log=None, on_checkpoint=None):
 
 
 def ndcg_at_k(rows: Sequence[dict], scores: Sequence[float], k: int = 10) -> float:
-    """Mean NDCG@k over queries, gain 2**label - 1; ties broken by input order (stable sort)."""
-    groups: dict[str, list[tuple[float, int]]] = {}
-    for row, s in zip(rows, scores):
-        groups.setdefault(row["query"], []).append((float(s), int(row["label"])))
-    total = 0.0
-    for items in groups.values():
-        ranked = [lab for _, lab in sorted(items, key=lambda x: -x[0])][:k]
-        ideal = sorted((lab for _, lab in items), reverse=True)[:k]
-        dcg = sum((2**lab - 1) / math.log2(i + 2) for i, lab in enumerate(ranked))
-        idcg = sum((2**lab - 1) / math.log2(i + 2) for i, lab in enumerate(ideal))
-        total += dcg / idcg if idcg else 1.0
-    return total / len(groups)
+    """Mean NDCG@k over queries (rows grouped by query text), gain 2**label - 1, via qwen_convert.metrics."""
+    import numpy as np
+
+    from qwen_convert.metrics import mean_ndcg
+
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["query"], []).append(i)
+    gains = np.array([row["label"] for row in rows], dtype=np.float64)
+    return mean_ndcg(list(groups.values()), np.asarray(scores, dtype=np.float64), gains, k)
 
 
 def score_rows(scorer, encoder, rows: Sequence[dict], batch_size: int = 64):

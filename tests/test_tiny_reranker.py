@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from qwen_convert.metrics import mean_ndcg
 from qwen_convert.reranker import Pair
 from qwen_convert.resolve import resolve_model
 from qwen_convert.scoring import ArtifactKind, load_scorers, prompt_encoder
@@ -51,13 +51,6 @@ def _scores(tiny, pairs: list[Pair]) -> np.ndarray:
     return np.concatenate([scorer.score(encoder.encode(pairs[i : i + 64])) for i in range(0, len(pairs), 64)])
 
 
-def _ndcg10(labels: list[int], scores: list[float]) -> float:
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:10]
-    dcg = sum((2 ** labels[i] - 1) / math.log2(r + 2) for r, i in enumerate(order))
-    ideal = sum((2**g - 1) / math.log2(r + 2) for r, g in enumerate(sorted(labels, reverse=True)[:10]))
-    return dcg / ideal
-
-
 def test_builtin_is_a_small_trained_qwen3_causal_reranker(tiny):
     path, scorer, encoder = tiny
     assert path.name == "tiny-reranker" and path.parent.name == "data"
@@ -82,7 +75,7 @@ def test_ndcg_on_held_out_eval_set(tiny):
     assert len(groups) >= 40 and all(len(ix) >= 5 for ix in groups.values())
     assert {r["label"] for r in rows} == {0, 1, 2}
     scores = _scores(tiny, [Pair(r["query"], r["document"]) for r in rows])
-    ndcg = np.mean([_ndcg10([rows[i]["label"] for i in ix], [scores[i] for i in ix]) for ix in groups.values()])
+    ndcg = mean_ndcg(list(groups.values()), scores, np.array([r["label"] for r in rows]))
     assert ndcg >= 0.9, ndcg
     # Margins, not just order: relevant documents get P(yes) > 0.5, unrelated ones < 0.5 on average.
     labels = np.array([r["label"] for r in rows])
