@@ -16,10 +16,6 @@ from .safetensors_io import SafetensorsFile, TensorInfo, read_header
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-)
 
 
 @dataclass(frozen=True)
@@ -43,10 +39,6 @@ class Checkpoint:
     @property
     def architectures(self) -> list[str]:
         return list(self.config.get("architectures") or [])
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(f.path.stat().st_size for f in self.files)
 
 
 def load_config(root: Path | str) -> dict:

@@ -84,6 +84,3 @@ def atomic_output_file(path: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
 
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -154,14 +154,6 @@ def read_rows(info: TensorInfo, rows: Iterable[int]) -> np.ndarray:
     return np.stack(out)
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Load one (small) tensor as float32 in its shape."""
-    with open(info.file, "rb") as f:
-        f.seek(info.start)
-        raw = f.read(info.nbytes)
-    return _decode(raw, info.dtype, math.prod(info.shape)).reshape(info.shape)
-
-
 # --- writing -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
