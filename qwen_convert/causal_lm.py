@@ -27,7 +27,7 @@ from .errors import ExportError, QconvError, SourceError
 from .export import ONNX_DIR, VariantFile, _variant_file
 from .fsutil import atomic_output_dir
 from .progress import NULL, Reporter
-from .quantize import QuantizeOptions, QuantMode, quantize_file, quiet_logs
+from .quantize import QuantizeOptions, QuantMode, parse_modes, quantize_file, quiet_logs
 
 TASK = "text-generation-with-past"
 
@@ -53,15 +53,8 @@ class CausalExportResult:
 
 
 def _modes(names: Sequence[str]) -> list[QuantMode]:
-    modes = [QuantMode.FP32]
-    for name in names:
-        try:
-            mode = QuantMode(name)
-        except ValueError:
-            raise ExportError(f"unknown ONNX mode {name!r}", f"valid: {', '.join(m.value for m in QuantMode)}") from None
-        if mode not in modes:
-            modes.append(mode)
-    return modes
+    """fp32 first (every variant derives from it), then the quantized modes as quantize parses them."""
+    return [QuantMode.FP32, *parse_modes([n for n in names if n.strip().lower() != QuantMode.FP32.value])]
 
 
 def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOptions = CausalExportOptions(),
