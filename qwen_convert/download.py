@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, open_checkpoint
 from .errors import DownloadError, QconvError
+from .manifest import sha256_file
 from .progress import NULL, Reporter
 
 SOURCES = ("modelscope", "huggingface")
@@ -253,7 +253,7 @@ def _verify(hub: "_Hub", root: Path, files: list[RemoteFile], state: Path, model
                 raise _Bad(f.name, f"size is {size} bytes, the hub lists {f.size}")
             known = stamps.get(path)
             if f.sha256:
-                digest = known if known is not None else _sha256(path)
+                digest = known if known is not None else sha256_file(path)
                 if digest != f.sha256.lower():
                     raise _Bad(f.name, f"sha256 {digest[:12]}... does not match the hub's {f.sha256[:12]}...")
                 stamps.put(path, digest)
@@ -302,7 +302,7 @@ def _place(fetched: _Fetched, local_dir: Path) -> Path:
     for f in fetched.files:
         src = (fetched.path / f.name).resolve()
         dst = local_dir / f.name
-        if dst.is_file() and dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src):
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size and sha256_file(dst) == sha256_file(src):
             continue
         tmp = dst.with_name(f".{dst.name}.qconv-tmp-{os.getpid()}-{threading.get_ident()}")
         shutil.copyfile(src, tmp)
@@ -382,14 +382,6 @@ class _Stamps:
         tmp.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
         os.replace(tmp, self.path)
         self.dirty = False
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe(model_id: str) -> str:
