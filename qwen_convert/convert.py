@@ -22,7 +22,7 @@ from .fsutil import atomic_output_dir, check_output_dir
 from .progress import NULL, Reporter
 from .reranker import RerankerTokens, reranker_tokens
 from .resolve import resolve_model
-from .safetensors_io import DTYPE_CODES, OutTensor, TensorInfo, encode, read_rows, write_safetensors
+from .safetensors_io import DTYPE_CODES, OutTensor, SafetensorsFile, TensorInfo, encode, read_rows, write_safetensors
 from .sidecars import Provenance, seqcls_card, seqcls_config, write_sidecars
 
 LM_HEAD = "lm_head.weight"
@@ -157,11 +157,16 @@ def score_row(head: TensorInfo, tokens: RerankerTokens, dtype: str) -> bytes:
 
 # --- conversion --------------------------------------------------------------------------------
 
+def _out_name(ckpt: Checkpoint, f: SafetensorsFile) -> str:
+    """Shards keep their names; a lone weights file (whatever it was called) becomes model.safetensors."""
+    return f.path.name if ckpt.sharded else SINGLE_FILE
+
+
 def _layout(ckpt: Checkpoint, head: TensorInfo, score: OutTensor) -> dict[str, list[OutTensor]]:
     """Output file name -> tensors in source byte order; score.weight joins the head's file."""
     out: dict[str, list[OutTensor]] = {}
     for f in ckpt.files:
-        name = f.path.name if ckpt.sharded else SINGLE_FILE
+        name = _out_name(ckpt, f)
         tensors = sorted(f.tensors.values(), key=lambda t: t.start)
         out[name] = [OutTensor(t.name, t.dtype, t.shape, source=t) for t in tensors if t.name != LM_HEAD]
         if f.path == head.file:
@@ -192,6 +197,7 @@ def convert_to_seqcls(src: str | Path, out: str | Path, options: ConvertOptions 
     code = DTYPE_CODES[options.score_dtype]
     score = OutTensor(SCORE, code, (1, hidden), data=score_row(head, tokens, options.score_dtype))
     layout = _layout(ckpt, head, score)
+    source_metadata = {_out_name(ckpt, f): f.metadata for f in ckpt.files}
 
     provenance = Provenance(
         source=str(src), source_kind=resolved.source, revision=resolved.revision,
@@ -204,7 +210,7 @@ def convert_to_seqcls(src: str | Path, out: str | Path, options: ConvertOptions 
     with atomic_output_dir(out, options.force) as tmp:
         weight_map: dict[str, str] = {}
         for name, tensors in layout.items():
-            metadata = dict(_metadata_of(ckpt, name))
+            metadata = dict(source_metadata[name])
             metadata.setdefault("format", "pt")  # transformers refuses safetensors without it
             write_safetensors(tmp / name, tensors, metadata, on_bytes=task.advance)
             weight_map.update({t.name: name for t in tensors})
@@ -219,12 +225,3 @@ def convert_to_seqcls(src: str | Path, out: str | Path, options: ConvertOptions 
         files=tuple(sorted(set(files) | set(layout) | ({INDEX_FILE} if ckpt.sharded else set()))),
         seconds=time.perf_counter() - started,
     )
-
-
-def _metadata_of(ckpt: Checkpoint, out_name: str) -> dict[str, str]:
-    for f in ckpt.files:
-        if (f.path.name if ckpt.sharded else SINGLE_FILE) == out_name:
-            return f.metadata
-    return {}
-
-
