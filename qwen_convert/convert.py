@@ -23,6 +23,7 @@ from .progress import NULL, Reporter
 from .reranker import RerankerTokens, reranker_tokens
 from .resolve import resolve_model
 from .safetensors_io import DTYPE_CODES, OutTensor, SafetensorsFile, TensorInfo, encode, read_rows, write_safetensors
+from .scoring import check_qwen3
 from .sidecars import Provenance, seqcls_card, seqcls_config, write_sidecars
 
 LM_HEAD = "lm_head.weight"
@@ -77,11 +78,8 @@ class ConversionResult:
 
 def check_causal_qwen3(ckpt: Checkpoint) -> None:
     """Refuse anything that is not an unconverted Qwen3 causal LM, naming what it is instead."""
+    check_qwen3(ckpt.config, ckpt.root)
     archs = ckpt.architectures
-    model_type = ckpt.config.get("model_type")
-    if model_type != "qwen3" or not all(a.startswith("Qwen3") for a in archs):
-        what = ", ".join(archs) or f"model_type {model_type or 'unknown'}"
-        raise SourceError(f"{ckpt.root} is a {what} model, not Qwen3", "qconv converts Qwen3-Reranker (Qwen3ForCausalLM) checkpoints only")
     if any(a.endswith("ForSequenceClassification") for a in archs) or SCORE in ckpt.tensors:
         raise SourceError(
             f"{ckpt.root} is already a sequence-classification model (it has a score head)",

@@ -22,7 +22,7 @@ import numpy as np
 
 from .checkpoint import load_config, open_checkpoint
 from .errors import QconvError, SourceError
-from .reranker import EncodedBatch, PaddingSide, Pair, PromptEncoder, load_tokenizer, reranker_tokens
+from .reranker import DEFAULT_INSTRUCTION, EncodedBatch, PaddingSide, Pair, PromptEncoder, load_tokenizer, reranker_tokens
 
 
 class ArtifactKind(str, Enum):
@@ -40,9 +40,11 @@ class Scorer(Protocol):
 
 
 def check_qwen3(config: dict, path: Path) -> None:
+    """Refuse anything but Qwen3 (by model_type and by every declared architecture), naming what it is."""
     model_type = config.get("model_type")
-    if model_type != "qwen3":
-        arch = ", ".join(config.get("architectures") or []) or model_type or "unknown"
+    archs = config.get("architectures") or []
+    if model_type != "qwen3" or not all(a.startswith("Qwen3") for a in archs):
+        arch = ", ".join(archs) or model_type or "unknown"
         raise SourceError(f"{path} is a {arch} model, not Qwen3", "qconv converts Qwen3-Reranker checkpoints only")
 
 
@@ -182,6 +184,4 @@ def length_order(encoder: PromptEncoder, pairs: Sequence[Pair]) -> np.ndarray:
 
 
 def prompt_encoder(path: Path, instruction: str | None, max_length: int) -> PromptEncoder:
-    from .reranker import DEFAULT_INSTRUCTION
-
     return PromptEncoder(load_tokenizer(path), instruction or DEFAULT_INSTRUCTION, max_length)
