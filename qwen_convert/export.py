@@ -27,8 +27,8 @@ from . import __version__
 from .errors import ExportError, SourceError
 from .fsutil import atomic_output_dir, check_output_dir
 from .progress import NULL, Reporter
-from .quantize import (EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode, parse_modes, quantize_file, quantize_settings,
-                       quiet_logs, save_onnx, tensor_bytes)
+from .quantize import (EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode, external_locations, parse_modes, quantize_file,
+                       quantize_settings, quiet_logs, save_onnx, tensor_bytes)
 from .resolve import resolve_model
 from .scoring import ArtifactKind, detect_kind
 from .sidecars import TEMPLATE_FILE, Provenance, provenance_lines, write_sidecars
@@ -216,7 +216,7 @@ def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> None:
 
     graph = onnx.load(str(onnx_path), load_external_data=False)
     data = onnx_path.with_name(onnx_path.name + "_data")
-    locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    locations = external_locations(graph)
     want_external = tensor_bytes(graph) > options.external_data_threshold
     if locations != ({data.name} if want_external else set()):
         stray = [onnx_path.parent / loc for loc in locations]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SourceError
-from .quantize import QuantMode
+from .quantize import QuantMode, external_locations
 from .reranker import EncodedBatch
 from .scoring import ArtifactKind, Scorer
 
@@ -40,8 +40,7 @@ def external_data_files(onnx_path: Path) -> list[Path]:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise SourceError(f"{onnx_path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with qconv export-onnx") from exc
-    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    return [onnx_path.parent / n for n in sorted(names)]
+    return [onnx_path.parent / n for n in sorted(external_locations(model))]
 
 
 def check_variant_files(onnx_path: Path) -> None:

@@ -257,6 +257,11 @@ def tensor_bytes(model) -> int:
     return total
 
 
+def external_locations(model) -> set[str]:
+    """The external data file names the graph's initializers point at (weights need not be loaded)."""
+    return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+
+
 def save_onnx(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
     """Write `model` to `path`; above `threshold` bytes its weights go to `<name>_data` next to it
     (the name transformers.js and optimum look for). Returns the files written."""
