@@ -145,12 +145,9 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def variant_bytes(out: Path, mode: str) -> int:
-    from qwen_convert.quantize import QuantMode
-
-    f = out / "onnx" / QuantMode(mode).file_name
-    data = f.with_name(f.name + "_data")
-    return f.stat().st_size + (data.stat().st_size if data.exists() else 0)
+def variant_bytes(export: Run) -> dict[str, int]:
+    """Bytes per variant (.onnx plus external data), from `qconv export-onnx --json`."""
+    return {v["mode"]: v["bytes"] for v in json.loads(export.stdout)["variants"]}
 
 
 def bench(min_batches: int, min_seconds: float) -> dict:
@@ -174,7 +171,7 @@ def bench(min_batches: int, min_seconds: float) -> dict:
 
     log("export: qconv export-onnx --quantize all ...")
     r["export_all"] = measure([qconv, "export-onnx", str(ckpt), str(full), "--quantize", "all", "--no-verify", "--force", "-q", "--json"])
-    r["sizes"] = {m: variant_bytes(full, m) for m in MODES}
+    r["sizes"] = variant_bytes(r["export_all"])
     log("verify: every variant against the causal checkpoint ...")
     v = measure([qconv, "verify", str(ckpt), str(full), "--pairs", str(unlabeled_probes()), "--max-length", "512", "--json", "-q"])
     r["verify_seconds"], r["verify"] = v.seconds, json.loads(v.stdout)
@@ -183,8 +180,8 @@ def bench(min_batches: int, min_seconds: float) -> dict:
     # blocks of 128 than of 32 on this CPU. Same export otherwise; size and speed only.
     log("export: q4 with --block-size 128 ...")
     q4_128 = WORK / "onnx-0.6b-q4-bs128"
-    measure([qconv, "export-onnx", str(ckpt), str(q4_128), "--quantize", "q4", "--block-size", "128", "--no-verify", "--force", "-q"])
-    r["sizes"]["q4 block 128"] = variant_bytes(q4_128, "q4")
+    q4_run = measure([qconv, "export-onnx", str(ckpt), str(q4_128), "--quantize", "q4", "--block-size", "128", "--no-verify", "--force", "-q", "--json"])
+    r["sizes"]["q4 block 128"] = variant_bytes(q4_run)["q4"]
 
     r["scoring"] = {}
     runs = [("torch", str(seqcls), "float32", "torch fp32"), ("torch", str(seqcls), "bfloat16", "torch bf16")]
