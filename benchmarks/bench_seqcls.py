@@ -118,6 +118,32 @@ def ensure_checkpoint(name: str) -> Path:
     return path
 
 
+def raw_copy(src: Path, repeats: int) -> tuple[float, float]:
+    """Median seconds for one copy_file_range of the largest shard's data: from offset 0 (what `cp`
+    does) and from the mid-block offset where safetensors data starts (what any converter must do)."""
+    import struct
+
+    shard = max(src.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    with open(shard, "rb") as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+    size = shard.stat().st_size
+    dst = WORK / "raw-copy.bin"
+    timings: dict[int, list[float]] = {0: [], data_start: []}
+    for _ in range(repeats):
+        for offset in timings:
+            src_fd, dst_fd = os.open(shard, os.O_RDONLY), os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.pwrite(dst_fd, b" " * offset, 0)  # stands in for the header; leaves the fd at 0
+            os.lseek(dst_fd, offset, os.SEEK_SET)
+            started, pos = time.perf_counter(), offset
+            while pos < size:
+                pos += os.copy_file_range(src_fd, dst_fd, size - pos, pos)
+            timings[offset].append(time.perf_counter() - started)
+            os.close(src_fd)
+            os.close(dst_fd)
+            dst.unlink()
+    return statistics.median(timings[0]), statistics.median(timings[data_start])
+
+
 def bench(repeats: int) -> dict[str, dict[str, list[Run]]]:
     results: dict[str, dict[str, list[Run]]] = {}
     for name in CHECKPOINTS:
@@ -187,7 +213,7 @@ def _size_ratio() -> float:
     return max(sizes) / min(sizes)
 
 
-def section(results, repeats: int) -> str:
+def section(results, repeats: int, raw: tuple[float, float]) -> str:
     import numpy
     import torch
     import transformers
@@ -214,14 +240,14 @@ rows by seeking, so its memory is the interpreter plus the tokenizer, whatever t
 Sources are in the page cache for every method (read once before timing), so a copy runs at
 memory speed. qconv and `cp` both move the bytes with `copy_file_range`; qconv merges
 tensors that are contiguous in the source into one range and pads the output header so the data
-keeps the source's offset within a page (this took the 0.6B row from 1.76x to 1.60x). What is
-left on the 0.6B checkpoint: a whole-file `copy_file_range` on this ext4 takes 0.39 s from offset 0
-but 0.46 s from the mid-block offset where safetensors data starts, plus ~0.1 s of interpreter and
+keeps the source's offset within a page. What is
+left on the 0.6B checkpoint: one `copy_file_range` of its data took {raw[0]:.2f} s from offset 0 but
+{raw[1]:.2f} s from the mid-block offset where safetensors data starts (measured in this run), plus interpreter and
 CLI start-up (Python, typer, rich, numpy, tokenizers) and the sidecar files, a fixed cost that weighs
 most on the smaller checkpoint (the 2.2 GiB one converts faster than `cp -r` copies it). The "in-process" row times the import of `qwen_convert.convert` (numpy,
 tokenizers) plus `convert_to_seqcls` inside the process, without the interpreter and CLI start-up.
 
-Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_mem_gib():.0f} GiB RAM, shared with other jobs;
+Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_mem_gib():.0f} GiB RAM, load average {os.getloadavg()[0]:.1f} at the end of the run;
 Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},
 numpy {numpy.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
 {END}"""
@@ -248,7 +274,7 @@ def main() -> None:
     print(table(results))
     print(verdict(results))
     if not args.no_write:
-        write_section(section(results, args.repeats))
+        write_section(section(results, args.repeats, raw_copy(ensure_checkpoint("0.6b"), args.repeats)))
         print(f"updated {BENCHMARKS_MD}", file=sys.stderr)
 
 
