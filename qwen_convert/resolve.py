@@ -51,7 +51,7 @@ def resolve_model(src: str | Path, *, source: str | None = None, revision: str |
         return ResolvedModel(path, "local")
     if text.startswith(BUILTIN_PREFIX):
         return ResolvedModel(builtin_path(text[len(BUILTIN_PREFIX):]), "builtin", text)
-    if isinstance(src, str) and HUB_ID.match(text) and not text.startswith((".", "~")):
+    if isinstance(src, str) and HUB_ID.match(text):  # HUB_ID's first character already excludes ./ and ~/
         from .download import DownloadOptions, download_model
 
         result = download_model(text, DownloadOptions(source=source, revision=revision, offline=offline), reporter=reporter)
