@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, load_config, open_checkpoint
+from .checkpoint import INDEX_FILE, load_config, open_checkpoint
 from .errors import QconvError
 from .resolve import resolve_model
 
@@ -112,7 +112,7 @@ def inspect_model(src: str | Path) -> ModelInfo:
     config = load_config(root)
     files = _files(root)
     onnx_files = tuple(f for f in files if f.name.startswith(ONNX_DIR + "/") and f.name.endswith(ONNX_SUFFIXES))
-    has_weights = (root / INDEX_FILE).is_file() or (root / SINGLE_FILE).is_file() or any(root.glob("*.safetensors"))
+    has_weights = (root / INDEX_FILE).is_file() or any(root.glob("*.safetensors"))
     problems: list[str] = []
 
     archs = list(config.get("architectures") or [])
