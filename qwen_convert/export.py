@@ -27,13 +27,12 @@ from . import __version__
 from .errors import ExportError, SourceError
 from .fsutil import atomic_output_dir, check_output_dir
 from .progress import NULL, Reporter
-from .quantize import (EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode, external_locations, parse_modes, quantize_file,
+from .quantize import (EXTERNAL_DATA_THRESHOLD, ONNX_DIR, QuantizeOptions, QuantMode, external_locations, parse_modes, quantize_file,
                        quantize_settings, quiet_logs, save_onnx, tensor_bytes)
 from .resolve import resolve_model
 from .scoring import ArtifactKind, detect_kind
 from .sidecars import TEMPLATE_FILE, Provenance, provenance_lines, write_sidecars
 
-ONNX_DIR = "onnx"
 QUANTIZE_CONFIG = "quantize_config.json"
 SCRATCH = ".seqcls"
 

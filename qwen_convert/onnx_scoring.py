@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SourceError
-from .quantize import QuantMode, external_locations
+from .quantize import ONNX_DIR, QuantMode, external_locations
 from .reranker import EncodedBatch
 from .scoring import ArtifactKind, Scorer
-
-ONNX_DIR = "onnx"
 
 
 def _mode(name: str) -> QuantMode:

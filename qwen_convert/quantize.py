@@ -35,6 +35,7 @@ class QuantMode(str, Enum):
         return FILE_NAMES[self]
 
 
+ONNX_DIR = "onnx"  # the variants' folder inside an export (where transformers.js and optimum look)
 FILE_NAMES = {
     QuantMode.FP32: "model.onnx",
     QuantMode.FP16: "model_fp16.onnx",
