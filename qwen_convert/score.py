@@ -120,7 +120,7 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
     order = length_order(encoder, pairs)
     batches = encode_batches(encoder, [pairs[i] for i in order], options.batch_size, options.padding_side)
-    scorers = load_scorers(resolved.path, variants, options.dtype)
+    scorers = load_scorers(resolved.path, variants, options.dtype, kind)
     if len(scorers) != 1:
         raise QconvError(f"{resolved.path} provides {len(scorers)} scorers for variant {variants}", "name one with --variant")
     scorer = scorers[0]

@@ -152,10 +152,12 @@ LOADERS: dict[ArtifactKind, Callable[[Path, Sequence[str], str], list[Scorer]]] 
 }
 
 
-def load_scorers(path: Path, variants: Sequence[str] = (), dtype: str = "float32") -> list[Scorer]:
-    """All scorers a directory provides (one for torch models, one per ONNX variant)."""
+def load_scorers(path: Path, variants: Sequence[str] = (), dtype: str = "float32", kind: ArtifactKind | None = None) -> list[Scorer]:
+    """All scorers a directory provides (one for torch models, one per ONNX variant).
+
+    `kind`: what detect_kind already said of `path`, for callers that checked it before loading."""
     path = Path(path)
-    return LOADERS[detect_kind(path)](path, variants, dtype)
+    return LOADERS[kind or detect_kind(path)](path, variants, dtype)
 
 
 def score_pairs(scorer: Scorer, batches: Sequence[EncodedBatch], on_batch: Callable[[int], None] | None = None) -> np.ndarray:

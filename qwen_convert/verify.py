@@ -446,7 +446,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         raise QconvError("ndcg_gains='labels' but some pairs have no label", 'add "label" to every line, or use gains from the reference')
 
     reporter.log(f"reference: {resolved.path}")
-    ref_scorer = load_scorers(resolved.path, (), "float32")[0]
+    ref_scorer = load_scorers(resolved.path, (), "float32", ArtifactKind.CAUSAL)[0]
     started = time.perf_counter()
     ref = _score_sides(ref_scorer, batches, order, reporter, "reference")
     ref_seconds = time.perf_counter() - started
@@ -466,9 +466,9 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     )
 
     results: list[CandidateResult] = []
-    for path, _kind in kinds:
+    for path, kind in kinds:
         tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
-        scorers = load_scorers(path, options.variants, "float32")
+        scorers = load_scorers(path, options.variants, "float32", kind)
         while scorers:
             scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
             reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
