@@ -22,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl")
 
@@ -311,3 +314,84 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             headers["ETag"] = f'"{hashlib.sha1(listed).hexdigest()}"'
         self._bytes(name, self.hub.corrupt.get(name, listed), head, headers)
+
+
+# --- pytest fixtures shared by the download and pipeline tests ------------------------------------------
+
+MODEL = "Qwen/Tiny-Reranker"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ForbiddenHost(BaseException):
+    """Not an OSError on purpose: the clients retry network errors, this must end the test at once."""
+
+
+@pytest.fixture(autouse=True)
+def local_network_only(monkeypatch):
+    """Any attempt to reach a non-local host fails immediately."""
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        if host not in LOCAL_HOSTS:
+            raise ForbiddenHost(f"test tried to reach {host!r}; only 127.0.0.1 is allowed")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+
+
+@pytest.fixture(scope="module")
+def source_model(tiny_models) -> Path:
+    return tiny_models["tied_bf16_sharded"]
+
+
+@pytest.fixture(scope="module")
+def repo(source_model) -> HubRepo:
+    # A README and a pickle copy are on the hub too: the first is fetched, the second never is.
+    return HubRepo.from_dir(source_model, extra={"README.md": b"# Tiny reranker\n", "pytorch_model.bin": b"\x80\x04pickle"})
+
+
+class Hubs:
+    def __init__(self, ms: HubServer, hf: HubServer, tmp: Path, monkeypatch):
+        self.ms, self.hf, self.tmp, self.monkeypatch = ms, hf, tmp, monkeypatch
+
+    def point_hf_at(self, url: str) -> None:
+        # Only the environment: huggingface_hub swaps its import-time ENDPOINT prefix for the
+        # `endpoint=` argument qconv passes, so patching the constant would break that swap.
+        self.monkeypatch.setenv("HF_ENDPOINT", url)
+
+    def point_ms_at(self, url: str) -> None:
+        self.monkeypatch.setenv("MODELSCOPE_ENDPOINT", url)
+
+
+@pytest.fixture
+def hubs(repo, tmp_path, monkeypatch):
+    """A ModelScope and a Hugging Face server holding MODEL, fresh caches, clients pointed at them."""
+    import huggingface_hub.constants
+    import modelscope_hub._download
+    import modelscope_hub._legacy_api
+    from huggingface_hub.utils import reset_sessions
+
+    ms = HubServer("modelscope", {MODEL: repo}).start()
+    hf = HubServer("huggingface", {MODEL: repo}).start()
+    hubs = Hubs(ms, hf, tmp_path, monkeypatch)
+    hubs.point_ms_at(ms.url)
+    hubs.point_hf_at(hf.url)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "QCONV_SOURCE", "MODELSCOPE_DOMAIN"):
+        monkeypatch.delenv(name, raising=False)
+    # conftest turns huggingface_hub offline for the whole session, and the library reads that at
+    # import: switch it on here only, with fresh HTTP sessions (an offline one is cached per thread).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    reset_sessions()
+    # The clients' retry back-off is right for real networks and far too slow for a test suite.
+    monkeypatch.setattr(modelscope_hub._legacy_api, "REPO_TREE_PAGE_MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_RETRY_TIMES", 1)
+    monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01)
+    monkeypatch.setenv("MODELSCOPE_INTRA_CLOUD_ACCELERATION", "false")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "5")
+    yield hubs
+    ms.stop()
+    hf.stop()
+    monkeypatch.undo()
+    reset_sessions()

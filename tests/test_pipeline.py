@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 # The local hub servers of the download tests (hubs needs repo and source_model; local_network_only is autouse).
-from test_download import MODEL, hubs, local_network_only, repo, source_model  # noqa: F401
+from hubserver import MODEL, hubs, local_network_only, repo, source_model  # noqa: F401
 from qwen_convert import pipeline
 from qwen_convert.cli import app
 from qwen_convert.errors import RecipeError
