@@ -117,10 +117,6 @@ def _head_nodes(model) -> list[str]:
             if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and dims.get(n.input[1], [0, 0])[-1] == 1]
 
 
-def to_fp32(model, options: QuantizeOptions):
-    return model
-
-
 def _rms_statistics(model) -> list[str]:
     """Nodes computing an RMSNorm's 1/rms(x): from each Pow(x, 2) feeding a ReduceMean, along single
     consumers through Add(eps), Sqrt, Reciprocal/Div up to the Mul that rescales x (included)."""
@@ -221,8 +217,8 @@ def to_q4f16(model, options: QuantizeOptions):
     return to_fp16(to_q4(model, options), options)
 
 
+# fp32 has no entry: it is the exported graph itself, the input of every function here.
 QUANTIZERS: dict[QuantMode, Callable] = {
-    QuantMode.FP32: to_fp32,
     QuantMode.FP16: to_fp16,
     QuantMode.INT8: to_int8,
     QuantMode.Q4: to_q4,
