@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError, QconvError, SourceError
-from .export import ONNX_DIR, VariantFile, _variant_file
+from .export import ONNX_DIR, VariantFile, _variant_file, quantize_variants
 from .fsutil import atomic_output_dir
 from .progress import NULL, Reporter
-from .quantize import QuantizeOptions, QuantMode, parse_modes, quantize_file, quiet_logs
+from .quantize import QuantizeOptions, QuantMode, parse_modes, quiet_logs
 
 TASK = "text-generation-with-past"
 
@@ -94,11 +94,7 @@ def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOpti
 
         # On the path (works past 2 GB): the fp16 pass relies on value_info from shape inference.
         onnx.shape_inference.infer_shapes_path(str(fp32), str(fp32))
-        for mode in modes[1:]:
-            task = reporter.task(f"quantize {mode.value}", total=None)
-            quantize_file(fp32, onnx_dir / mode.file_name, mode, qopts)
-            task.advance()
-            reporter.log(f"wrote {ONNX_DIR}/{mode.file_name}")
+        quantize_variants(onnx_dir, modes[1:], qopts, reporter)
         variants = tuple(_variant_file(tmp, m) for m in modes)
     return CausalExportResult(out, str(src), variants, time.perf_counter() - started)
 

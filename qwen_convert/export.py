@@ -231,6 +231,16 @@ def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> None:
     onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
 
 
+def quantize_variants(onnx_dir: Path, modes, options: QuantizeOptions, reporter: Reporter) -> None:
+    """Write each quantized mode next to the fp32 graph in onnx_dir (shared with causal_lm's export)."""
+    for mode in modes:
+        step = time.perf_counter()
+        task = reporter.task(f"quantize {mode.value}", total=None)
+        quantize_file(onnx_dir / QuantMode.FP32.file_name, onnx_dir / mode.file_name, mode, options)
+        task.advance()
+        reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({time.perf_counter() - step:.1f} s)")
+
+
 def _variant_file(out: Path, mode: QuantMode) -> VariantFile:
     path = out / ONNX_DIR / mode.file_name
     data = path.with_name(path.name + "_data")
@@ -336,12 +346,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         _export_fp32(seqcls, onnx_dir / QuantMode.FP32.file_name, options)
         task.advance()
         reporter.log(f"wrote {ONNX_DIR}/{QuantMode.FP32.file_name} ({time.perf_counter() - step:.1f} s)")
-        for mode in modes:
-            step = time.perf_counter()
-            task = reporter.task(f"quantize {mode.value}", total=None)
-            quantize_file(onnx_dir / QuantMode.FP32.file_name, onnx_dir / mode.file_name, mode, qopts)
-            task.advance()
-            reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({time.perf_counter() - step:.1f} s)")
+        quantize_variants(onnx_dir, modes, qopts, reporter)
 
         variants = [_variant_file(tmp, m) for m in (QuantMode.FP32, *modes)]
         settings = {
