@@ -98,10 +98,11 @@ def test_stock_optimum_loader_needs_the_head_dim_fix(lm):
 def test_verify_reports_fp32_identical_and_q4f16_agreement(lm):
     src, out, _ = lm
     report = verify_causal_lm(src, out, PROMPTS[:2], max_new_tokens=10, modes=("fp32", "q4f16"),
-                              gates=CausalGates(tol_logit=1e-4, min_token_agreement=0.0))
+                              gates=CausalGates(tol_logit=1e-4, min_token_agreement=0.8))
     fp32, q4f16 = report.variants
     assert fp32.passed and fp32.greedy_identical == 2 and fp32.max_abs_logit < 1e-4 and fp32.token_agreement == 1.0
-    assert q4f16.passed and 0.0 <= q4f16.token_agreement <= 1.0 and q4f16.max_abs_logit > fp32.max_abs_logit
+    # 0.8 is the tiny query-expansion recipe's gate: 4-bit weights may flip a near-tied token, not most.
+    assert q4f16.passed and q4f16.token_agreement >= 0.8 and q4f16.max_abs_logit > fp32.max_abs_logit
     assert report.passed and "PASSED" in report.render()
     strict = verify_causal_lm(src, out, PROMPTS[:1], max_new_tokens=4, modes=("fp32",), gates=CausalGates(tol_logit=1e-12))
     assert not strict.passed and "max |Δlogit|" in strict.variants[0].failures[0]
