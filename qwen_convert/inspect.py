@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .checkpoint import INDEX_FILE, load_config, open_checkpoint
 from .errors import QconvError
+from .quantize import ONNX_DIR
 from .resolve import resolve_model
 
-ONNX_DIR = "onnx"
 ONNX_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data", ".data")
 
 
