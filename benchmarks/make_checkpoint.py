@@ -43,6 +43,11 @@ SHAPES = {
     # Qwen3-Reranker-4B widths (hidden 2560, 32/8 heads, intermediate 9728) with 4 of its 36 layers
     # and an untied head, sharded like the hub release: the big-vocabulary, wide case in 2.4 GB.
     "4b-wide-untied": Shape(151669, 2560, 4, 32, 8, 128, 9728, tied=False, max_shard_bytes=1 << 30),
+    # Qwen3-Reranker-8B widths (hidden 4096, 32/8 heads, head_dim 128, intermediate 12288, untied)
+    # with 4 of its 36 layers: 2.0B parameters, 4.1 GB in bf16. The wide case of issues #8/#9.
+    "8b-wide": Shape(151669, 4096, 4, 32, 8, 128, 12288, tied=False, max_shard_bytes=4 << 30),
+    # Qwen3-Reranker-8B, every layer: 8.2B parameters, 16.4 GB in bf16, sharded like the release.
+    "8b": Shape(151669, 4096, 36, 32, 8, 128, 12288, tied=False, max_shard_bytes=4 << 30),
 }
 POOL_VALUES = 1 << 23  # 16 MiB of random bf16 reused at shifting offsets
 

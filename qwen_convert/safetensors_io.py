@@ -154,6 +154,38 @@ def read_rows(info: TensorInfo, rows: Iterable[int]) -> np.ndarray:
     return np.stack(out)
 
 
+def read_row_range(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor (its first axis) as float32, in one read. A 1-D tensor's
+    'rows' are its elements. Only those bytes are read: a 151669 x 4096 embedding never is whole."""
+    n_rows = info.shape[0] if info.shape else 1
+    if not 0 <= start <= stop <= n_rows:
+        raise WeightsError(f"rows {start}:{stop} are outside {info.name} (shape {list(info.shape)})", "check the checkpoint")
+    row_elems = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+    row_bytes = row_elems * DTYPE_SIZES[info.dtype]
+    count = (stop - start) * row_bytes
+    with open(info.file, "rb") as f:
+        f.seek(info.start + start * row_bytes)
+        raw = f.read(count)
+    if len(raw) != count:
+        raise WeightsError(f"{info.file}: {info.name} ends early", "re-download the checkpoint")
+    return _decode(raw, info.dtype, (stop - start) * row_elems).reshape((stop - start, *info.shape[1:]) if info.shape else ())
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """A whole tensor as float32 (one decoder weight at a time; use read_row_range or iter_row_chunks
+    for the embedding and lm_head)."""
+    return read_row_range(info, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
+
+
+def iter_row_chunks(info: TensorInfo, max_bytes: int = 64 << 20) -> Iterable[tuple[int, np.ndarray]]:
+    """(first row, float32 rows) chunks of at most ~max_bytes of float32 each, in order."""
+    n_rows = info.shape[0] if info.shape else 1
+    row_elems = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+    step = max(1, max_bytes // (4 * row_elems))
+    for start in range(0, n_rows, step):
+        yield start, read_row_range(info, start, min(n_rows, start + step))
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
