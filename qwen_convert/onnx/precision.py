@@ -1,0 +1,252 @@
+"""QuantMode -> per-tensor encoders: how one weight is stored and which op consumes it.
+
+The graph builder hands every weight to its variant's `Precision` as it reads it: a linear layer's
+weight whole ([out, in] float32, the checkpoint's layout), the embedding as a callable yielding row
+chunks (never the whole table). Each encoder writes its initializers and nodes through the graph
+writer and returns the output tensor's name, so no step ever holds more than one weight, and no
+whole-graph pass (onnxruntime's quantize_dynamic, MatMulNBitsQuantizer, float16 converter) runs.
+
+The encoded bytes are those onnxruntime's own quantizers write for the same weight:
+- int8: quantize_dynamic (QInt8, symmetric, per tensor or per output channel);
+- q4: MatMulNBitsQuantizer (its C++ kernel for MatMul weights, its numpy rule for the Gather table);
+- q4f16: q4, then the float16 converter's fp32 -> fp16 cast of the scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import ExportError
+from ..quantize import QuantizeOptions, QuantMode
+
+MS = "com.microsoft"
+RowChunks = Callable[[], Iterable[np.ndarray]]  # a fresh iterator of float32 row chunks per call
+
+
+class Writer(Protocol):
+    """What an encoder needs from the graph writer (qwen_convert/onnx/weights.py GraphWriter)."""
+
+    def initializer(self, name: str, array: np.ndarray, *, onnx_type: int | None = None,
+                    shape: Sequence[int] | None = None) -> str: ...
+
+    def initializer_chunks(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray], *,
+                           nbytes: int | None = None) -> str: ...
+
+    def node(self, op_type: str, inputs: Sequence[str], n_outputs: int = 1, *, domain: str = "",
+             name: str | None = None, **attrs) -> list[str]: ...
+
+
+# --- numeric kernels: one weight in, its stored form out ------------------------------------------
+
+def quantize_int8(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] float32 -> (int8 [in, out] for MatMul's B, float32 scale: [] or [out]).
+
+    quantize_dynamic's QInt8 rule: symmetric range [-127, 127], scale = max|w| / 127 computed in
+    float64 and stored float32, q = round-half-even(w / scale); per channel = per output column of B."""
+    w = np.asarray(weight, dtype=np.float32)
+    if per_channel:
+        lo, hi = w.min(axis=1), w.max(axis=1)
+    else:
+        lo, hi = w.min(), w.max()
+    absmax = np.maximum(np.abs(np.minimum(lo, np.float32(0))), np.abs(np.maximum(hi, np.float32(0))))
+    scale = (absmax.astype(np.float64) * 2 / 254.0).astype(np.float32)
+    # quantize_dynamic replaces a scale below float32's smallest normal (an all-zero weight) by 1.
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)
+    divisor = scale[:, None] if per_channel else scale
+    q = np.clip(np.round(w / divisor), -128, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale
+
+
+def quantize_int8_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding rows [n, hidden] -> (int8 [n, hidden], float32 scale [n, 1]): the int8 rule of
+    `quantize_int8` with one scale per row (a token's vector), so row chunks encode independently."""
+    q_t, scale = quantize_int8(rows, per_channel=True)
+    return np.ascontiguousarray(q_t.T), scale[:, None]
+
+
+def quantize_q4_matmul(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[out, in] float32 -> MatMulNBits' B (uint8 [out, k_blocks, block_size / 2]), scales (float32
+    [out, k_blocks]) and zero points (uint8 [out, ceil(k_blocks / 2)], None when symmetric), from
+    the C++ kernel MatMulNBitsQuantizer calls (blocks run along `in`; a ragged last block is padded)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    n, k = weight.shape
+    k_blocks = -(-k // block_size)
+    b = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)  # MatMul's B: [K, N]
+    if k_blocks * block_size != k:
+        b = np.pad(b, ((0, k_blocks * block_size - k), (0, 0)))
+    packed = np.zeros((n, k_blocks, block_size // 2), dtype=np.uint8)
+    scales = np.zeros((n, k_blocks), dtype=np.float32)
+    zero_points = np.zeros((n, (k_blocks + 1) // 2), dtype=np.uint8)
+    quantize_matmul_4bits(packed, b, scales, zero_points, block_size, n, k, symmetric)
+    return packed, scales, None if symmetric else zero_points
+
+
+def quantize_q4_rows(rows: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Embedding rows [n, hidden] -> packed 4-bit data (uint8 [n, hidden / 2], low nibble first),
+    scales (float32 [n, hidden / block_size]) and zero points (uint8 [n, hidden / block_size], one
+    value a byte: pack the whole table's with `pack_nibbles`; None when symmetric): the numpy rule
+    MatMulNBitsQuantizer applies to a Gather table with blocks along hidden."""
+    x = np.asarray(rows, dtype=np.float32)
+    n, h = x.shape
+    blocks = x.reshape(n, h // block_size, block_size)
+    if symmetric:
+        hi, lo = blocks.max(axis=2, keepdims=True), blocks.min(axis=2, keepdims=True)
+        scale = np.where(np.abs(hi) > np.abs(lo), hi, lo) / np.float32(-8.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(scale == 0, 0, blocks / scale).round().clip(-8, 7).astype(np.int8)
+        zero = None
+    else:
+        lo = np.minimum(blocks.min(axis=2, keepdims=True), 0)
+        hi = np.maximum(blocks.max(axis=2, keepdims=True), 0)
+        scale = (hi - lo) / np.float32(15.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp = np.where(scale == 0, 8, -lo / scale).round().clip(0, 15).astype(np.uint8)
+            q = np.where(scale == 0, 8, blocks / scale + zp).round().clip(0, 15).astype(np.uint8)
+        zero = zp.reshape(n, -1)
+    return pack_nibbles(q.reshape(n, h)).reshape(n, h // 2), scale.reshape(n, -1).astype(np.float32), zero
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """4-bit values (int8 or uint8, any shape) -> flat uint8 [ceil(size / 2)], element 2i in the low
+    nibble (ONNX's INT4/UINT4 layout; an odd count leaves the last high nibble 0)."""
+    v = values.reshape(-1).astype(np.uint8) & 0xF
+    if v.size % 2:
+        v = np.append(v, np.uint8(0))
+    return (v[::2] | (v[1::2] << 4)).astype(np.uint8)
+
+
+# --- encoders: write one weight and the op that consumes it ---------------------------------------
+
+def _float_linear(dtype) -> Callable:
+    def linear(g: Writer, name: str, x: str, weight: np.ndarray, options: QuantizeOptions) -> str:
+        b = g.initializer(f"{name}.weight", np.ascontiguousarray(_check_2d(name, weight).T, dtype=dtype))
+        return g.node("MatMul", [x, b], name=name)[0]
+    return linear
+
+
+def _float_embedding(dtype) -> Callable:
+    def embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tuple[int, int], options: QuantizeOptions) -> str:
+        table = g.initializer_chunks(f"{name}.weight", np.dtype(dtype), tuple(shape),
+                                     (np.asarray(c, dtype=dtype) for c in _checked_rows(name, chunks, shape)))
+        return g.node("Gather", [table, ids], name=name)[0]
+    return embedding
+
+
+def _int8_linear(g: Writer, name: str, x: str, weight: np.ndarray, options: QuantizeOptions) -> str:
+    q, scale = quantize_int8(_check_2d(name, weight), options.per_channel)
+    inputs = [x, g.initializer(f"{name}.weight_quantized", q), g.initializer(f"{name}.weight_scale", scale),
+              g.initializer(f"{name}.weight_zero_point", np.zeros(scale.shape, np.int8))]
+    return g.node("DynamicQuantizeMatMul", inputs, domain=MS, name=name)[0]
+
+
+def _int8_embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tuple[int, int], options: QuantizeOptions) -> str:
+    scales: list[np.ndarray] = []
+
+    def encoded() -> Iterator[np.ndarray]:
+        for rows in _checked_rows(name, chunks, shape):
+            q, s = quantize_int8_rows(rows)
+            scales.append(s)
+            yield q
+
+    table = g.initializer_chunks(f"{name}.weight_quantized", np.dtype(np.int8), tuple(shape), encoded())
+    scale = g.initializer(f"{name}.weight_scale", np.concatenate(scales))
+    rows = g.node("Gather", [table, ids], name=f"{name}.gather")[0]
+    row_scale = g.node("Gather", [scale, ids], name=f"{name}.gather_scale")[0]
+    floats = g.node("Cast", [rows], name=f"{name}.cast", to=1)[0]  # TensorProto.FLOAT
+    return g.node("Mul", [floats, row_scale], name=name)[0]
+
+
+def _q4_linear(scale_dtype) -> Callable:
+    def linear(g: Writer, name: str, x: str, weight: np.ndarray, options: QuantizeOptions) -> str:
+        n, k = _check_2d(name, weight).shape
+        packed, scales, zero_points = quantize_q4_matmul(weight, options.block_size, options.symmetric)
+        inputs = [x, g.initializer(f"{name}.weight_Q4", packed),
+                  g.initializer(f"{name}.weight_scales", scales.astype(scale_dtype))]
+        if zero_points is not None:
+            inputs.append(g.initializer(f"{name}.weight_zero_points", zero_points))
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block_size}
+        if options.accuracy_level:  # MatMulNBitsQuantizer omits a 0 (the attribute's default)
+            attrs["accuracy_level"] = options.accuracy_level
+        return g.node("MatMulNBits", inputs, domain=MS, name=name, **attrs)[0]
+    return linear
+
+
+def _q4_embedding(scale_dtype) -> Callable:
+    def embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tuple[int, int], options: QuantizeOptions) -> str:
+        if not options.quantize_embedding:
+            return _float_embedding(scale_dtype)(g, name, ids, chunks, shape, options)
+        from onnx import TensorProto
+
+        vocab, hidden = shape
+        if hidden % options.block_size:
+            raise ExportError(f"q4 embedding: block size {options.block_size} does not divide hidden size {hidden}",
+                              "pick a block size that divides it, or pass --keep-embedding")
+        scales: list[np.ndarray] = []
+        zeros: list[np.ndarray] = []
+
+        def encoded() -> Iterator[np.ndarray]:
+            for rows in _checked_rows(name, chunks, shape):
+                packed, s, z = quantize_q4_rows(rows, options.block_size, options.symmetric)
+                scales.append(s)
+                if z is not None:
+                    zeros.append(z)
+                yield packed
+
+        # INT4 (UINT4 with zero points): two values a byte, so the writer takes the byte count.
+        int4 = TensorProto.INT4 if options.symmetric else TensorProto.UINT4
+        table = g.initializer_chunks(f"{name}.weight_Q4", int4, (vocab, hidden), encoded(), nbytes=vocab * hidden // 2)
+        inputs = [table, ids, g.initializer(f"{name}.weight_scales", np.concatenate(scales).astype(scale_dtype))]
+        if zeros:
+            blocks = hidden // options.block_size
+            inputs.append(g.initializer(f"{name}.weight_zero_points", pack_nibbles(np.concatenate(zeros)),
+                                        onnx_type=TensorProto.UINT4, shape=(vocab, blocks)))
+        return g.node("GatherBlockQuantized", inputs, domain=MS, name=name,
+                      gather_axis=0, quantize_axis=1, block_size=options.block_size)[0]
+    return embedding
+
+
+def _check_2d(name: str, weight: np.ndarray) -> np.ndarray:
+    if weight.ndim != 2:
+        raise ExportError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}",
+                          "check that the checkpoint matches its config.json")
+    return weight
+
+
+def _checked_rows(name: str, chunks: RowChunks, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The chunks, each checked against the table's width, and their rows counted to its height:
+    a short or ragged table is a broken checkpoint, not something to write."""
+    vocab, hidden = shape
+    seen = 0
+    for rows in chunks():
+        if rows.ndim != 2 or rows.shape[1] != hidden:
+            raise ExportError(f"{name}: row chunk of shape {tuple(rows.shape)} in a [{vocab}, {hidden}] table",
+                              "check that the checkpoint matches its config.json")
+        seen += rows.shape[0]
+        yield rows
+    if seen != vocab:
+        raise ExportError(f"{name}: {seen} rows, expected {vocab}", "check that the checkpoint matches its config.json")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one variant stores weights: the dtype flowing between ops, and one encoder per kind of
+    weight (each writes its initializers and consuming op(s), and returns the output's name)."""
+
+    mode: QuantMode
+    activation: type  # np.float32 or np.float16
+    linear: Callable[[Writer, str, str, np.ndarray, QuantizeOptions], str]
+    embedding: Callable[[Writer, str, str, RowChunks, tuple[int, int], QuantizeOptions], str]
+
+
+PRECISIONS: dict[QuantMode, Precision] = {
+    QuantMode.FP32: Precision(QuantMode.FP32, np.float32, _float_linear(np.float32), _float_embedding(np.float32)),
+    QuantMode.FP16: Precision(QuantMode.FP16, np.float16, _float_linear(np.float16), _float_embedding(np.float16)),
+    QuantMode.INT8: Precision(QuantMode.INT8, np.float32, _int8_linear, _int8_embedding),
+    QuantMode.Q4: Precision(QuantMode.Q4, np.float32, _q4_linear(np.float32), _q4_embedding(np.float32)),
+    QuantMode.Q4F16: Precision(QuantMode.Q4F16, np.float16, _q4_linear(np.float16), _q4_embedding(np.float16)),
+}
