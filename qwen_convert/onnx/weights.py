@@ -120,22 +120,25 @@ class GraphWriter:
 
     def initializer_chunks(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray], *,
                            nbytes: int | None = None) -> str:
-        """Stream a tensor of `shape` whose bytes are the chunks' bytes in order. `nbytes` is only
-        needed for packed types (INT4: two values a byte); otherwise it follows from dtype and shape."""
+        """Stream a tensor of `shape` whose data is the chunks' raw bytes in order (no reshaping or
+        casting; INT4/UINT4 chunks are packed uint8, two values a byte). The byte count must match
+        the shape; `nbytes`, when given, is checked too."""
         self._claim(name)
         data_type = elem_type(dtype)
-        if nbytes is None and not _packed(data_type):
-            nbytes = math.prod(shape) * np.dtype(_np_of(data_type)).itemsize
+        expected = -(-math.prod(shape) // 2) if _packed(data_type) else math.prod(shape) * np.dtype(_np_of(data_type)).itemsize
+        if nbytes is not None and nbytes != expected:
+            raise ExportError(f"graph builder: {name} given as {nbytes} bytes, its shape needs {expected}", "this is a bug in qconv")
+        nbytes = expected
         tensor = self._stub(name, data_type, shape)
-        if self.path is None or (nbytes is not None and nbytes <= INLINE_BYTES):
+        if self.path is None or nbytes <= INLINE_BYTES:
             tensor.raw_data = b"".join(memoryview(np.ascontiguousarray(c)).cast("B").tobytes() for c in chunks)
-            if nbytes is not None and len(tensor.raw_data) != nbytes:
+            if len(tensor.raw_data) != nbytes:
                 raise ExportError(f"graph builder: {name} has {len(tensor.raw_data)} bytes, expected {nbytes}", "this is a bug in qconv")
             self.weight_bytes += len(tensor.raw_data)
             self.graph.initializer.append(tensor)
             return name
         f = self._data_file()
-        if nbytes is None or nbytes >= ALIGN_BYTES:
+        if nbytes >= ALIGN_BYTES:
             pad = -self._offset % ALIGNMENT
             if pad:
                 f.write(b"\0" * pad)
@@ -145,7 +148,7 @@ class GraphWriter:
             view = memoryview(np.ascontiguousarray(chunk)).cast("B")
             f.write(view)
             written += len(view)
-        if nbytes is not None and written != nbytes:
+        if written != nbytes:
             raise ExportError(f"graph builder: {name} has {written} bytes, expected {nbytes}", "this is a bug in qconv")
         self._offset += written
         self.weight_bytes += written
