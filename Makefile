@@ -9,7 +9,7 @@ SET     ?=
 # The output directory of a recipe is named after it: recipes/qwen3-reranker-8b.toml -> artifacts/qwen3-reranker-8b.
 NAME    := $(basename $(notdir $(RECIPE)))
 
-.PHONY: install test demo bench bench-onnx artifacts clean
+.PHONY: install test demo bench bench-onnx artifacts clean js
 
 install: $(BIN)/qconv
 
@@ -40,6 +40,15 @@ bench-onnx: install
 artifacts: install
 	$(BIN)/qconv run $(RECIPE) --out $(OUT)/$(NAME) $(foreach kv,$(SET),--set '$(kv)')
 	$(BIN)/qconv run --check $(OUT)/$(NAME)
+
+# transformers.js for tests/test_transformersjs.py, exactly as tests/js/package-lock.json pins it (needs node >= 18
+# and npm). ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script otherwise fetches CUDA binaries from
+# nuget.org; its CPU build is in the npm package.
+js: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	@touch $@
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache
