@@ -25,6 +25,7 @@ from .resolve import resolve_model
 from .safetensors_io import DTYPE_CODES, OutTensor, SafetensorsFile, TensorInfo, encode, read_rows, write_safetensors
 from .scoring import check_qwen3
 from .sidecars import Provenance, seqcls_card, seqcls_config, write_sidecars
+from .validate import check_checkpoint
 
 LM_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
@@ -185,6 +186,7 @@ def convert_to_seqcls(src: str | Path, out: str | Path, options: ConvertOptions 
     ckpt = open_checkpoint(resolved.path)
     check_causal_qwen3(ckpt)
     tokens = read_reranker_tokens(ckpt.root)
+    check_checkpoint(ckpt, tokens)  # config vs tensor shapes, from headers, before OUT exists
     head, tied = head_tensor(ckpt)
     if len(head.shape) != 2 or max(tokens.yes_id, tokens.no_id) >= head.shape[0]:
         raise WeightsError(

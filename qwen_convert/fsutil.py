@@ -7,13 +7,14 @@ can leave a `.OUT.qconv-tmp-*` sibling behind; the next run on the same OUT remo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, QconvError
 
 TMP_MARKER = ".qconv-tmp-"
 
@@ -22,19 +23,112 @@ def _stale_siblings(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}{TMP_MARKER}*"))
 
 
+# Kernel views that accept (or half accept) mkdir but never hold a file: writing a model there
+# fails in confusing ways (ENOENT from /proc, EPERM from /sys), so they are refused by name.
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+    "pstore", "bpf", "configfs", "fusectl", "mqueue", "efivarfs", "binfmt_misc", "nsfs", "selinuxfs",
+})
+FULL_BELOW = 64 * 1024  # bytes free under which a failed write is reported as a full disk
+
+
+def _unescape_mount(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type (ext4, tmpfs, proc ...) of the mount holding `path`; None where /proc/self/mountinfo is absent."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    path = Path(os.path.realpath(path))
+    best, best_type = -1, None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or not tail:
+            continue
+        mount = Path(_unescape_mount(fields[4]))
+        if (path == mount or mount in path.parents) and len(mount.parts) > best:
+            best, best_type = len(mount.parts), tail[0]
+    return best_type
+
+
+def _existing_ancestor(out: Path) -> Path:
+    probe = Path(os.path.abspath(out))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an OUT that cannot be created: under a file, on a pseudo or read-only filesystem, or
+    in a directory we may not write. Creates nothing."""
+    out = Path(out)
+    probe = out if out.is_dir() else _existing_ancestor(out.parent)
+    if not probe.is_dir():
+        raise OutputError(f"cannot write to {out}: {probe} is a file", "choose an OUT whose parent is a directory")
+    fstype = filesystem_type(probe)
+    if fstype in PSEUDO_FILESYSTEMS:
+        raise OutputError(f"cannot write to {out}: it is on {fstype}, a kernel pseudo filesystem that holds no files", "choose an OUT on a disk")
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise OutputError(f"cannot write to {probe}: read-only file system", "choose an OUT on a writable disk")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {probe}: permission denied", "choose an OUT in a writable directory")
+
+
 def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty OUT unless force; refuse an unwritable parent. Does not create anything."""
+    """Refuse a non-empty OUT unless force; refuse an OUT that cannot be written. Does not create anything."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory", "choose another OUT path")
+    check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"output directory {out} is not empty", "pass --force to replace it, or choose another OUT")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {probe}", "choose an OUT in a writable directory")
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
+
+
+def output_error(exc: BaseException, out: Path, written: Path | None = None) -> OutputError | None:
+    """The OutputError a failed write into `out` stands for, or None when it was not the output's fault.
+
+    ENOSPC/EDQUOT and EROFS can only come from writing. Other OSErrors count when they name a path
+    under `written` (the temporary sibling). Any other failure counts as a full disk when the disk is
+    full, since libraries (onnx's C++ writer, protobuf) report ENOSPC in their own exception types.
+    """
+    out = Path(out)
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (not isinstance(exc, OSError) and written is not None and _disk_full(written)):
+        return OutputError(f"cannot write to {out}: no space left on the disk holding {out.parent}", "free space there or choose an OUT on a bigger disk")
+    if code == errno.EROFS:
+        return OutputError(f"cannot write to {out.parent}: read-only file system", "choose an OUT on a writable disk")
+    if isinstance(exc, OSError):
+        names = [Path(n) for n in (exc.filename, getattr(exc, "filename2", None)) if n]
+        if written is None or any(n == written or written in n.parents for n in names):
+            return OutputError(f"cannot write to {out}: {exc.strerror or exc}", "choose an OUT in a writable directory")
+    return None
+
+
+def ensure_output_dir(out: Path | str) -> Path:
+    """mkdir -p OUT, failing as one OutputError line (under a file, read-only, pseudo filesystem)."""
+    out = Path(out)
+    check_writable(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, out) from exc
+    return out
 
 
 @contextlib.contextmanager
@@ -46,7 +140,7 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(out.parent)
     for stale in _stale_siblings(out):
         shutil.rmtree(stale, ignore_errors=True)
     try:
@@ -64,6 +158,16 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except QconvError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:
+        # Judged before the cleanup frees the space a full disk would show.
+        error = output_error(exc, out, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,13 +177,25 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
 def atomic_output_file(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
+    ensure_output_dir(path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
+    except OSError as exc:
+        raise output_error(exc, path) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except QconvError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        error = output_error(exc, path, tmp)
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

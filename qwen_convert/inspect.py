@@ -14,6 +14,7 @@ from .checkpoint import INDEX_FILE, load_config, open_checkpoint
 from .errors import QconvError
 from .quantize import ONNX_DIR
 from .resolve import resolve_model
+from .validate import checkpoint_problems
 
 ONNX_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data", ".data")
 
@@ -118,6 +119,7 @@ def inspect_model(src: str | Path) -> ModelInfo:
     archs = list(config.get("architectures") or [])
     seqcls = any(a.endswith("ForSequenceClassification") for a in archs)
     parameters, dtypes, head, tied, sharded = None, {}, "none", None, False
+    ckpt = None
     if has_weights or not onnx_files:
         ckpt = open_checkpoint(root)  # refuses pickle-only, truncated or corrupt weights
         tensors = ckpt.tensors
@@ -132,12 +134,21 @@ def inspect_model(src: str | Path) -> ModelInfo:
             head, tied = "lm_head (untied)", False
         elif EMBED in tensors:
             head, tied = "embed_tokens (tied)", True
+    tokens = None
     try:
         tokens = read_reranker_tokens(root)
         yes_id, no_id, pad_id = tokens.yes_id, tokens.no_id, tokens.pad_id
     except QconvError as exc:
         yes_id = no_id = pad_id = None
         problems.append(str(exc))
+    if ckpt is not None:
+        # inspect reports what seqcls/export-onnx would refuse (validate.check_checkpoint), every
+        # disagreement on its own `problem:` line, instead of failing: it is the tool to look at a
+        # broken checkpoint with.
+        try:
+            problems += checkpoint_problems(ckpt, tokens)
+        except QconvError as exc:
+            problems.append(str(exc))
 
     kind = "onnx" if onnx_files else ("seqcls" if seqcls else "causal")
     num_labels = None

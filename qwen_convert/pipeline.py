@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import RecipeError
-from .fsutil import TMP_MARKER, atomic_output_file
+from .fsutil import TMP_MARKER, atomic_output_file, ensure_output_dir
 from .manifest import (
     MANIFEST, REPORT, STATE, Artifact, FileEntry, Manifest, Metric, check_manifest, file_entries, sha256_file,
 )
@@ -82,7 +82,7 @@ def claim_output(out: Path, recipe: Recipe) -> RunState:
             state.steps = steps if isinstance(steps, dict) else {}
         except (OSError, ValueError):
             state.steps = {}  # no (or an unreadable) step record: every step is redone
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(out)  # one OutputError line under a file, read-only or on /proc
     for stale in out.glob(f".*{TMP_MARKER}*"):  # left by a hard kill mid-step
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     # A manifest describes a finished run; until this one finishes there is none.
