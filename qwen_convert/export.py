@@ -32,6 +32,7 @@ from .quantize import (EXTERNAL_DATA_THRESHOLD, ONNX_DIR, QuantizeOptions, Quant
 from .resolve import resolve_model
 from .scoring import ArtifactKind, detect_kind
 from .sidecars import TEMPLATE_FILE, Provenance, provenance_lines, write_sidecars
+from .validate import check_model_dir
 
 QUANTIZE_CONFIG = "quantize_config.json"
 SCRATCH = ".seqcls"
@@ -363,6 +364,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     if kind is ArtifactKind.ONNX:
         raise SourceError(f"{path} is already an ONNX export", "pass the causal reranker or its seq-cls conversion")
     reference, note = _reference(src, kind, options, reporter) or (None, "")
+    check_model_dir(path)  # config vs tensor shapes (validate.py), from headers, before OUT exists
 
     with atomic_output_dir(out, options.force) as tmp:
         if kind is ArtifactKind.CAUSAL:
