@@ -76,6 +76,7 @@ class CausalScorer:
     name: str = "causal"
     kind: ArtifactKind = ArtifactKind.CAUSAL
     precision: str = "fp32"
+    engine: str = "transformers"
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
         import torch
@@ -97,6 +98,7 @@ class SeqClsScorer:
     name: str = "seqcls"
     kind: ArtifactKind = ArtifactKind.SEQCLS
     precision: str = "fp32"
+    engine: str = "transformers"
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
         import torch
@@ -115,8 +117,8 @@ def _load_causal(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer
     return [CausalScorer(model, tokens.yes_id, tokens.no_id, precision=_PRECISION[dtype])]
 
 
-def _load_seqcls(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _check_seqcls(path: Path) -> None:
+    from transformers import AutoConfig
 
     if "score.weight" not in open_checkpoint(path).tensors:
         # transformers would silently initialise a random head and every score would be noise.
@@ -129,6 +131,12 @@ def _load_seqcls(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer
     if config.pad_token_id is None:
         # Qwen3ForSequenceClassification finds the last real token by pad id; without one it cannot pool batches.
         raise SourceError(f"{path}/config.json has no pad_token_id", "set it to the tokenizer's pad id, or re-run `qconv seqcls`")
+
+
+def _load_seqcls(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
+    from transformers import AutoModelForSequenceClassification
+
+    _check_seqcls(path)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=_torch_dtype(dtype)).eval()
     return [SeqClsScorer(model, precision=_PRECISION[dtype])]
 
@@ -152,19 +160,79 @@ LOADERS: dict[ArtifactKind, Callable[[Path, Sequence[str], str], list[Scorer]]] 
 }
 
 
-def load_scorers(path: Path, variants: Sequence[str] = (), dtype: str = "float32", kind: ArtifactKind | None = None) -> list[Scorer]:
+def _load_streamed(path: Path, kind: ArtifactKind, dtype: str, reporter) -> list[Scorer]:
+    """The torch model at PATH as a layer-by-layer streamed fp32 forward (qwen_convert.stream)."""
+    from .stream.engine import StreamedScorer
+
+    if dtype != "float32":
+        raise QconvError(f"the streamed engine computes in fp32, not {dtype}", "use --dtype float32, or --engine transformers")
+    if kind is ArtifactKind.CAUSAL:
+        open_checkpoint(path)
+        tokens = reranker_tokens(load_tokenizer(path))
+        return [StreamedScorer(path, "causal", tokens.yes_id, tokens.no_id, reporter=reporter)]
+    _check_seqcls(path)
+    return [StreamedScorer(path, "seqcls", name="seqcls", kind=ArtifactKind.SEQCLS, reporter=reporter)]
+
+
+ENGINES = ("auto", "transformers", "streamed")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str  # transformers | streamed | onnxruntime
+    needed: int  # estimated peak bytes of that engine
+    budget: int  # bytes it may use
+    what: str  # how `needed` was estimated
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.budget
+
+
+def choose_engine(path: Path, kind: ArtifactKind, engine: str = "auto", dtype: str = "float32",
+                  budget: int | None = None, activations: int = 0) -> EngineChoice:
+    """Which engine scores a torch model: `auto` takes transformers when the whole model fits in the
+    memory budget (default: what the machine and its cgroup have left), the streamed forward otherwise."""
+    from .stream.memory import available_bytes, streamed_estimate, torch_estimate
+
+    if engine not in ENGINES:
+        raise QconvError(f"engine {engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
+    budget = budget if budget is not None else available_bytes()
+    if kind is ArtifactKind.ONNX:
+        return EngineChoice("onnxruntime", 0, budget, "per variant")
+    whole = torch_estimate(path, activations)
+    if engine == "transformers" or (engine == "auto" and (dtype != "float32" or whole.fits(budget))):
+        return EngineChoice("transformers", whole.needed, budget, whole.what)
+    streamed = streamed_estimate(path, activations)
+    return EngineChoice("streamed", streamed.needed, budget, streamed.what)
+
+
+def load_scorers(path: Path, variants: Sequence[str] = (), dtype: str = "float32", kind: ArtifactKind | None = None,
+                 engine: str = "transformers", reporter=None) -> list[Scorer]:
     """All scorers a directory provides (one for torch models, one per ONNX variant).
 
-    `kind`: what detect_kind already said of `path`, for callers that checked it before loading."""
+    `kind`: what detect_kind already said of `path`, for callers that checked it before loading.
+    `engine` (torch models): transformers (the whole model in memory), streamed (one layer at a
+    time, fp32), or auto (streamed only when the whole model would not fit; see choose_engine)."""
+    from .progress import NULL
+
     path = Path(path)
-    return LOADERS[kind or detect_kind(path)](path, variants, dtype)
+    kind = kind or detect_kind(path)
+    if kind is not ArtifactKind.ONNX and engine != "transformers":
+        if choose_engine(path, kind, engine, dtype).engine == "streamed":
+            return _load_streamed(path, kind, dtype, reporter or NULL)
+    return LOADERS[kind](path, variants, dtype)
 
 
 def score_pairs(scorer: Scorer, batches: Sequence[EncodedBatch], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """One logit per row over pre-encoded batches, concatenated in order (float64)."""
+    """One logit per row over pre-encoded batches, concatenated in order (float64).
+
+    A scorer with `score_batches` (the streamed engine) gets every batch at once: it streams the
+    weights once for all of them instead of once per batch."""
     out = []
-    for batch in batches:
-        scores = np.asarray(scorer.score(batch), dtype=np.float64).reshape(-1)
+    whole = scorer.score_batches(batches) if hasattr(scorer, "score_batches") else None
+    for i, batch in enumerate(batches):
+        scores = np.asarray(whole[i] if whole is not None else scorer.score(batch), dtype=np.float64).reshape(-1)
         if scores.shape[0] != batch.input_ids.shape[0]:
             raise ValueError(f"{scorer.name} returned {scores.shape[0]} scores for a batch of {batch.input_ids.shape[0]}")
         out.append(scores)

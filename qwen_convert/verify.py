@@ -86,6 +86,11 @@ class VerifyOptions:
     sort_by_length: bool = True
     tol_reference_padding: float = REFERENCE_PADDING_TOL
     pairs: tuple[LabeledPair, ...] | None = None  # in-memory pairs (library callers); beats pairs_file
+    # Torch models (the reference, seq-cls candidates): transformers, streamed (one layer at a time),
+    # or auto = streamed when the whole fp32 model would not fit (qwen_convert/stream).
+    engine: str = "auto"
+    cache_dir: Path | None = None  # reference-score cache (stream/cache.py); None = no cache
+    memory_limit: int | None = None  # bytes a model may use; None = what the machine (and its cgroup) has left
 
 
 def gate_table(options: VerifyOptions) -> dict[str, Gate]:
@@ -150,10 +155,14 @@ class CandidateResult:
     retention: float | None
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0  # scoring time, all padding sides
+    engine: str = ""  # transformers | streamed | onnxruntime
+    peak_rss: int | None = None  # bytes, this process while scoring this candidate
+    not_verified: str | None = None  # why it was not scored (e.g. it would not fit in memory)
+    memory_needed: int | None = None  # estimated bytes
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and self.not_verified is None
 
     @property
     def label(self) -> str:
@@ -167,6 +176,8 @@ class CandidateResult:
             "per_side": self.per_side, "ranking": self.ranking.to_dict(),
             "ndcg_reference": self.ndcg_reference, "ndcg": self.ndcg, "retention": self.retention,
             "failures": [f.to_dict() for f in self.failures], "seconds": round(self.seconds, 3),
+            "engine": self.engine, "peak_rss_bytes": self.peak_rss, "not_verified": self.not_verified,
+            "memory_needed_bytes": self.memory_needed,
         })
 
 
@@ -179,11 +190,16 @@ class ReferenceResult:
     padding_invariant: bool
     tolerance: float
     seconds: float = 0.0
+    engine: str = "transformers"  # transformers | streamed
+    peak_rss: int | None = None  # bytes, this process during the reference pass (None: read from the cache)
+    cache: str = "off"  # off | miss | hit | stale | corrupt (stale and corrupt entries were recomputed)
+    cache_path: str | None = None
 
     def to_dict(self) -> dict:
         return {"path": self.path, "source": self.source, "kind": "causal", "precision": "fp32", "ndcg": self.ndcg,
                 "max_padding_delta": self.max_padding_delta, "padding_invariant": self.padding_invariant,
-                "padding_tolerance": self.tolerance, "seconds": round(self.seconds, 3)}
+                "padding_tolerance": self.tolerance, "seconds": round(self.seconds, 3), "engine": self.engine,
+                "peak_rss_bytes": self.peak_rss, "cache": self.cache, "cache_path": self.cache_path}
 
 
 @dataclass
@@ -208,9 +224,19 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
     def passed(self) -> bool:
         return self.reference.padding_invariant and all(c.passed for c in self.candidates)
 
+    @property
+    def failed(self) -> bool:
+        """A gate failed (as opposed to candidates left not verified, e.g. too big for this machine)."""
+        return not self.reference.padding_invariant or any(c.failures for c in self.candidates)
+
+    @property
+    def not_verified(self) -> list[CandidateResult]:
+        return [c for c in self.candidates if c.not_verified is not None]
+
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
+            "not_verified": [c.label for c in self.not_verified],
             "reference": self.reference.to_dict(),
             "candidates": [c.to_dict() for c in self.candidates],
             "pairs": {"source": self.pairs_source, "count": self.num_pairs, "queries": self.num_queries,
@@ -230,7 +256,10 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
         pad = ("n/a (one padding side)" if ref.max_padding_delta is None
                else f"{'ok' if ref.padding_invariant else 'FAILED'} (max |left−right| {ref.max_padding_delta:.1e})")
         lines = [
-            f"reference  {ref.path} (causal, fp32)  NDCG@{self.ndcg_k} {_fmt(ref.ndcg, '.3f')}",
+            f"reference  {ref.path} (causal, fp32, {ref.engine}"
+            + (", cached" if ref.cache == "hit" else "")
+            + (f", peak {ref.peak_rss / (1 << 30):.1f} GiB" if ref.peak_rss else "")
+            + f")  NDCG@{self.ndcg_k} {_fmt(ref.ndcg, '.3f')}",
             f"pairs      {self.num_pairs} from {self.pairs_source}, {self.num_queries} queries; padding "
             f"{'+'.join(self.padding_sides)}; batch {self.batch_size}; max length {self.max_length}"
             + (f" ({self.num_truncated} truncated)" if self.num_truncated else ""),
@@ -244,17 +273,21 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
                 c.label, c.precision, f"{c.max_abs_logit:.2e}", f"{c.max_abs_prob:.2e}",
                 f"{c.ranking.identical}/{c.ranking.queries} τ≥{c.ranking.min_kendall_tau:.2f}",
                 f"{_fmt(c.ndcg_reference, '.3f')}→{_fmt(c.ndcg, '.3f')}", _fmt(c.retention, ".3f"),
-                c.gate.describe() if c.gate else "none", "PASS" if c.passed else "FAIL",
+                c.gate.describe() if c.gate else "none",
+                "NOT VERIFIED" if c.not_verified and not c.failures else "PASS" if c.passed else "FAIL",
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         for c in self.candidates:
             lines += [f"  FAIL {c.label}: {f.detail}" for f in c.failures]
+            if c.not_verified:
+                lines.append(f"  NOT VERIFIED {c.label}: {c.not_verified}")
         if not ref.padding_invariant:
             lines.append(f"  FAIL reference: its logits change with the padding side by {ref.max_padding_delta:.2e} "
                          f"(> {ref.tolerance:.0e}); the comparison cannot be trusted")
         lines.append("")
-        lines.append("PASSED" if self.passed else "FAILED")
+        lines.append("PASSED" if self.passed else "FAILED" if self.failed
+                     else f"NOT VERIFIED ({len(self.not_verified)} candidate(s) not checked)")
         return "\n".join(lines)
 
 
@@ -325,15 +358,55 @@ def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: Pro
 
 def _score_sides(scorer, batches: Mapping[str, list], order: np.ndarray, reporter: Reporter, label: str) -> dict[str, np.ndarray]:
     """Logits per padding side, in the pairs' own order (batches were built in `order`)."""
-    from .scoring import score_pairs
+    from .stream.reference import score_sides
 
-    out = {}
-    for side, side_batches in batches.items():
-        task = reporter.task(f"{label} ({side} padding)", total=len(order))
-        scores = np.empty(len(order))
-        scores[order] = score_pairs(scorer, side_batches, on_batch=task.advance)
-        out[side] = scores
-    return out
+    return score_sides(scorer, batches, order, reporter, label)
+
+
+def _candidate_engine(path: Path, kind, options: VerifyOptions, batches: Mapping[str, list]):
+    """The engine a candidate runs on and whether it fits (ONNX: decided per variant, see _variant_fit)."""
+    from .checkpoint import load_config
+    from .scoring import choose_engine
+    from .stream.memory import activation_bytes
+    from .stream.reference import padded_tokens
+
+    config = load_config(path)
+    total, largest = padded_tokens(batches)
+    tokens = largest if options.engine == "transformers" else total
+    gc.collect()
+    return choose_engine(path, kind, options.engine, "float32", options.memory_limit,
+                         activation_bytes(tokens, int(config.get("hidden_size", 0)), int(config.get("intermediate_size", 0))))
+
+
+def _variant_fit(scorer, choice, options: VerifyOptions, batches: Mapping[str, list]):
+    """An ONNX variant's estimated peak against the memory budget (torch candidates: `choice` itself)."""
+    from .scoring import EngineChoice
+    from .stream.memory import available_bytes, onnx_estimate
+
+    from .scoring import ArtifactKind
+
+    if getattr(scorer, "kind", None) is not ArtifactKind.ONNX or not hasattr(scorer, "path"):
+        return choice
+    from .onnx_scoring import external_data_files
+
+    gc.collect()
+    estimate = onnx_estimate(Path(scorer.path), scorer.precision, external_data_files(Path(scorer.path)))
+    budget = options.memory_limit if options.memory_limit is not None else available_bytes()
+    return EngineChoice("onnxruntime", estimate.needed, budget, estimate.what)
+
+
+def _not_verified(path: Path, name: str, kind: str, precision: str, gates: Mapping[str, Gate], choice) -> CandidateResult:
+    """A candidate that would not fit in memory: reported with what it needs, never loaded."""
+    from .stream.memory import describe
+
+    nan = float("nan")
+    reason = (f"needs about {describe(choice.needed)} ({choice.engine}: {choice.what}), "
+              f"{describe(choice.budget)} available; run it on a bigger machine or raise --memory-limit")
+    return CandidateResult(
+        path=str(path), name=name, kind=kind, precision=precision, gate=gates.get(precision), max_abs_logit=nan,
+        max_abs_prob=nan, worst={}, per_side={}, ranking=Ranking(0, 0, 0, nan, nan), ndcg_reference=None, ndcg=None,
+        retention=None, engine=choice.engine, not_verified=reason, memory_needed=choice.needed,
+    )
 
 
 def _ranking(groups: list[list[int]], ref: np.ndarray, cand: np.ndarray) -> tuple[int, int, list[float]]:
@@ -445,13 +518,14 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     if use_labels and not has_labels(pairs):
         raise QconvError("ndcg_gains='labels' but some pairs have no label", 'add "label" to every line, or use gains from the reference')
 
-    reporter.log(f"reference: {resolved.path}")
-    ref_scorer = load_scorers(resolved.path, (), "float32", ArtifactKind.CAUSAL)[0]
-    started = time.perf_counter()
-    ref = _score_sides(ref_scorer, batches, order, reporter, "reference")
-    ref_seconds = time.perf_counter() - started
-    del ref_scorer
-    gc.collect()
+    from .stream.reference import reference_scores
+
+    settings = {"instruction": encoder.instruction, "max_length": options.max_length, "batch_size": options.batch_size,
+                "padding_sides": list(options.padding_sides), "batch_order": "length" if options.sort_by_length else "given",
+                "pairs": len(pairs)}
+    run = reference_scores(resolved.path, batches, order, settings, options.engine, options.cache_dir,
+                           options.memory_limit, reporter)
+    ref, ref_seconds = run.scores, run.seconds
     if not all(np.isfinite(v).all() for v in ref.values()):
         raise SourceError(f"the reference {resolved.path} produced NaN or infinite scores", "its weights are broken; re-download it")
 
@@ -462,20 +536,35 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     reference_result = ReferenceResult(
         path=str(resolved.path), source=resolved.source, ndcg=ndcg_ref, max_padding_delta=pad_delta,
         padding_invariant=pad_delta is None or bool(pad_delta <= options.tol_reference_padding),
-        tolerance=options.tol_reference_padding, seconds=ref_seconds,
+        tolerance=options.tol_reference_padding, seconds=ref_seconds, engine=run.engine, peak_rss=run.peak_rss,
+        cache=run.cache, cache_path=str(run.cache_path) if run.cache_path else None,
     )
+
+    from .stream.memory import peak_rss, reset_peak
 
     results: list[CandidateResult] = []
     for path, kind in kinds:
         tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
-        scorers = load_scorers(path, options.variants, "float32", kind)
+        choice = _candidate_engine(path, kind, options, batches)
+        if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
+            results.append(_not_verified(path, kind.value, kind.value, "fp32", gates, choice))
+            continue
+        scorers = load_scorers(path, options.variants, "float32", kind, engine=choice.engine, reporter=reporter)
         while scorers:
             scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
+            fit = _variant_fit(scorer, choice, options, batches)
+            if not fit.fits:
+                results.append(_not_verified(path, scorer.name, kind.value, scorer.precision, gates, fit))
+                continue
             reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
+            gc.collect()
+            reset_peak()
             started = time.perf_counter()
             cand = _score_sides(scorer, batches, order, reporter, f"{path.name} [{scorer.name}]")
             result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
             result.seconds = time.perf_counter() - started
+            result.engine, result.peak_rss = getattr(scorer, "engine", "onnxruntime"), peak_rss()
+            result.memory_needed = fit.needed
             results.append(result)
             del scorer
             gc.collect()
