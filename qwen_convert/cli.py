@@ -73,8 +73,22 @@ def handles_errors(fn):
                 raise
             typer.echo("error: interrupted; nothing was written", err=True)
             raise typer.Exit(130)
+        except ModuleNotFoundError as exc:
+            install = INSTALLS.get((exc.name or "").split(".")[0])
+            if install is None or os.environ.get("QCONV_DEBUG"):
+                raise
+            _fail(f"this command needs {exc.name}, which is not installed ({install})")
 
     return wrapper
+
+
+# A missing optional dependency -> how to install it (the core install is torch-free).
+INSTALLS = {
+    **dict.fromkeys(("torch", "transformers", "optimum", "onnx_ir", "huggingface_hub", "modelscope", "sentence_transformers"),
+                    "pip install 'qconv[convert]'"),
+    **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "starlette"), "pip install 'qconv[serve]'"),
+    **dict.fromkeys(("onnx", "onnxruntime"), "pip install 'qconv[serve]' to serve, 'qconv[convert]' to convert"),
+}
 
 
 def emit(result, as_json: bool) -> None:
@@ -253,6 +267,39 @@ def run(
     emit(result, as_json)
     if not getattr(result, "passed", True):
         raise typer.Exit(1)
+
+
+@app.command()
+@handles_errors
+def serve(
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="ONNX export directories (qconv export-onnx OUT, or a qconv run output), or seq-cls directories.")],
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Served name of each MODEL, in order (default: the directory name).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="ONNX variant (fp32, fp16, int8, q4, q4f16; default: the fastest that passed its gate, else int8, else fp32).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to bind.")] = 8000,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate prompts to this many tokens (the template is kept).")] = 2048,
+    max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", help="Padded tokens per inference batch.")] = 8192,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Pairs per inference batch.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="How long a pair may wait for others to fill its batch.")] = 2.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Pairs queued per model before requests get 503.")] = 4096,
+    max_documents: Annotated[int, typer.Option("--max-documents", help="Documents (or pairs) per request.")] = 1000,
+    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")] = 4 * 2**20,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: all cores).")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (stderr).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve rerankers over HTTP: /rerank, /v1/rerank, /v2/rerank, /score, /metrics, a try-it page at /."""
+    from .serve.options import ModelSpec, ServeOptions
+    from .serve.server import serve as run_server
+
+    names = list(name or [])
+    if len(names) > len(models):
+        _fail(f"{len(names)} --name values for {len(models)} models; give at most one --name per MODEL")
+    specs = [ModelSpec(m, names[i] if i < len(names) else None, variant) for i, m in enumerate(models)]
+    options = ServeOptions(host=host, port=port, max_length=max_length, max_batch_tokens=max_batch_tokens,
+                           max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                           max_documents=max_documents, max_request_bytes=max_request_bytes, threads=threads)
+    emit(run_server(specs, options, access_log=access_log), as_json)
 
 
 @app.callback()

@@ -6,6 +6,7 @@ exactly the same way.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,54 @@ def load_tokenizer(path: Path | str):
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a bad tokenizer
         raise TokenizerError(f"cannot load the tokenizer in {path}: {exc}", "the model directory needs tokenizer.json/tokenizer_config.json") from exc
+
+
+class FastTokenizer:
+    """A `tokenizers.Tokenizer` (tokenizer.json) with the few methods PromptEncoder calls.
+
+    The serving path uses it instead of load_tokenizer: `import transformers` can import torch, and
+    a serving install has neither. Special tokens come from tokenizer_config.json /
+    special_tokens_map.json, as transformers reads them.
+    """
+
+    def __init__(self, tokenizer, pad_token: str | None = None, unk_token: str | None = None):
+        self.backend = tokenizer
+        self.pad_token_id = self.convert_tokens_to_ids(pad_token) if pad_token else None
+        self.unk_token_id = self.convert_tokens_to_ids(unk_token) if unk_token else None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts in one call (the Rust side runs them in parallel, without the GIL)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+def _special_token(path: Path, key: str) -> str | None:
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = path / name
+        if file.is_file():
+            value = json.loads(file.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}
+                value = value.get("content")
+            if value:
+                return value
+    return None
+
+
+def load_fast_tokenizer(path: Path | str) -> FastTokenizer:
+    """Load PATH/tokenizer.json with the `tokenizers` library alone (no transformers, no torch)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    try:
+        backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        return FastTokenizer(backend, _special_token(path, "pad_token"), _special_token(path, "unk_token"))
+    except Exception as exc:  # tokenizers raises a bare Exception for a bad file; json a ValueError
+        raise TokenizerError(f"cannot load {path}/tokenizer.json: {exc}", "the model directory needs tokenizer.json (a fast tokenizer)") from exc
 
 
 def _single_token_id(tokenizer, word: str) -> int:
@@ -125,19 +174,30 @@ class PromptEncoder:
     def ids(self, pair: Pair) -> list[int]:
         return self.prefix_ids + self.body_ids(pair)[: self.body_budget] + self.suffix_ids
 
+    def batch_ids(self, pairs: Sequence[Pair]) -> list[list[int]]:
+        """ids() of many pairs, in one batch call when the tokenizer has one (FastTokenizer)."""
+        bodies = [format_body(p.query, p.document, self.instruction) for p in pairs]
+        encode_batch = getattr(self.tokenizer, "encode_batch", None)
+        rows = encode_batch(bodies) if encode_batch else [self.tokenizer.encode(b, add_special_tokens=False) for b in bodies]
+        return [self.prefix_ids + row[: self.body_budget] + self.suffix_ids for row in rows]
+
     def truncated(self, pair: Pair) -> bool:
         return len(self.body_ids(pair)) > self.body_budget
 
     def encode(self, pairs: Sequence[Pair], padding_side: PaddingSide = "left") -> EncodedBatch:
-        rows = [self.ids(p) for p in pairs]
-        width = max(len(r) for r in rows)
-        input_ids = np.full((len(rows), width), self.tokens.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            if padding_side == "left":
-                input_ids[i, width - len(row):] = row
-                mask[i, width - len(row):] = 1
-            else:
-                input_ids[i, : len(row)] = row
-                mask[i, : len(row)] = 1
-        return EncodedBatch(input_ids, mask)
+        return pad_rows([self.ids(p) for p in pairs], self.tokens.pad_id, padding_side)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: PaddingSide = "left") -> EncodedBatch:
+    """Token rows -> one padded batch (the server pads rows it tokenized earlier, per batch)."""
+    width = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        if padding_side == "left":
+            input_ids[i, width - len(row):] = row
+            mask[i, width - len(row):] = 1
+        else:
+            input_ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+    return EncodedBatch(input_ids, mask)

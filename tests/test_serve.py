@@ -1,0 +1,436 @@
+"""`qconv serve`, tested as a client sees it: a real server process on 127.0.0.1, called over HTTP.
+
+The model is the trained tiny reranker exported once per session (fp32 + int8). Every server is
+started with torch and transformers made unimportable (a stub package on PYTHONPATH), so each test
+also proves the ONNX serving path never needs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwen_convert.reranker import Pair, PromptEncoder, load_fast_tokenizer, load_tokenizer
+
+QCONV = str(Path(sys.executable).with_name("qconv"))
+EVAL = Path(__file__).resolve().parents[1] / "qwen_convert" / "data" / "tiny-reranker" / "eval.jsonl"
+STARTUP_SECONDS = 60
+BLOCKED = ("torch", "transformers")
+LONG_DOC = " ".join(f"w{i} lorem ipsum dolor" for i in range(300))  # ~1,200 tokens: slow on purpose
+
+
+def _eval_queries(n: int = 3) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in EVAL.read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["query"], []).append(row["document"])
+    return dict(list(out.items())[:n])
+
+
+QUERIES = _eval_queries()
+QUERY, DOCS = next(iter(QUERIES.items()))
+
+
+@pytest.fixture(scope="session")
+def export(tmp_path_factory) -> Path:
+    """`qconv export-onnx qconv:tiny-reranker OUT --quantize int8` (verified by export-onnx itself)."""
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    subprocess.run([QCONV, "export-onnx", "qconv:tiny-reranker", str(out), "--quantize", "int8", "--quiet"],
+                   check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp32_only(export, tmp_path_factory) -> Path:
+    """The same export without its int8 graph: served by default as fp32 (tells the two apart)."""
+    out = tmp_path_factory.mktemp("serve-fp32") / "tiny-fp32"
+    shutil.copytree(export, out)
+    (out / "onnx" / "model_quantized.onnx").unlink()
+    return out
+
+
+@pytest.fixture(scope="session")
+def no_torch(tmp_path_factory) -> Path:
+    """A PYTHONPATH entry whose torch and transformers raise on import."""
+    root = tmp_path_factory.mktemp("no-torch")
+    for name in BLOCKED:
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked: the serving path must not import it')\n")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+@contextmanager
+def serving(*args: str, block_torch: Path | None = None, env: dict | None = None, log_dir: Path):
+    """Start `qconv serve ARGS` on a free port, wait for /health (bounded), always stop it."""
+    port = free_port()
+    environ = dict(os.environ, **(env or {}))
+    if block_torch is not None:
+        environ["PYTHONPATH"] = os.pathsep.join([str(block_torch), environ.get("PYTHONPATH", "")])
+    log = log_dir / f"serve-{port}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([QCONV, "serve", *args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=err, env=environ)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"qconv serve exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"qconv serve not up after {STARTUP_SECONDS} s:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield Server(proc, url, log)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def metric(server: Server, name: str, **labels) -> float:
+    """One sample of /metrics, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def qconv_score(model: Path, query: str, docs: list[str], variant: str) -> dict[str, float]:
+    """`qconv score --json`: document -> P(yes). One batch, as the server batches one request alone:
+    int8 quantizes activations per batch tensor, so its scores depend on a pair's batch companions."""
+    args = [QCONV, "score", str(model), "--query", query, "--variant", variant, "--json", "--max-length", "2048", "--batch-size", "64"]
+    for d in docs:
+        args += ["--doc", d]
+    out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=300).stdout
+    return {r["document"]: r["p_yes"] for r in json.loads(out)["queries"][0]["results"]}
+
+
+@pytest.fixture(scope="module")
+def server(export, no_torch, tmp_path_factory):
+    """The default server: the export under its directory name, torch blocked."""
+    with serving(str(export), "--max-documents", "64", "--max-request-bytes", "200000",
+                 block_torch=no_torch, log_dir=tmp_path_factory.mktemp("logs")) as s:
+        yield s
+
+
+# --- the tokenizer path -------------------------------------------------------------------------
+
+def test_fast_tokenizer_ids_equal_the_transformers_prompt_encoder(export):
+    """The server's torch-free tokenizer (tokenizer.json via `tokenizers`) gives PromptEncoder's ids."""
+    pairs = [Pair(q, d) for q, docs in QUERIES.items() for d in docs]
+    pairs += [Pair("émoji 🎉 <|im_end|> tail", "tab\tnew\nline  <think>x</think>"), Pair("q", LONG_DOC)]
+    for max_length in (8192, 120):  # 120: the long document is cut, the template kept
+        ref = PromptEncoder(load_tokenizer(export), "custom instruction", max_length)
+        fast = PromptEncoder(load_fast_tokenizer(export), "custom instruction", max_length)
+        assert fast.tokens == ref.tokens
+        assert fast.batch_ids(pairs) == [ref.ids(p) for p in pairs]
+        assert [fast.ids(p) for p in pairs] == [ref.ids(p) for p in pairs]
+    cut = fast.batch_ids([Pair("q", LONG_DOC)])[0]
+    assert len(cut) == 120 and cut[-len(fast.suffix_ids):] == fast.suffix_ids
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["int8", "fp32"])
+def test_rerank_scores_equal_qconv_score(variant, export, fp32_only, no_torch, tmp_path):
+    """Served P(yes) == `qconv score` on the same artifact (<= 1e-5), on every rerank route and /score."""
+    model = export if variant == "int8" else fp32_only  # int8: the default variant when it exists
+    with serving(str(model), block_torch=no_torch, log_dir=tmp_path) as s, s.client() as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert (card["id"], card["variant"], card["kind"]) == (model.name, variant, "onnx")
+        for query, docs in QUERIES.items():
+            want = qconv_score(model, query, docs, variant)
+            for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+                body = c.post(route, json={"query": query, "documents": docs}).json()
+                assert body["model"] == model.name
+                assert [r["relevance_score"] for r in body["results"]] == sorted((r["relevance_score"] for r in body["results"]), reverse=True)
+                assert sorted(r["index"] for r in body["results"]) == list(range(len(docs)))
+                for r in body["results"]:
+                    assert r["document"]["text"] == docs[r["index"]]
+                    assert abs(r["relevance_score"] - want[docs[r["index"]]]) <= 1e-5
+            scored = c.post("/v1/score", json={"text_1": query, "text_2": docs}).json()
+            assert [d["index"] for d in scored["data"]] == list(range(len(docs)))
+            assert max(abs(d["score"] - want[docs[d["index"]]]) for d in scored["data"]) <= 1e-5
+
+
+def test_rerank_options_dedup_and_score_shapes(server):
+    docs = DOCS[:4] + [{"text": DOCS[1]}, DOCS[0]]  # two repeats, one as {text}
+    scored_before = metric(server, "qconv_pairs_scored_total")
+    with server.client() as c:
+        full = c.post("/v1/rerank", json={"model": "tiny", "query": QUERY, "documents": docs}).json()
+        assert metric(server, "qconv_pairs_scored_total") - scored_before == 4  # repeats scored once
+        assert metric(server, "qconv_pairs_deduplicated_total") >= 2
+        by_index = {r["index"]: r["relevance_score"] for r in full["results"]}
+        assert by_index[4] == by_index[1] and by_index[5] == by_index[0]
+        assert full["usage"]["total_tokens"] > 0
+
+        top = c.post("/rerank", json={"query": QUERY, "documents": docs, "top_n": 2, "return_documents": False}).json()
+        assert [r["index"] for r in top["results"]] == [r["index"] for r in full["results"][:2]]
+        assert all("document" not in r for r in top["results"])
+
+        custom = c.post("/rerank", json={"query": QUERY, "documents": DOCS[:2], "instruction": "Find jokes"}).json()
+        assert {r["index"]: r["relevance_score"] for r in custom["results"]} != {i: by_index[i] for i in (0, 1)}
+
+        # the same three pairs in one request each (int8 scores depend on the batch, see qconv_score)
+        three = {r["index"]: r["relevance_score"] for r in c.post("/rerank", json={"query": QUERY, "documents": DOCS[:3]}).json()["results"]}
+        queries = c.post("/score", json={"queries": [QUERY] * 3, "documents": DOCS[:3]}).json()
+        pairwise = c.post("/score", json={"text_1": [QUERY] * 3, "text_2": DOCS[:3]}).json()
+        one_query = c.post("/score", json={"text_1": QUERY, "text_2": DOCS[:3]}).json()
+        assert [d["score"] for d in queries["data"]] == [d["score"] for d in pairwise["data"]] == [three[i] for i in range(3)]
+        assert [d["score"] for d in one_query["data"]] == [three[i] for i in range(3)]
+        assert queries["object"] == "list" and queries["data"][0]["object"] == "score"
+
+
+def test_serving_path_never_imports_torch(server):
+    """Torch is unimportable in this process (stub) and no libtorch is mapped into it."""
+    with server.client() as c:
+        assert c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).status_code == 200
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "onnxruntime" in maps  # the check sees the libraries that are loaded
+    assert "libtorch" not in maps and "torch/lib" not in maps
+
+
+def test_health_models_metrics_and_page(server):
+    with server.client() as c:
+        assert c.get("/health").json() == {"status": "ok", "models": ["tiny"]}
+        c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+        page = c.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/rerank" in page.text
+    assert metric(server, "qconv_requests_total", endpoint="/v1/rerank", status="200") >= 1
+    assert metric(server, "qconv_pairs_scored_total", model="tiny") >= len(DOCS)
+    for hist in ("qconv_batch_size", "qconv_queue_duration_seconds", "qconv_inference_duration_seconds"):
+        assert metric(server, f"{hist}_count", model="tiny") >= 1
+    assert metric(server, "qconv_request_duration_seconds_count", endpoint="/v1/rerank") >= 1
+    assert metric(server, "process_resident_memory_bytes") > 0
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def _error(response: httpx.Response, status: int, type_: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == status and body["error"]["type"] == type_
+    return body["error"]["message"]
+
+
+def test_every_error_has_its_status_and_one_shape(server):
+    with server.client() as c:
+        assert "valid JSON" in _error(c.post("/v1/rerank", content=b'{"query": "q", "documents": [', headers={"content-type": "application/json"}), 400, "invalid_json")
+        _error(c.post("/v1/rerank", content=b"query=q", headers={"content-type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type")
+        assert "query" in _error(c.post("/v1/rerank", json={"documents": ["a"]}), 422, "invalid_request")
+        assert "query" in _error(c.post("/v1/rerank", json={"query": "", "documents": ["a"]}), 422, "invalid_request")
+        assert "documents" in _error(c.post("/v1/rerank", json={"query": "q", "documents": 5}), 422, "invalid_request")
+        assert "documents" in _error(c.post("/v1/rerank", json={"query": "q", "documents": []}), 422, "invalid_request")
+        _error(c.post("/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": 0}), 422, "invalid_request")
+        _error(c.post("/v1/rerank", json=["not", "an", "object"]), 422, "invalid_request")
+        assert "limit 64" in _error(c.post("/v1/rerank", json={"query": "q", "documents": ["d"] * 65}), 422, "invalid_request")
+        assert "text_1" in _error(c.post("/score", json={"text_1": "q"}), 422, "invalid_request")
+        assert "2 queries and 3 documents" in _error(c.post("/score", json={"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}), 422, "invalid_request")
+        assert "200000 bytes" in _error(c.post("/v1/rerank", json={"query": "q", "documents": ["x" * 250_000]}), 413, "request_too_large")
+
+        def chunked():  # no Content-Length: the limit counts the bytes as they arrive
+            yield b'{"query": "q", "documents": ["'
+            for _ in range(30):
+                yield b"y" * 10_000
+            yield b'"]}'
+        _error(c.post("/v1/rerank", content=chunked(), headers={"content-type": "application/json"}), 413, "request_too_large")
+        assert "'nope' is not served" in _error(c.post("/v1/rerank", json={"model": "nope", "query": "q", "documents": ["a"]}), 404, "model_not_found")
+        _error(c.get("/no/such/route"), 404, "http_error")
+        _error(c.get("/v1/rerank"), 405, "http_error")
+        assert "is not a directory" in _error(c.post("/v1/models/load", json={"model": "/no/such/dir"}), 400, "invalid_model")
+        _error(c.post("/v1/models/unload", json={"name": "nope"}), 404, "model_not_found")
+        # the server is still fine
+        assert c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:2]}).status_code == 200
+    assert metric(server, "qconv_requests_total", endpoint="/v1/rerank", status="413") == 2
+
+
+def test_full_queue_answers_503_with_retry_after(export, no_torch, tmp_path):
+    with serving(str(export), "--max-queue", "6", "--max-batch-size", "1", block_torch=no_torch, log_dir=tmp_path) as s:
+        slow = {"query": "q", "documents": [f"{i} {LONG_DOC}" for i in range(6)]}
+        results = {}
+        worker = threading.Thread(target=lambda: results.setdefault("slow", s.client().post("/v1/rerank", json=slow)))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while metric(s, "qconv_queue_pairs", model="tiny") < 6:  # the slow request is admitted
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with s.client() as c:
+            refused = c.post("/v1/rerank", json={"query": "q", "documents": ["one more"]})
+        assert "limit 6" in _error(refused, 503, "overloaded")
+        assert refused.headers["retry-after"] == "1"
+        worker.join(60)
+        assert results["slow"].status_code == 200 and len(results["slow"].json()["results"]) == 6
+        with s.client() as c:  # capacity is back once the slow request is answered
+            assert c.post("/v1/rerank", json={"query": "q", "documents": ["one more"]}).status_code == 200
+        assert metric(s, "qconv_rejected_requests_total", reason="queue_full") == 1
+
+
+def test_a_cancelled_request_stops_costing_compute(export, no_torch, tmp_path):
+    """A client that hangs up: its pairs still queued are dropped, not scored."""
+    n = 40
+    with serving(str(export), "--max-batch-size", "1", block_torch=no_torch, log_dir=tmp_path) as s:
+        body = json.dumps({"query": "q", "documents": [f"{i} {LONG_DOC}" for i in range(n)]}).encode()
+        port = int(s.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 20
+            while metric(s, "qconv_queue_pairs", model="tiny") < n:  # all admitted, the first batches running
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        # the client hung up
+        deadline = time.monotonic() + 30
+        while (metric(s, "qconv_pairs_cancelled_total", model="tiny") + metric(s, "qconv_pairs_scored_total", model="tiny")) < n:
+            assert time.monotonic() < deadline, "the abandoned pairs were neither scored nor dropped"
+            time.sleep(0.05)
+        scored = metric(s, "qconv_pairs_scored_total", model="tiny")
+        assert metric(s, "qconv_pairs_cancelled_total", model="tiny") + scored == n
+        assert metric(s, "qconv_queue_pairs", model="tiny") == 0
+        assert scored < n / 2, f"{scored} of {n} pairs were scored after the client left"
+
+
+def test_hot_swap_under_load_drops_nothing(export, fp32_only, no_torch, tmp_path):
+    """Concurrent clients keep calling model "a" while it is swapped int8 -> fp32 -> int8 and a
+    second model comes and goes: every request is answered 200, by the variant served at the time."""
+    with serving(str(export), "--name", "a", block_torch=no_torch, log_dir=tmp_path) as s:
+        answers: list[tuple[int, float]] = []
+        swapping = True
+
+        async def client(i: int):
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                while swapping:
+                    r = await c.post("/v1/rerank", json={"model": "a", "query": QUERY, "documents": DOCS})
+                    answers.append((r.status_code, r.json()["results"][0]["relevance_score"] if r.status_code == 200 else r.text))
+
+        async def swaps():
+            nonlocal swapping
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                await asyncio.sleep(0.5)
+                steps = [("load", {"model": str(fp32_only), "name": "a"}), ("load", {"model": str(export), "name": "b"}),
+                         ("unload", {"name": "b"}), ("load", {"model": str(export), "name": "a"}),
+                         ("load", {"model": str(fp32_only), "name": "a"})]
+                variants = []
+                for action, body in steps:
+                    r = await c.post(f"/v1/models/{action}", json=body)
+                    assert r.status_code == 200, r.text
+                    variants.append(r.json().get("variant"))
+                    await asyncio.sleep(0.3)
+                models = (await c.get("/v1/models")).json()["data"]
+            swapping = False
+            return variants, models
+
+        async def main():
+            results = await asyncio.gather(swaps(), *(client(i) for i in range(8)))
+            return results[0]
+
+        with s.client() as c:
+            int8_top = c.post("/v1/rerank", json={"model": "a", "query": QUERY, "documents": DOCS}).json()["results"][0]["relevance_score"]
+        variants, models = asyncio.run(main())
+        assert variants == ["fp32", "int8", None, "int8", "fp32"]
+        assert [(m["id"], m["variant"]) for m in models] == [("a", "fp32")]
+        with s.client() as c:
+            fp32_top = c.post("/v1/rerank", json={"model": "a", "query": QUERY, "documents": DOCS}).json()["results"][0]["relevance_score"]
+        statuses = [code for code, _ in answers]
+        assert len(answers) >= 16 and statuses.count(200) == len(answers), [a for a in answers if a[0] != 200][:3]
+        # int8 scores move a little with their batch companions (dynamic activation scales); fp32's do not
+        by_fp32 = [abs(score - fp32_top) <= 1e-5 for _, score in answers]
+        assert all(f or abs(score - int8_top) <= 1e-2 for f, (_, score) in zip(by_fp32, answers))
+        assert any(by_fp32) and not all(by_fp32)  # both variants answered during the swaps
+
+
+def test_sigterm_drains_in_flight_requests(export, no_torch, tmp_path):
+    with serving(str(export), "--max-batch-size", "1", block_torch=no_torch, log_dir=tmp_path) as s:
+        body = {"query": "q", "documents": [f"{i} {LONG_DOC}" for i in range(6)]}
+        results = {}
+        worker = threading.Thread(target=lambda: results.setdefault("r", httpx.post(f"{s.url}/v1/rerank", json=body, timeout=60)))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while metric(s, "qconv_queue_pairs", model="tiny") < 6:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert results["r"].status_code == 200 and len(results["r"].json()["results"]) == 6
+        assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained on
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{s.url}/health", timeout=2)
+        assert "Application shutdown complete" in s.log.read_text()
+
+
+# --- startup --------------------------------------------------------------------------------------
+
+def test_several_models_by_name_and_startup_errors(export, fp32_only, no_torch, tmp_path):
+    with serving(str(export), str(fp32_only), "--name", "small", block_torch=no_torch, log_dir=tmp_path) as s, s.client() as c:
+        cards = {m["id"]: (m["variant"], m["default"]) for m in c.get("/v1/models").json()["data"]}
+        assert cards == {"small": ("int8", True), "tiny-fp32": ("fp32", False)}
+        a = c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS}).json()
+        b = c.post("/v1/rerank", json={"model": "tiny-fp32", "query": QUERY, "documents": DOCS}).json()
+        assert (a["model"], b["model"]) == ("small", "tiny-fp32") and a["results"] != b["results"]
+
+    bad = subprocess.run([QCONV, "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "is not a directory" in bad.stderr
+    variant = subprocess.run([QCONV, "serve", str(fp32_only), "--variant", "q4"], capture_output=True, text=True, timeout=60)
+    assert variant.returncode == 1 and "has no q4 variant" in variant.stderr and "present: fp32" in variant.stderr
+
+
+def test_default_variant_is_the_fastest_that_passed_its_gate(tmp_path):
+    from qwen_convert.errors import SourceError
+    from qwen_convert.serve.engine import CPU, CUDA, choose_variant
+
+    run = tmp_path / "run"
+    export = run / "onnx"
+    (export / "onnx").mkdir(parents=True)
+    for f in ("model.onnx", "model_quantized.onnx", "model_q4.onnx", "model_fp16.onnx"):
+        (export / "onnx" / f).write_bytes(b"")
+    assert choose_variant(export, None, CPU).value == "int8"  # no report: int8
+    report = {"candidates": [{"name": f"onnx/{m}", "path": str(export), "passed": ok}
+                             for m, ok in (("fp32", True), ("int8", False), ("q4", True), ("fp16", True))]}
+    (run / "verify.json").write_text(json.dumps(report))  # where `qconv run` writes it
+    assert choose_variant(export, None, CPU).value == "q4"  # int8 failed its gate
+    assert choose_variant(export, None, CUDA).value == "fp16"
+    assert choose_variant(export, "int8", CPU).value == "int8"  # asked for: served
+    (run / "verify.json").write_text(json.dumps({"candidates": [dict(c, passed=False) for c in report["candidates"]]}))
+    with pytest.raises(SourceError, match="no variant .* passed its gate"):
+        choose_variant(export, None, CPU)
+    (run / "verify.json").unlink()
+    (export / "onnx" / "model_quantized.onnx").unlink()
+    assert choose_variant(export, None, CPU).value == "fp32"
