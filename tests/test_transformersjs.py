@@ -142,3 +142,11 @@ def test_model_card_snippet_runs_verbatim(export_dir, tmp_path):
     encoded = _encoder(export_dir, None).encode([Pair(query, document)])
     ref = _ort_logits(export_dir, DTYPES[dtype][0], encoded.input_ids, encoded.attention_mask)[0]
     assert float(printed[-1]) == pytest.approx(1 / (1 + np.exp(-ref)), abs=1e-5)
+
+
+def test_readme_shows_the_card_snippet():
+    """README.md's transformers.js block is the tested card snippet for an export named `out`."""
+    from qwen_convert.export import _TRANSFORMERSJS_SNIPPET
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert re.findall(r"```js\n(.*?)```", readme, flags=re.S) == [_TRANSFORMERSJS_SNIPPET.replace("NAME", "out")]
