@@ -10,7 +10,7 @@ what the headers say; no weight is read.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .checkpoint import Checkpoint
 from .errors import SourceError, WeightsError
@@ -54,53 +54,55 @@ class Qwen3Dims:
             raise SourceError(f"config.json has a non-numeric or zero size ({exc})", "pass a complete Qwen3 config.json") from exc
 
 
-def _why(name: str, dims: Qwen3Dims) -> str:
-    """Which config keys fix this tensor's shape, for the error line."""
-    if name in (EMBED, LM_HEAD):
-        return f"vocab_size {dims.vocab}, hidden_size {dims.hidden}"
-    if name == SCORE:
-        return f"num_labels, hidden_size {dims.hidden}"
-    if ".self_attn.q_proj." in name or ".self_attn.o_proj." in name:
-        return f"num_attention_heads {dims.heads} x head_dim {dims.head_dim}, hidden_size {dims.hidden}"
-    if ".self_attn." in name and ("_proj." in name):
-        return f"num_key_value_heads {dims.kv_heads} x head_dim {dims.head_dim}, hidden_size {dims.hidden}"
-    if "_norm." in name and ".self_attn." in name:
-        return f"head_dim {dims.head_dim}"
-    if ".mlp." in name:
-        return f"intermediate_size {dims.intermediate}, hidden_size {dims.hidden}"
-    return f"hidden_size {dims.hidden}"
+# Each tensor: (its shape from the dims, the config values that fix it, quoted in errors).
+_VOCAB = "vocab_size {vocab}, hidden_size {hidden}"
+_Q = "num_attention_heads {heads} x head_dim {head_dim}, hidden_size {hidden}"
+_KV = "num_key_value_heads {kv_heads} x head_dim {head_dim}, hidden_size {hidden}"
+_MLP = "intermediate_size {intermediate}, hidden_size {hidden}"
+LAYER_TENSORS: dict[str, tuple] = {
+    "input_layernorm.weight": (lambda d: (d.hidden,), "hidden_size {hidden}"),
+    "self_attn.q_proj.weight": (lambda d: (d.heads * d.head_dim, d.hidden), _Q),
+    "self_attn.k_proj.weight": (lambda d: (d.kv_heads * d.head_dim, d.hidden), _KV),
+    "self_attn.v_proj.weight": (lambda d: (d.kv_heads * d.head_dim, d.hidden), _KV),
+    "self_attn.o_proj.weight": (lambda d: (d.hidden, d.heads * d.head_dim), _Q),
+    "self_attn.q_norm.weight": (lambda d: (d.head_dim,), "head_dim {head_dim}"),
+    "self_attn.k_norm.weight": (lambda d: (d.head_dim,), "head_dim {head_dim}"),
+    "post_attention_layernorm.weight": (lambda d: (d.hidden,), "hidden_size {hidden}"),
+    "mlp.gate_proj.weight": (lambda d: (d.intermediate, d.hidden), _MLP),
+    "mlp.up_proj.weight": (lambda d: (d.intermediate, d.hidden), _MLP),
+    "mlp.down_proj.weight": (lambda d: (d.hidden, d.intermediate), _MLP),
+}
+BIAS_TENSORS: dict[str, tuple] = {  # attention_bias=true only (valid Qwen3, not the reranker's layout)
+    "self_attn.q_proj.bias": (lambda d: (d.heads * d.head_dim,), _Q),
+    "self_attn.k_proj.bias": (lambda d: (d.kv_heads * d.head_dim,), _KV),
+    "self_attn.v_proj.bias": (lambda d: (d.kv_heads * d.head_dim,), _KV),
+    "self_attn.o_proj.bias": (lambda d: (d.hidden,), "hidden_size {hidden}"),
+}
+
+
+def _expected(config: dict, tensors: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape config.json implies, the config values that imply it), in forward order."""
+    d = Qwen3Dims.from_config(config)
+    values = asdict(d)
+    out = {EMBED: ((d.vocab, d.hidden), _VOCAB.format(**values))}
+    per_layer = {**LAYER_TENSORS, **(BIAS_TENSORS if d.attention_bias else {})}
+    for i in range(d.layers):
+        for suffix, (shape, why) in per_layer.items():
+            out[f"model.layers.{i}.{suffix}"] = (shape(d), why.format(**values))
+    out["model.norm.weight"] = ((d.hidden,), f"hidden_size {d.hidden}")
+    # The head follows the checkpoint: score [num_labels, hidden] for seq-cls, lm_head for an
+    # untied causal model, nothing more for a tied one.
+    if SCORE in tensors:
+        labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
+        out[SCORE] = ((labels, d.hidden), f"num_labels {labels}, hidden_size {d.hidden}")
+    elif LM_HEAD in tensors or not d.tied:
+        out[LM_HEAD] = ((d.vocab, d.hidden), _VOCAB.format(**values))
+    return out
 
 
 def expected_tensors(config: dict, tensors: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen3 checkpoint with this config must hold, and its shape, in forward order.
-
-    The head follows the checkpoint: score.weight [num_labels, hidden] for a seq-cls model,
-    lm_head.weight [vocab, hidden] for an untied causal one, nothing extra for a tied one.
-    """
-    d = Qwen3Dims.from_config(config)
-    h, q, kv = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim
-    out: dict[str, tuple[int, ...]] = {EMBED: (d.vocab, h)}
-    for i in range(d.layers):
-        p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "self_attn.q_norm.weight": (d.head_dim,), p + "self_attn.k_norm.weight": (d.head_dim,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (d.intermediate, h), p + "mlp.up_proj.weight": (d.intermediate, h),
-            p + "mlp.down_proj.weight": (h, d.intermediate),
-        })
-        if d.attention_bias:
-            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                        p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)})
-    out["model.norm.weight"] = (h,)
-    if SCORE in tensors:
-        labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
-        out[SCORE] = (labels, h)
-    elif LM_HEAD in tensors or not d.tied:
-        out[LM_HEAD] = (d.vocab, h)
-    return out
+    """Every tensor a Qwen3 checkpoint with this config must hold, and its shape, in forward order."""
+    return {name: shape for name, (shape, _) in _expected(config, tensors).items()}
 
 
 def _shape(shape) -> str:
@@ -112,17 +114,18 @@ def checkpoint_problems(ckpt: Checkpoint, tokens: RerankerTokens | None = None) 
     config, tensors = ckpt.config, ckpt.tensors
     dims = Qwen3Dims.from_config(config)
     problems = []
-    for name, want in expected_tensors(config, tensors).items():
+    for name, (want, why) in _expected(config, tensors).items():
         info = tensors.get(name)
         if info is None:
-            problems.append(f"{name} is missing; config.json ({_why(name, dims)}) expects shape {_shape(want)}")
+            problems.append(f"{name} is missing; config.json ({why}) expects shape {_shape(want)}")
         elif tuple(info.shape) != want:
-            problems.append(f"{name} has shape {_shape(info.shape)} but config.json ({_why(name, dims)}) expects {_shape(want)}")
-    extra = sorted({int(m.group(1)) for name in tensors if (m := LAYER.match(name)) and int(m.group(1)) >= dims.layers})
+            problems.append(f"{name} has shape {_shape(info.shape)} but config.json ({why}) expects {_shape(want)}")
+    layer_of = {name: int(m.group(1)) for name in tensors if (m := LAYER.match(name))}
+    extra = sorted({i for i in layer_of.values() if i >= dims.layers})
     if extra:
-        first = min(n for n in tensors if LAYER.match(n) and int(LAYER.match(n).group(1)) == extra[0])
+        first = min(name for name, i in layer_of.items() if i == extra[0])
         problems.append(f"{first} belongs to layer {extra[0]}, but config.json has num_hidden_layers {dims.layers} "
-                        f"(layers {', '.join(map(str, extra))} are extra)")
+                        f"(extra layers: {', '.join(map(str, extra))})")
     ids = {} if tokens is None else {"yes": tokens.yes_id, "no": tokens.no_id, "pad": tokens.pad_id}
     if isinstance(config.get("pad_token_id"), int):
         ids["config pad_token_id"] = config["pad_token_id"]
