@@ -38,6 +38,15 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Pairs per padded ba
 PairsOpt = Annotated[Optional[Path], typer.Option("--pairs", help='JSONL file, one {"query": ..., "document": ..., "label": optional graded relevance} per line.')]
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    transformers = "transformers"
+    streamed = "streamed"
+
+
+EngineOpt = Annotated[Engine, typer.Option("--engine", help="Torch models: transformers (whole model in memory), streamed (one layer at a time, fp32), or auto (streamed when the model would not fit).")]
+
+
 class ScoreDtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -48,6 +57,9 @@ class Source(str, Enum):
     auto = "auto"
     modelscope = "modelscope"
     huggingface = "huggingface"
+
+
+NOT_VERIFIED_EXIT = 3  # verify: no gate failed, but a candidate could not be checked here
 
 
 def _fail(message: str) -> None:
@@ -146,12 +158,14 @@ def score(
     batch_size: BatchOpt = 8,
     variant: Annotated[Optional[str], typer.Option("--variant", help="ONNX exports: which graph (fp32, fp16, int8, q4, q4f16; default fp32).")] = None,
     dtype: Annotated[ScoreDtype, typer.Option("--dtype", help="Torch models: compute dtype.")] = ScoreDtype.float32,
+    engine: EngineOpt = Engine.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Score and rank documents for a query with a causal reranker, a seq-cls model or an ONNX export."""
     from .score import ScoreOptions, score_documents
 
-    options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size, variant=variant, dtype=dtype.value)
+    options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size, variant=variant,
+                           dtype=dtype.value, engine=engine.value)
     emit(score_documents(model, query=query, documents=doc or [], pairs_file=pairs, options=options), as_json)
 
 
@@ -168,21 +182,32 @@ def verify(
     instruction: InstructionOpt = None,
     max_length: MaxLenOpt = 8192,
     batch_size: BatchOpt = 8,
+    engine: EngineOpt = Engine.auto,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Reference-score cache (default: $QCONV_CACHE_DIR, else ~/.cache/qconv/reference).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Always recompute the reference; read and write no cache.")] = False,
+    memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", help="Memory a model may use, e.g. 12G (default: what the machine and its cgroup have left).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check candidates against the causal reference on padded batches; exit 1 if any gate fails."""
+    """Check candidates against the causal reference on padded batches.
+
+    Exit 0: every candidate passed; 1: a gate failed (or the reference depends on padding);
+    3: nothing failed, but a candidate was not verified (it would not fit in memory)."""
+    from .stream.cache import default_cache_dir
+    from .stream.memory import parse_size
     from .verify import VerifyOptions, verify as run_verify
 
     options = VerifyOptions(
         pairs_file=pairs, variants=tuple(variant or ()), tol_logit=tol_logit, tol_fp16=tol_fp16,
         min_retention=min_retention, instruction=instruction, max_length=max_length, batch_size=batch_size,
+        engine=engine.value, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        memory_limit=parse_size(memory_limit) if memory_limit else None,
     )
     with _reporter(quiet) as rep:
         report = run_verify(reference, candidates, options, reporter=rep)
     emit(report, as_json)
     if not report.passed:
-        raise typer.Exit(1)
+        raise typer.Exit(1 if report.failed else NOT_VERIFIED_EXIT)
 
 
 @app.command("export-onnx")

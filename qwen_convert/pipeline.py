@@ -34,6 +34,9 @@ __all__ = ["run_recipe", "resolve_recipe", "check_manifest", "RunResult"]  # che
 SEQCLS_DIR = "seqcls"
 ONNX_OUT = "onnx"
 VERIFY_FILE = "verify.json"
+# Reference scores of earlier runs (stream/cache.py): a re-run whose verify step is redone, or a
+# recipe that adds a variant, reads the reference back instead of recomputing it. Not an artifact.
+REFERENCE_CACHE = ".reference-cache"
 DEFAULT_ROOT = Path("artifacts")
 
 
@@ -206,7 +209,7 @@ def step_verify(ctx: Context) -> Outcome:
     options = VerifyOptions(
         pairs_file=_pairs_file(r.verify.pairs), variants=r.artifacts.onnx, tol_logit=r.gates.tol_logit,
         tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, instruction=r.instruction,
-        max_length=r.verify.max_length, batch_size=r.verify.batch_size,
+        max_length=r.verify.max_length, batch_size=r.verify.batch_size, cache_dir=ctx.out / REFERENCE_CACHE,
     )
     report = verify(_source_path(ctx), candidates, options, reporter=ctx.reporter)
     _write_json(ctx.out / VERIFY_FILE, report.to_dict())
@@ -281,8 +284,9 @@ def code_fingerprint() -> str:
     from .manifest import library_versions
 
     h = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):  # subpackages (stream/, onnx/ ...) compute outputs too
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

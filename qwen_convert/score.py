@@ -30,6 +30,7 @@ class ScoreOptions:
     variant: str | None = None  # ONNX exports only (default fp32)
     dtype: str = "float32"  # torch models only: float32 | bfloat16 | float16
     padding_side: PaddingSide = "left"
+    engine: str = "auto"  # torch models: auto | transformers | streamed (qwen_convert/stream)
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,11 @@ class ScoreResult:
     instruction: str
     max_length: int
     queries: tuple[QueryResult, ...]
+    engine: str = ""  # transformers | streamed | onnxruntime
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "kind": self.kind, "scorer": self.scorer, "precision": self.precision,
+            "model": self.model, "kind": self.kind, "scorer": self.scorer, "precision": self.precision, "engine": self.engine,
             "instruction": self.instruction, "max_length": self.max_length,
             "queries": [q.to_dict() for q in self.queries],
         }
@@ -120,7 +122,7 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
     order = length_order(encoder, pairs)
     batches = encode_batches(encoder, [pairs[i] for i in order], options.batch_size, options.padding_side)
-    scorers = load_scorers(resolved.path, variants, options.dtype, kind)
+    scorers = load_scorers(resolved.path, variants, options.dtype, kind, engine=options.engine, reporter=reporter)
     if len(scorers) != 1:
         raise QconvError(f"{resolved.path} provides {len(scorers)} scorers for variant {variants}", "name one with --variant")
     scorer = scorers[0]
@@ -140,4 +142,5 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     return ScoreResult(
         model=str(resolved.path), kind=kind.value, scorer=scorer.name, precision=scorer.precision,
         instruction=encoder.instruction, max_length=options.max_length, queries=tuple(queries),
+        engine=getattr(scorer, "engine", "onnxruntime"),
     )

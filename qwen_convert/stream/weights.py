@@ -95,7 +95,12 @@ def open_weights(path: Path | str, head: str) -> StreamedWeights:
     from .layer import layer_shapes, prepare_config
 
     checkpoint = open_checkpoint(path)
-    config = AutoConfig.from_pretrained(str(checkpoint.root))
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint.root))
+    except (ValueError, KeyError, TypeError) as exc:  # transformers' own config validation
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{checkpoint.root}/config.json is not a valid Qwen3 config ({first})",
+                           "the config disagrees with the tensors; re-download or re-convert the model") from exc
     expected_layer = layer_shapes(prepare_config(config))
     weights = StreamedWeights(checkpoint, config)
     tensors = weights.tensors

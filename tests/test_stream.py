@@ -1,0 +1,297 @@
+"""The streamed forward (qwen_convert/stream) against transformers, its cache, and verify's memory checks.
+
+The independent reference is transformers itself: Qwen3ForCausalLM's full-vocabulary logits at the
+last real token (logit(yes) - logit(no)) and Qwen3ForSequenceClassification's pooled logit, both
+in fp32, on every tiny fixture (tied, untied, bf16, sharded) and both padding sides, and on a
+two-layer checkpoint with the real 8B attention widths (head_dim 128, 32 query / 8 key-value heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qwen_convert.cli import app
+from qwen_convert.convert import convert_to_seqcls
+from qwen_convert.errors import QconvError, WeightsError
+from qwen_convert.fixtures import TinySpec, build_tiny_reranker
+from qwen_convert.probes import PROBE_PAIRS
+from qwen_convert.scoring import ArtifactKind, choose_engine, encode_batches, prompt_encoder
+from qwen_convert.stream.engine import stream_forward
+from qwen_convert.stream.memory import activation_bytes, parse_size
+from qwen_convert.stream.reference import padded_tokens
+from qwen_convert.verify import VerifyOptions, verify
+
+PAIRS = tuple(PROBE_PAIRS[i] for i in (0, 1, 2, 3, 9, 22, 23, 24, 25))  # 102 to 523 tokens, two languages
+SHORT = tuple(PROBE_PAIRS[i] for i in (0, 1, 22, 23))
+TOL = 1e-5
+REAL_WIDTHS = TinySpec(tied=False, dtype="bfloat16", hidden_size=256, num_hidden_layers=2, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=512, seed=7)
+
+
+@pytest.fixture(scope="module")
+def real_widths(tmp_path_factory) -> Path:
+    return build_tiny_reranker(tmp_path_factory.mktemp("wide") / "wide", REAL_WIDTHS)
+
+
+def _batches(model: Path, side: str, pairs=PAIRS, batch_size: int = 4):
+    return encode_batches(prompt_encoder(model, None, 8192), list(pairs), batch_size, side)
+
+
+def _transformers_causal(model: Path, batches) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    encoder = prompt_encoder(model, None, 8192)
+    yes, no = encoder.tokens.yes_id, encoder.tokens.no_id
+    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            mask = torch.from_numpy(b.attention_mask)
+            logits = lm(input_ids=torch.from_numpy(b.input_ids), attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+            last = logits[torch.arange(len(b.last_index)), torch.from_numpy(b.last_index)]
+            out.append((last[:, yes] - last[:, no]).double().numpy())
+    return np.concatenate(out)
+
+
+def _transformers_seqcls(model: Path, batches) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    seq = AutoModelForSequenceClassification.from_pretrained(str(model), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return np.concatenate([seq(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask))
+                               .logits[:, 0].double().numpy() for b in batches])
+
+
+def _yes_no(model: Path) -> tuple[int, int]:
+    tokens = prompt_encoder(model, None, 8192).tokens
+    return tokens.yes_id, tokens.no_id
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_streamed_causal_equals_transformers_on_every_fixture(tiny_model, side):
+    batches = _batches(tiny_model, side)
+    expected = _transformers_causal(tiny_model, batches)
+    got = np.concatenate(stream_forward(tiny_model, batches, "causal", _yes_no(tiny_model)))
+    assert np.abs(expected).max() > 0.1  # the logits spread out: the comparison means something
+    assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_streamed_seqcls_equals_transformers(tiny_models, tmp_path_factory, side):
+    root = tmp_path_factory.mktemp("seqcls")
+    for name in ("tied_fp32", "untied_bf16_sharded"):
+        seqcls = convert_to_seqcls(tiny_models[name], root / f"{name}-{side}").out
+        batches = _batches(seqcls, side)
+        expected = _transformers_seqcls(seqcls, batches)
+        got = np.concatenate(stream_forward(seqcls, batches, "seqcls"))
+        assert np.abs(got - expected).max() <= TOL, name
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_streamed_equals_transformers_at_real_widths(real_widths, tmp_path, side):
+    batches = _batches(real_widths, side)
+    got = np.concatenate(stream_forward(real_widths, batches, "causal", _yes_no(real_widths)))
+    assert np.abs(got - _transformers_causal(real_widths, batches)).max() <= TOL
+    seqcls = convert_to_seqcls(real_widths, tmp_path / "seqcls").out
+    got = np.concatenate(stream_forward(seqcls, batches, "seqcls"))
+    assert np.abs(got - _transformers_seqcls(seqcls, batches)).max() <= TOL
+
+
+class _Recorder:
+    def __init__(self):
+        self.tasks, self.lines = [], []
+
+    def task(self, description, total=None):
+        record = {"description": description, "total": total, "done": 0}
+        self.tasks.append(record)
+
+        class _T:
+            def advance(self, n=1):
+                record["done"] += n
+
+        return _T()
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_progress_is_per_layer_and_batch(tiny_models):
+    model = tiny_models["tied_fp32"]
+    rec = _Recorder()
+    batches = _batches(model, "left")
+    stream_forward(model, batches, "causal", _yes_no(model), reporter=rec)
+    (task,) = rec.tasks
+    assert task["total"] == task["done"] == 2 * len(batches)  # 2 layers x batches
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_config_that_disagrees_with_tensors_is_one_line_error(tiny_models, tmp_path):
+    model = _copy(tiny_models["untied_fp32"], tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    batches = _batches(model, "left", SHORT)
+    config.pop("layer_types", None)  # derived from num_hidden_layers when absent
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(WeightsError, match=r"model\.layers\.2\..* which the weights lack"):
+        stream_forward(model, batches, "causal", _yes_no(model))
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(WeightsError, match="layer tensors the config does not describe"):
+        stream_forward(model, batches, "causal", _yes_no(model))
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(WeightsError, match=r"mlp\.gate_proj\.weight has shape \[128, 64\], config.json implies \[96, 64\]"):
+        stream_forward(model, batches, "causal", _yes_no(model))
+    r = CliRunner().invoke(app, ["score", str(model), "--query", "q", "--doc", "d", "--engine", "streamed"])
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "disagrees with the tensors" in r.stderr
+
+
+def test_score_with_streamed_engine_matches_transformers(tiny_models):
+    model = tiny_models["untied_bf16_sharded"]
+    args = ["score", str(model), "--query", PAIRS[0].query, "--doc", PAIRS[0].document, "--doc", PAIRS[1].document, "--json"]
+    runs = {}
+    for engine in ("transformers", "streamed"):
+        r = CliRunner().invoke(app, [*args, "--engine", engine])
+        assert r.exit_code == 0, r.output
+        runs[engine] = json.loads(r.stdout)
+        assert runs[engine]["engine"] == engine
+    a = [d["logit"] for d in runs["transformers"]["queries"][0]["results"]]
+    b = [d["logit"] for d in runs["streamed"]["queries"][0]["results"]]
+    assert np.allclose(a, b, atol=TOL, rtol=0)
+
+
+def test_verify_streamed_reference_and_candidate(tiny_models, tmp_path):
+    src = tiny_models["untied_bf16_sharded"]
+    cand = convert_to_seqcls(src, tmp_path / "seqcls").out
+    plain = verify(src, [cand], VerifyOptions(pairs=SHORT, batch_size=2))
+    streamed = verify(src, [cand], VerifyOptions(pairs=SHORT, batch_size=2, engine="streamed"))
+    assert plain.reference.engine == "transformers" and streamed.reference.engine == "streamed"
+    assert streamed.candidates[0].engine == "streamed" and streamed.passed, streamed.render()
+    assert streamed.reference.max_padding_delta < 1e-5
+    assert streamed.candidates[0].max_abs_logit < TOL
+    assert streamed.reference.peak_rss > 50 << 20
+    assert "streamed" in streamed.render().splitlines()[0]
+
+
+def test_auto_engine_streams_only_what_does_not_fit(tiny_models):
+    model = tiny_models["untied_fp32"]
+    whole = choose_engine(model, ArtifactKind.CAUSAL, "auto", budget=1 << 40)
+    assert whole.engine == "transformers" and whole.fits
+    tight = choose_engine(model, ArtifactKind.CAUSAL, "auto", budget=whole.needed - 1)
+    assert tight.engine == "streamed" and tight.needed < whole.needed
+    assert choose_engine(model, ArtifactKind.CAUSAL, "auto", "bfloat16", budget=1).engine == "transformers"
+    with pytest.raises(QconvError, match="unknown"):
+        choose_engine(model, ArtifactKind.CAUSAL, "gpu")
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*.json"))
+
+
+def test_reference_cache_hit_miss_and_bad_entries(tiny_models, tmp_path):
+    src = _copy(tiny_models["tied_fp32"], tmp_path / "model")
+    cache = tmp_path / "cache"
+    options = VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache)
+    first = verify(src, [], options)
+    assert first.reference.cache == "miss" and len(_entries(cache)) == 1
+    rec = _Recorder()
+    second = verify(src, [], options, reporter=rec)
+    assert second.reference.cache == "hit" and second.reference.ndcg == first.reference.ndcg
+    assert second.reference.max_padding_delta == first.reference.max_padding_delta
+    assert any("cached" in line for line in rec.lines)
+
+    (entry,) = _entries(cache)
+    data = json.loads(entry.read_text())
+    data["scores"]["left"][0] += 1.0  # a flipped score: the checksum no longer matches
+    entry.write_text(json.dumps(data))
+    rec = _Recorder()
+    third = verify(src, [], options, reporter=rec)
+    assert third.reference.cache == "corrupt" and third.reference.ndcg == first.reference.ndcg
+    assert [line for line in rec.lines if "corrupt" in line and "recomputing" in line]
+    assert verify(src, [], options).reference.cache == "hit"  # rewritten intact
+
+    entry.write_text("{not json")
+    assert verify(src, [], options).reference.cache == "corrupt"
+    data = json.loads(entry.read_text())
+    data["material"]["engine"] = "someone else"
+    entry.write_text(json.dumps(data))
+    assert verify(src, [], options).reference.cache == "stale"
+
+    # Anything the scores depend on is in the key: each change is a miss (a new entry).
+    assert verify(src, [], VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache, instruction="other")).reference.cache == "miss"
+    assert verify(src, [], VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache, max_length=120)).reference.cache == "miss"
+    assert verify(src, [], VerifyOptions(pairs=SHORT[:3], batch_size=2, cache_dir=cache)).reference.cache == "miss"
+    assert verify(src, [], VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache, engine="streamed")).reference.cache == "miss"
+    weights = src / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # re-written weights
+    assert verify(src, [], options).reference.cache == "miss"
+    assert verify(src, [], VerifyOptions(pairs=SHORT, batch_size=2)).reference.cache == "off"
+
+
+def test_candidate_that_does_not_fit_is_not_verified(tiny_models, real_widths, tmp_path):
+    ref = tiny_models["tied_fp32"]
+    big = convert_to_seqcls(real_widths, tmp_path / "big-seqcls").out
+    small = convert_to_seqcls(ref, tmp_path / "small-seqcls").out
+    # The same estimates verify makes: the model's largest layer plus the probe set's activations.
+    sides = {side: _batches(ref, side, SHORT, 2) for side in ("left", "right")}
+    tokens = padded_tokens(sides)[0]
+
+    def need(model, kind):
+        config = json.loads((model / "config.json").read_text())
+        return choose_engine(model, kind, "streamed", budget=0, activations=activation_bytes(
+            tokens, config["hidden_size"], config["intermediate_size"])).needed
+
+    ref_need, big_need = need(ref, ArtifactKind.CAUSAL), need(big, ArtifactKind.SEQCLS)
+    assert big_need > ref_need
+    limit = (ref_need + big_need) // 2
+    report = verify(ref, [small, big], VerifyOptions(pairs=SHORT, batch_size=2, memory_limit=limit))
+    good, skipped = report.candidates
+    assert good.passed and good.not_verified is None
+    assert skipped.not_verified and "needs about" in skipped.not_verified and skipped.memory_needed >= big_need
+    assert not report.passed and not report.failed and report.not_verified == [skipped]
+    assert "NOT VERIFIED" in report.render()
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": p.query, "document": p.document}) + "\n" for p in SHORT))
+    r = CliRunner().invoke(app, ["verify", str(ref), str(small), str(big), "--memory-limit", str(limit), "--json",
+                                 "--quiet", "--no-cache", "--pairs", str(pairs), "--batch-size", "2"])
+    assert r.exit_code == 3, r.output
+    data = json.loads(r.stdout)
+    assert data["not_verified"] == [skipped.label]
+    assert data["candidates"][1]["memory_needed_bytes"] >= big_need and data["candidates"][1]["max_abs_logit"] is None
+
+    with pytest.raises(QconvError, match="the reference needs about"):
+        verify(ref, [small], VerifyOptions(pairs=SHORT, batch_size=2, memory_limit=1 << 20))
+
+
+def test_cli_verify_json_reports_engine_peak_and_cache(tiny_models, tmp_path):
+    src = tiny_models["tied_fp32"]
+    cand = convert_to_seqcls(src, tmp_path / "c").out
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": p.query, "document": p.document}) + "\n" for p in SHORT))
+    args = ["verify", str(src), str(cand), "--engine", "streamed", "--cache-dir", str(tmp_path / "cache"), "--json", "--quiet",
+            "--pairs", str(pairs)]
+    first = json.loads(CliRunner().invoke(app, args).stdout)
+    assert first["passed"] and first["reference"]["engine"] == "streamed" and first["reference"]["cache"] == "miss"
+    assert first["reference"]["peak_rss_bytes"] > 0 and first["candidates"][0]["engine"] == "streamed"
+    again = json.loads(CliRunner().invoke(app, args).stdout)
+    assert again["reference"]["cache"] == "hit" and again["reference"]["peak_rss_bytes"] is None
+    assert again["candidates"][0]["max_abs_logit"] == first["candidates"][0]["max_abs_logit"]
+
+
+def test_parse_size():
+    assert parse_size("12G") == 12 << 30 and parse_size("512M") == 512 << 20 and parse_size("3.5GiB") == int(3.5 * (1 << 30))
+    with pytest.raises(QconvError):
+        parse_size("lots")
