@@ -35,6 +35,9 @@ bench: install
 bench-onnx: install
 	$(BIN)/python benchmarks/bench_onnx.py
 
+bench-verify: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_verify.py
+
 # `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
 # artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails.
 artifacts: install
