@@ -98,7 +98,7 @@ def _write_file(path: Path, specs: list[tuple[str, tuple[int, ...]]], pool: byte
                 f.write(np.full(shape, 0x3F80, dtype="<u2").tobytes())  # bf16 1.0, as initialised
                 continue
             while remaining:
-                start = offset % len(pool)
+                start = (offset % len(pool)) & ~1  # even: a bf16 value never straddles two pool values (odd starts made NaN/inf)
                 chunk = pool[start: start + remaining]
                 f.write(chunk)
                 remaining -= len(chunk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# verify's reference cache defaults to ~/.cache/qconv: tests keep theirs in a throw-away directory.
+os.environ.setdefault("QCONV_CACHE_DIR", tempfile.mkdtemp(prefix="qconv-test-cache-"))
 
 from qwen_convert.fixtures import TinySpec, build_tiny_reranker  # noqa: E402
 
