@@ -155,9 +155,10 @@ def test_gate_table_chooses_by_precision(tiny_models, candidates, monkeypatch, t
     for precision in ("fp32", "fp16", "int8", "q4"):
         assert by[precision].gate == DEFAULT_GATES[precision]
     assert [f.check for f in by["fp32"].failures] == ["max_abs_logit"]
-    assert by["fp32"].max_abs_logit == pytest.approx(5e-3, rel=1e-4)
-    assert by["fp16"].passed and by["fp16"].max_abs_logit == pytest.approx(5e-3, rel=1e-4)
-    assert by["int8"].passed and by["int8"].retention == pytest.approx(1.0) and by["int8"].max_abs_logit == pytest.approx(0.5)
+    # the shift plus the conversion's own fp32 noise (~5e-7 on this fixture)
+    assert by["fp32"].max_abs_logit == pytest.approx(5e-3, abs=2e-6)
+    assert by["fp16"].passed and by["fp16"].max_abs_logit == pytest.approx(5e-3, abs=2e-6)
+    assert by["int8"].passed and by["int8"].retention == pytest.approx(1.0) and by["int8"].max_abs_logit == pytest.approx(0.5, abs=2e-6)
     assert by["int8"].max_abs_prob > 0.05  # reported even though not gated
     [q4_failure] = by["q4"].failures
     assert q4_failure.check == "retention" and q4_failure.tolerance == 0.97 and q4_failure.value < 0.97
