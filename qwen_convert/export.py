@@ -1,8 +1,14 @@
 """`qconv export-onnx`: a Qwen3 reranker -> single-logit ONNX graphs (fp32 + quantized variants).
 
-SRC is a seq-cls directory or an original causal reranker; a causal one is converted first by
-`convert_to_seqcls` (the one conversion code path) into a scratch directory inside OUT's temporary
-sibling. The graph takes `input_ids`, `attention_mask` (int64, dynamic batch and sequence) and
+SRC is a seq-cls directory or an original causal reranker. Two exporters (EXPORTERS):
+  * builder (default): qwen_convert/onnx writes every variant's graph straight from the safetensors,
+    tensor by tensor, each weight encoded in its variant's precision as it is written; no torch
+    model, no seq-cls scratch copy, memory flat in the model size.
+  * optimum: a causal source is converted by `convert_to_seqcls` into a scratch directory inside
+    OUT's temporary sibling, traced to fp32 by optimum-onnx, then each variant made by onnxruntime's
+    whole-graph quantizers (an independent cross-check of the builder; needs several times the
+    fp32 weights in RAM).
+The graph takes `input_ids`, `attention_mask` (int64, dynamic batch and sequence) and
 returns `logits` [batch, 1]: the hidden state of the last real token (found from the mask, so left
 and right padding both work) goes through the score head, and nothing of vocabulary size exists
 anywhere in the graph.
@@ -20,7 +26,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -48,7 +54,8 @@ class ExportOptions:
     force: bool = False
     reference: str | None = None  # verify against this causal model (default: SRC when it is causal)
     pairs_file: Path | None = None  # verification pairs (JSONL); None = verify's built-in probes
-    exporter: str = "optimum"  # key of EXPORTERS
+    exporter: str = "builder"  # key of EXPORTERS
+    fp32: bool = True  # write the fp32 graph too (the 8B's is ~30 GB: a 16 GB runner cannot verify it)
     opset: int | None = None  # None: the exporter's default for qwen3
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes; lowered by tests
 
@@ -168,10 +175,84 @@ def _export_optimum(model, path: Path, opset: int | None) -> None:
     export(model, config, path, opset=opset or config.DEFAULT_ONNX_OPSET)
 
 
-# name -> fn(seq-cls model in fp32, output .onnx path, opset or None); writes the .onnx (+ any data
-# files; they are normalized afterwards). Another backend (torch.onnx's dynamo exporter, which needs
-# onnxscript, or a graph built from the weights) is one more entry wrapping `last_token_module`.
-EXPORTERS: dict[str, Callable] = {"optimum": _export_optimum}
+# name -> fn(seq-cls model in fp32, output .onnx path, opset or None) for the traced path.
+TRACERS: dict[str, Callable] = {"optimum": _export_optimum}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What every exporter needs to know about SRC (resolved, checked)."""
+
+    path: Path
+    kind: ArtifactKind
+    config: dict  # the seq-cls config.json the export carries
+    provenance: Provenance
+
+
+def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], options: ExportOptions, reporter: Reporter) -> None:
+    """Every variant built from the checkpoint (qwen_convert/onnx), one streaming pass each."""
+    from .checkpoint import open_checkpoint
+    from .onnx.build import build_onnx
+
+    ckpt = open_checkpoint(source.path)
+    for mode in modes:
+        task = reporter.task(f"build {mode.value}", total=None)
+        result = build_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold)
+        task.advance()
+        reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+
+
+def _write_traced(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], options: ExportOptions, reporter: Reporter) -> None:
+    """fp32 traced from a seq-cls torch model, then onnxruntime's whole-graph quantizers."""
+    seqcls = source.path
+    if source.kind is ArtifactKind.CAUSAL:
+        from .convert import ConvertOptions, convert_to_seqcls
+
+        seqcls = tmp / SCRATCH
+        convert_to_seqcls(source.path, seqcls, ConvertOptions(score_dtype="float32"), reporter=reporter)
+    onnx_dir = tmp / ONNX_DIR
+    step = time.perf_counter()
+    task = reporter.task("export fp32", total=None)
+    _export_fp32(seqcls, onnx_dir / QuantMode.FP32.file_name, options)
+    task.advance()
+    reporter.log(f"wrote {ONNX_DIR}/{QuantMode.FP32.file_name} ({time.perf_counter() - step:.1f} s)")
+    quantize_variants(onnx_dir, [m for m in modes if m is not QuantMode.FP32], options.quantize_options(), reporter)
+    if QuantMode.FP32 not in modes:  # every quantizer here starts from the fp32 graph
+        for f in (onnx_dir / QuantMode.FP32.file_name, onnx_dir / (QuantMode.FP32.file_name + "_data")):
+            f.unlink(missing_ok=True)
+    shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
+
+
+def _check_builder(source: _Source) -> None:
+    """What the builder refuses beyond validate's config-vs-tensors check (rope scaling, biases)."""
+    from .checkpoint import load_config
+    from .onnx.build import Qwen3Shape
+
+    Qwen3Shape.from_config(load_config(source.path), source.path)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    check: Callable[[_Source], None]  # refuse bad input before OUT exists
+    write: Callable  # (source, tmp OUT, modes, options, reporter): writes tmp/onnx/<variant files>
+    card_note: str  # how the graphs were made, for the model card
+
+
+EXPORTERS: dict[str, Exporter] = {
+    "builder": Exporter(_check_builder, _write_builder,
+                        "qconv graph builder: weights streamed from the safetensors and encoded per tensor as written; "
+                        "onnxruntime fused CPU ops (SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention, "
+                        "MatMulNBits, DynamicQuantizeMatMul); last-token gather before the fp32 score head"),
+    "optimum": Exporter(lambda source: None, _write_traced,
+                        "optimum-onnx exporter (TorchScript trace), onnxruntime quantizers; last-token gather before the score head"),
+}
+
+
+def _exporter(name: str) -> Exporter:
+    exporter = EXPORTERS.get(name)
+    if exporter is None:
+        raise ExportError(f"unknown exporter {name!r}", f"valid exporters: {', '.join(EXPORTERS)}")
+    return exporter
 
 
 # --- steps --------------------------------------------------------------------------------------
@@ -201,9 +282,7 @@ def _export_fp32(seqcls: Path, onnx_path: Path, options: ExportOptions) -> None:
     import onnx
     from transformers import AutoModelForSequenceClassification
 
-    exporter = EXPORTERS.get(options.exporter)
-    if exporter is None:
-        raise ExportError(f"unknown exporter {options.exporter!r}", f"valid exporters: {', '.join(EXPORTERS)}")
+    exporter = TRACERS["optimum"]
     with quiet_logs():
         model = AutoModelForSequenceClassification.from_pretrained(str(seqcls), dtype="float32", attn_implementation="sdpa").eval()
         try:
@@ -249,9 +328,9 @@ def _variant_file(out: Path, mode: QuantMode) -> VariantFile:
     return VariantFile(mode.value, f"{ONNX_DIR}/{mode.file_name}", size, data.exists())
 
 
-def _onnx_config(seqcls: Path, variants: list[VariantFile]) -> dict:
+def _onnx_config(seqcls_config: dict, variants: list[VariantFile]) -> dict:
     """The seq-cls config plus transformers.js' external-data hint (`<file>_data`, one chunk)."""
-    config = json.loads((seqcls / "config.json").read_text(encoding="utf-8"))
+    config = dict(seqcls_config)
     external = {Path(v.path).name: 1 for v in variants if v.external_data}
     tjs = dict(config.get("transformers.js_config") or {})
     tjs.pop("use_external_data_format", None)
@@ -303,7 +382,8 @@ tokenizer's setting); the graph reads the last real token from the mask.
 """
 
 
-def onnx_card(provenance: Provenance, variants: list[VariantFile], name: str = "OUT") -> str:
+def onnx_card(provenance: Provenance, variants: list[VariantFile], name: str = "OUT",
+              how: str = "optimum-onnx exporter, last-token gather before the score head") -> str:
     rows = "\n".join(f"| `{v.path}` | {v.mode} | {v.bytes / 2**20:.1f} MiB{' (+ `_data`)' if v.external_data else ''} |" for v in variants)
     return f"""---
 library_name: onnx
@@ -330,7 +410,7 @@ Settings of every variant: `{QUANTIZE_CONFIG}`.
 ## Provenance
 
 {provenance_lines(provenance)}
-- exported by qconv {provenance.qconv_version} (optimum-onnx exporter, last-token gather before the score head)
+- exported by qconv {provenance.qconv_version} ({how})
 
 ## onnxruntime / optimum
 
@@ -354,6 +434,10 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     started = time.perf_counter()
     out = Path(out)
     modes = parse_modes(options.modes)  # an unknown mode fails before any work
+    modes = ((QuantMode.FP32,) if options.fp32 else ()) + modes
+    if not modes:
+        raise ExportError("nothing to export: --no-fp32 and no --quantize mode", "name a variant with --quantize")
+    exporter = _exporter(options.exporter)
     qopts = options.quantize_options()
     check_output_dir(out, options.force)
     resolved = resolve_model(src, reporter=reporter)
@@ -365,44 +449,60 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         raise SourceError(f"{path} is already an ONNX export", "pass the causal reranker or its seq-cls conversion")
     reference, note = _reference(src, kind, options, reporter) or (None, "")
     check_model_dir(path)  # config vs tensor shapes (validate.py), from headers, before OUT exists
+    source = _source(str(src), resolved, path, kind)
+    exporter.check(source)
 
     with atomic_output_dir(out, options.force) as tmp:
-        if kind is ArtifactKind.CAUSAL:
-            from .convert import ConvertOptions, convert_to_seqcls
+        (tmp / ONNX_DIR).mkdir()
+        reporter.log(f"exporting {path} -> {out}/{ONNX_DIR} ({options.exporter} exporter: {', '.join(m.value for m in modes)})")
+        exporter.write(source, tmp, modes, options, reporter)
 
-            seqcls = tmp / SCRATCH
-            converted = convert_to_seqcls(path, seqcls, ConvertOptions(score_dtype="float32"), reporter=reporter)
-            # convert saw a local path; the card should name what the user asked for.
-            provenance = replace(converted.provenance, source=str(src), source_kind=resolved.source, revision=resolved.revision)
-        else:
-            seqcls = path
-            provenance = _seqcls_provenance(str(src), resolved, path)
-
-        onnx_dir = tmp / ONNX_DIR
-        onnx_dir.mkdir()
-        reporter.log(f"exporting {path} -> {out}/{ONNX_DIR}/model.onnx ({options.exporter} exporter)")
-        step = time.perf_counter()
-        task = reporter.task("export fp32", total=None)
-        _export_fp32(seqcls, onnx_dir / QuantMode.FP32.file_name, options)
-        task.advance()
-        reporter.log(f"wrote {ONNX_DIR}/{QuantMode.FP32.file_name} ({time.perf_counter() - step:.1f} s)")
-        quantize_variants(onnx_dir, modes, qopts, reporter)
-
-        variants = [_variant_file(tmp, m) for m in (QuantMode.FP32, *modes)]
+        variants = [_variant_file(tmp, m) for m in modes]
         settings = {
             "qconv_version": __version__, "exporter": options.exporter,
-            "opset": _opset(onnx_dir / QuantMode.FP32.file_name),
-            "files": {v.mode: v.path for v in variants}, **quantize_settings(qopts),
+            "opset": _opset(tmp / variants[0].path),
+            "files": {v.mode: v.path for v in variants}, **_settings(options.exporter, qopts),
         }
-        write_sidecars(tmp, seqcls, _onnx_config(seqcls, variants), provenance, card=onnx_card(provenance, variants, out.name))
+        write_sidecars(tmp, path, _onnx_config(source.config, variants), source.provenance,
+                       card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
 
     report = _verify(reference, out, options.pairs_file, reporter) if reference is not None else None
     return ExportResult(
         out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
         reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
     )
+
+
+def _source(src: str, resolved, path: Path, kind: ArtifactKind) -> _Source:
+    """Provenance and seq-cls config of SRC, read without converting anything."""
+    if kind is ArtifactKind.SEQCLS:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return _Source(path, kind, config, _seqcls_provenance(src, resolved, path))
+    from .checkpoint import open_checkpoint
+    from .convert import check_causal_qwen3, head_tensor, read_reranker_tokens
+    from .sidecars import seqcls_config
+
+    ckpt = open_checkpoint(path)
+    check_causal_qwen3(ckpt)
+    tokens = read_reranker_tokens(path)
+    _head, tied = head_tensor(ckpt)
+    provenance = Provenance(
+        source=src, source_kind=resolved.source, revision=resolved.revision, yes_id=tokens.yes_id, no_id=tokens.no_id,
+        pad_id=tokens.pad_id, tied=tied, score_dtype="float32", qconv_version=__version__,
+    )
+    return _Source(path, kind, seqcls_config(ckpt.config, tokens), provenance)
+
+
+def _settings(exporter: str, options: QuantizeOptions) -> dict:
+    """quantize_config.json's per-mode settings: the builder's encoders, or onnxruntime's quantizers."""
+    if exporter == "builder":
+        from .onnx import precision
+
+        describe = getattr(precision, "precision_settings", None)
+        if describe is not None:
+            return describe(options)
+    return quantize_settings(options)
 
 
 def _opset(path: Path) -> int:

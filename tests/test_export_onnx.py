@@ -55,6 +55,14 @@ def exports(results) -> dict[str, Path]:
     return {name: result.out for name, result in results.items()}
 
 
+@pytest.fixture(scope="session")
+def traced(tiny_models, tmp_path_factory) -> Path:
+    """The optimum exporter's graphs (fp32 traced, then onnxruntime's whole-graph quantizers): the
+    tests of quantize.py's passes read these; the builder's own graphs are held in test_onnx_builder.py."""
+    out = tmp_path_factory.mktemp("traced") / "untied"
+    return _export(tiny_models["untied_fp32"], out, exporter="optimum").out
+
+
 @pytest.fixture(scope="session", params=["tied", "untied"])
 def case(request, exports, tiny_models):
     """(export dir, causal source) for each fixture."""
@@ -189,7 +197,7 @@ def test_failing_variant_fails_the_export(tiny_models, tmp_path, monkeypatch):
         return model
 
     monkeypatch.setitem(quantize.QUANTIZERS, QuantMode.FP16, wrong_fp16)
-    code, out, _ = _cli("export-onnx", tiny_models["tied_fp32"], tmp_path / "out", "--quantize", "fp16")
+    code, out, _ = _cli("export-onnx", tiny_models["tied_fp32"], tmp_path / "out", "--quantize", "fp16", "--exporter", "optimum")
     assert code == 1
     rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("out [onnx/")}
     assert rows["[onnx/fp32]"].endswith("PASS") and rows["[onnx/fp16]"].endswith("FAIL"), out
@@ -230,23 +238,23 @@ def test_q4_quantizes_matmuls_and_the_embedding(case):
         assert float_bytes < vocab * hidden / 4  # no full-size float embedding left, only scales
 
 
-def test_q4_keep_embedding_option(exports, tmp_path):
-    src = exports["untied"] / "onnx" / "model.onnx"
+def test_q4_keep_embedding_option(traced, tmp_path):
+    src = traced / "onnx" / "model.onnx"
     quantize_file(src, tmp_path / "q4.onnx", QuantMode.Q4, QuantizeOptions(quantize_embedding=False))
     ops = _ops(onnx.load(str(tmp_path / "q4.onnx")))
     assert ops["MatMulNBits"] > 0 and ops["GatherBlockQuantized"] == 0
 
 
 @pytest.mark.parametrize("mode", [QuantMode.INT8, QuantMode.Q4F16])
-def test_quantizers_say_nothing(exports, tmp_path, capfd, mode):
+def test_quantizers_say_nothing(traced, tmp_path, capfd, mode):
     """The ORT quantizers log every node (python logging, warnings); none of it reaches the user."""
-    quantize_file(exports["untied"] / "onnx" / "model.onnx", tmp_path / "m.onnx", mode, QuantizeOptions())
+    quantize_file(traced / "onnx" / "model.onnx", tmp_path / "m.onnx", mode, QuantizeOptions())
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 
 
-def test_int8_quantizes_weight_matmuls_only(case):
-    out, _ = case
+def test_int8_quantizes_weight_matmuls_only(traced):
+    out = traced
     fp32, int8 = _graph(out), _graph(out, "model_quantized.onnx")
 
     def activation_matmuls(model):
@@ -257,8 +265,8 @@ def test_int8_quantizes_weight_matmuls_only(case):
     assert activation_matmuls(int8) == activation_matmuls(fp32) > 0  # QK^T and AV stay float
 
 
-def test_fp16_keeps_io_and_norm_statistics_in_fp32(case):
-    out, _ = case
+def test_fp16_keeps_io_and_norm_statistics_in_fp32(traced):
+    out = traced
     model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "onnx" / "model_fp16.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     weights = [t for t in model.graph.initializer if len(t.dims) == 2]
@@ -394,7 +402,7 @@ def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monk
 
     monkeypatch.setitem(quantize.QUANTIZERS, QuantMode.INT8, broken)
     with pytest.raises(ExportError, match="int8 quantization failed: boom"):
-        export_onnx(tiny_models["tied_fp32"], tmp_path / "out", ExportOptions(modes=("int8",), verify=False))
+        export_onnx(tiny_models["tied_fp32"], tmp_path / "out", ExportOptions(modes=("int8",), verify=False, exporter="optimum"))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -33,7 +33,7 @@ from ..errors import SourceError, WeightsError
 from ..quantize import EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode
 from .weights import MS_DOMAIN, GraphWriter, WeightReader
 
-INT64, INT32, FLOAT = 7, 6, 1  # onnx TensorProto data types
+INT64, INT32, FLOAT, FLOAT16 = 7, 6, 1, 10  # onnx TensorProto data types
 ROPE_TYPES = (None, "default")
 SCORE = "score.weight"
 
@@ -51,7 +51,6 @@ class Qwen3Shape:
     vocab: int
     eps: float
     rope_theta: float
-    max_positions: int
 
     @classmethod
     def from_config(cls, config: dict, root: Path) -> Qwen3Shape:
@@ -64,7 +63,6 @@ class Qwen3Shape:
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
                 eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 10000.0)),
-                max_positions=int(config.get("max_position_embeddings", 32768)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SourceError(f"{root}/config.json lacks or garbles {exc}", "pass a complete Qwen3 config.json") from exc
@@ -77,24 +75,6 @@ class Qwen3Shape:
             raise SourceError(f"{root}: {shape.heads} heads over {shape.kv_heads} KV heads of dim {shape.head_dim}",
                               "the config is inconsistent")
         return shape
-
-    def expected(self, score_head: str) -> dict[str, tuple[int, ...]]:
-        """Every tensor the graph reads and the shape config.json implies for it."""
-        h, d = self.hidden, self.head_dim
-        out = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            out.update({
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (self.heads * d, h), p + "self_attn.k_proj.weight": (self.kv_heads * d, h),
-                p + "self_attn.v_proj.weight": (self.kv_heads * d, h), p + "self_attn.o_proj.weight": (h, self.heads * d),
-                p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
-                p + "mlp.gate_proj.weight": (self.intermediate, h), p + "mlp.up_proj.weight": (self.intermediate, h),
-                p + "mlp.down_proj.weight": (h, self.intermediate),
-            })
-        if score_head == SCORE:
-            out[SCORE] = (1, h)
-        return out
 
 
 @dataclass(frozen=True)
@@ -124,20 +104,11 @@ def score_vector(ckpt: Checkpoint, root: Path) -> np.ndarray:
     return np.frombuffer(score_row(head, tokens, "float32"), dtype="<f4").astype(np.float32)
 
 
-def check_tensors(ckpt: Checkpoint, shape: Qwen3Shape) -> None:
-    """Every tensor the config implies is there with its shape, before anything is written."""
-    reader = WeightReader(ckpt)
-    for name, want in shape.expected(SCORE if SCORE in ckpt.tensors else "").items():
-        reader.info(name, want)
-
-
-def rope_cache(shape: Qwen3Shape, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, head_dim / 2], computed like transformers' default RoPE (fp32)."""
+def inv_freq(shape: Qwen3Shape) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2], computed like transformers' default RoPE (fp32)."""
     d = shape.head_dim
     exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(shape.rope_theta), exponent)).astype(np.float32)
-    freqs = np.outer(np.arange(shape.max_positions, dtype=np.float32), inv_freq).astype(np.float32)
-    return np.cos(freqs).astype(dtype), np.sin(freqs).astype(dtype)
+    return (np.float32(1.0) / np.power(np.float32(shape.rope_theta), exponent)).astype(np.float32)
 
 
 class Qwen3RerankerBuilder:
@@ -202,10 +173,25 @@ class Qwen3RerankerBuilder:
         (self.total_len,) = g.node("Squeeze", [seq32], name="total_sequence_length")
         (lens,) = g.node("Sub", [seq32, self.const("const_one_i32", [1], np.int32)], name="mask.seq_minus_one")
         (self.seqlens_k,) = g.node("Expand", [lens, self.batch], name="seqlens_k")
-        cos, sin = rope_cache(self.shape, self.act)
-        self.cos = g.initializer("rope.cos_cache", cos)
-        self.sin = g.initializer("rope.sin_cache", sin)
         self.mask = mask
+        self.make_rope_cache()
+
+    def make_rope_cache(self) -> None:
+        """cos/sin [sequence, head_dim / 2] for positions 0..sequence-1, computed in fp32 per run:
+        a table of max_position_embeddings rows would be ~20 MB of floats in every variant, and
+        positions (cumsum of the mask) never reach the sequence length."""
+        g = self.g
+        (seq_f,) = g.node("Cast", [self.seq], name="rope.seq", to=FLOAT)
+        (steps,) = g.node("Range", [self.const("rope.start", 0.0, np.float32), g.node("Squeeze", [seq_f], name="rope.seq_scalar")[0],
+                                    self.const("rope.delta", 1.0, np.float32)], name="rope.positions")
+        (col,) = g.node("Unsqueeze", [steps, self.const("const_axes1", [1])], name="rope.column")
+        (freqs,) = g.node("Mul", [col, g.initializer("rope.inv_freq", inv_freq(self.shape)[None, :])], name="rope.freqs")
+        (cos,) = g.node("Cos", [freqs], name="rope.cos")
+        (sin,) = g.node("Sin", [freqs], name="rope.sin")
+        if self.fp16:
+            (cos,) = g.node("Cast", [cos], name="rope.cos16", to=FLOAT16)
+            (sin,) = g.node("Cast", [sin], name="rope.sin16", to=FLOAT16)
+        self.cos, self.sin = cos, sin
 
     def make_embedding(self, ids: str) -> str:
         name = "model.embed_tokens"
@@ -295,12 +281,13 @@ class Qwen3RerankerBuilder:
 def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
                threshold: int = EXTERNAL_DATA_THRESHOLD) -> BuildResult:
     """Write `mode`'s graph of the reranker in `ckpt` to `path` (+ `<name>_data` above `threshold`)."""
+    from ..validate import check_checkpoint
     from .precision import PRECISIONS
 
     started = time.perf_counter()
     shape = Qwen3Shape.from_config(ckpt.config, ckpt.root)
-    check_tensors(ckpt, shape)
-    g = GraphWriter(path, threshold=threshold)
-    Qwen3RerankerBuilder(g, WeightReader(ckpt), shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root)).build()
-    files = g.save()
+    check_checkpoint(ckpt)  # config vs every tensor's shape, from the headers, before anything is written
+    with GraphWriter(path, threshold=threshold) as g:
+        Qwen3RerankerBuilder(g, WeightReader(ckpt), shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root)).build()
+        files = g.save()
     return BuildResult(mode, tuple(files), g.weight_bytes, time.perf_counter() - started)

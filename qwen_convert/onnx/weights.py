@@ -92,6 +92,18 @@ class GraphWriter:
             self.data_path = self.path.with_name(self.path.name + "_data")
             self.data_path.unlink(missing_ok=True)
 
+    def __enter__(self) -> GraphWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the data file (save does; after a failure the caller's atomic OUT removes it)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
     # --- names ----------------------------------------------------------------------------------
 
     def _claim(self, name: str) -> str:
@@ -204,9 +216,9 @@ class GraphWriter:
         """Write the .onnx (and keep `<file>_data` when the weights pass the threshold); returns the files."""
         if self.path is None:
             raise ExportError("graph builder: save() needs a path", "this is a bug in qconv")
-        if self._data is not None:
-            self._data.close()
+        self.close()
         external = self.weight_bytes > self.threshold
+        self._infer_shapes()
         try:
             if external:
                 self._save_external()
@@ -218,16 +230,46 @@ class GraphWriter:
         except OSError as exc:
             raise ExportError(f"cannot write {self.path.name}: {exc.strerror}", "check free disk space") from exc
 
-    def _save_external(self) -> None:
+    def _external_stub(self, tensor, start: int, length: int):
         from onnx import TensorProto
 
+        stub = type(tensor)()
+        stub.CopyFrom(tensor)
+        stub.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(start)), ("length", str(length))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        return stub
+
+    def _infer_shapes(self) -> None:
+        """Every intermediate's type and shape as value_info (onnxruntime's symbolic inference knows
+        the contrib ops; onnx's does not), so consumers and the session start have them. Runs on the
+        graph with data-less initializer stubs: weights are never loaded."""
+        from onnx import GraphProto
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        class Inference(SymbolicShapeInference):
+            def __init__(self, *args):
+                super().__init__(*args)
+                # A float [.., K] x int8 [K, N] product: MatMul's shape rule (the tool lacks this op).
+                self.dispatcher_.setdefault("DynamicQuantizeMatMul", self._compute_matmul_shape)
+
+        graph = GraphProto()
+        graph.CopyFrom(self.graph)
+        graph.initializer.extend(self._external_stub(t, s, n) for t, s, n in self._external)
+        inference = Inference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        inference._preprocess(self._model(graph))
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        if not complete:  # (the tool's own wrapper would also dump a temp model into the cwd)
+            raise ExportError("graph builder: shape inference left tensors untyped", "this is a bug in qconv")
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(inference.out_mp_.graph.value_info)
+
+    def _save_external(self) -> None:
         graph = self.graph
-        for tensor, start, length in self._external:
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", self.data_path.name), ("offset", str(start)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            graph.initializer.append(tensor)
+        graph.initializer.extend(self._external_stub(t, s, n) for t, s, n in self._external)
         self.path.write_bytes(self._model(graph).SerializeToString())
 
     def _save_inline(self) -> None:
