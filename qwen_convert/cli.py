@@ -173,7 +173,7 @@ def score(
 @handles_errors
 def verify(
     reference: Annotated[str, typer.Argument(help="The original causal reranker (directory or hub id).")],
-    candidates: Annotated[list[Path], typer.Argument(help="Seq-cls or ONNX output directories to check.")],
+    candidates: Annotated[list[str], typer.Argument(help="Seq-cls or ONNX output directories, or base URLs of running servers (http://127.0.0.1:8000).")],
     pairs: PairsOpt = None,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Only these ONNX variants (fp32, fp16, int8, q4, q4f16).")] = None,
     tol_logit: Annotated[Optional[float], typer.Option("--tol-logit", help="Max |Δlogit| for fp32 candidates (default 1e-4).")] = None,
@@ -186,6 +186,10 @@ def verify(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Reference-score cache (default: $QCONV_CACHE_DIR, else ~/.cache/qconv/reference).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Always recompute the reference; read and write no cache.")] = False,
     memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", help="Memory a model may use, e.g. 12G (default: what the machine and its cgroup have left).")] = None,
+    api: Annotated[str, typer.Option("--api", help="Server candidates: auto, rerank, v1/rerank, score, v1/score or tei.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Server candidates: what the server computes in (fp32, fp16, bf16, int8, q4, q4f16); picks the gate.")] = "fp32",
+    timeout: Annotated[float, typer.Option("--timeout", help="Server candidates: seconds per request.")] = 60.0,
+    model: Annotated[Optional[str], typer.Option("--model", help="Server candidates: the served model name, for servers that require one.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -193,6 +197,7 @@ def verify(
 
     Exit 0: every candidate passed; 1: a gate failed (or the reference depends on padding);
     3: nothing failed, but a candidate was not verified (it would not fit in memory)."""
+    from .remote import ServerOptions, is_server_url, parse_api
     from .stream.cache import default_cache_dir
     from .stream.memory import parse_size
     from .verify import VerifyOptions, verify as run_verify
@@ -202,9 +207,10 @@ def verify(
         min_retention=min_retention, instruction=instruction, max_length=max_length, batch_size=batch_size,
         engine=engine.value, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         memory_limit=parse_size(memory_limit) if memory_limit else None,
+        server=ServerOptions(api=parse_api(api).value, precision=precision, timeout=timeout, model=model),
     )
     with _reporter(quiet) as rep:
-        report = run_verify(reference, candidates, options, reporter=rep)
+        report = run_verify(reference, [c if is_server_url(c) else Path(c) for c in candidates], options, reporter=rep)
     emit(report, as_json)
     if not report.passed:
         raise typer.Exit(1 if report.failed else NOT_VERIFIED_EXIT)

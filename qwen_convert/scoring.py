@@ -29,6 +29,7 @@ class ArtifactKind(str, Enum):
     CAUSAL = "causal"
     SEQCLS = "seqcls"
     ONNX = "onnx"
+    SERVER = "server"  # a running server's URL (qwen_convert/remote.py); scores texts, not token ids
 
 
 class Scorer(Protocol):

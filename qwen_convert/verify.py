@@ -26,6 +26,7 @@ from .errors import QconvError, SourceError
 from .metrics import kendall_tau, mean_ndcg, ranking, sigmoid
 from .probes import LabeledPair, group_by_query, has_labels, resolve_pairs
 from .progress import NULL, Reporter
+from .remote import ServerOptions
 from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, load_tokenizer
 
 PADDING_SIDES: tuple[PaddingSide, ...] = ("left", "right")
@@ -91,6 +92,7 @@ class VerifyOptions:
     engine: str = "auto"
     cache_dir: Path | None = None  # reference-score cache (stream/cache.py); None = no cache
     memory_limit: int | None = None  # bytes a model may use; None = what the machine (and its cgroup) has left
+    server: ServerOptions = ServerOptions()  # candidates that are URLs of running servers (qwen_convert/remote.py)
 
 
 def gate_table(options: VerifyOptions) -> dict[str, Gate]:
@@ -487,6 +489,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
            reporter: Reporter = NULL) -> VerifyReport:
     """Score the probe pairs with the causal reference and every candidate; gate each by its precision."""
     from .resolve import resolve_model
+    from .remote import connect, is_server_url
     from .scoring import ArtifactKind, detect_kind, encode_batches, length_order, load_scorers, prompt_encoder
 
     _check_options(options)
@@ -503,11 +506,12 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     if detect_kind(resolved.path) is not ArtifactKind.CAUSAL:
         raise SourceError(f"reference {resolved.path} is not a causal reranker (Qwen3ForCausalLM)",
                           "the reference must be the original Qwen3-Reranker; pass converted models as candidates")
-    kinds = [(Path(c), _check_candidate(Path(c))) for c in candidates]
+    kinds = [(str(c), ArtifactKind.SERVER) if is_server_url(str(c)) else (Path(c), _check_candidate(Path(c))) for c in candidates]
     if options.variants and not any(kind is ArtifactKind.ONNX for _, kind in kinds):
         raise QconvError("--variant applies to ONNX exports, and no candidate is one", "drop --variant")
 
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
+    servers = {c: connect(c, options.server, pairs[0], encoder.instruction) for c, kind in kinds if kind is ArtifactKind.SERVER}
     order = np.arange(len(pairs))
     if options.sort_by_length:
         order = length_order(encoder, pairs)
@@ -544,6 +548,9 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
 
     results: list[CandidateResult] = []
     for path, kind in kinds:
+        if kind is ArtifactKind.SERVER:
+            results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter))
+            continue
         tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
         choice = _candidate_engine(path, kind, options, batches)
         if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
@@ -577,6 +584,77 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         instruction=encoder.instruction, gates=gates, versions=versions(),
         batch_order="length" if options.sort_by_length else "given",
     )
+
+
+
+# --- candidates that are running servers (qwen_convert/remote.py) --------------------------------
+
+# A server answers P(yes), in float32 at best, so its gates are in P (a logit recovered from a
+# saturated P is not exact): fp32 ≤ 1e-4, fp16/bf16 ≤ 2e-2; quantized by NDCG retention as above.
+SERVER_GATES: Mapping[str, Gate] = MappingProxyType({
+    "fp32": Gate(max_abs_prob=1e-4),
+    "fp16": Gate(max_abs_prob=2e-2),
+    "bf16": Gate(max_abs_prob=2e-2),
+    **{mode: Gate(min_retention=0.97) for mode in QUANTIZED},
+})
+
+
+def server_gate_table(options: VerifyOptions) -> dict[str, Gate]:
+    table = dict(SERVER_GATES)
+    if options.min_retention is not None:
+        for precision in QUANTIZED:
+            table[precision] = replace(table[precision], min_retention=options.min_retention)
+    return table
+
+
+def _alternative_probabilities(reference: Path, pairs: Sequence[LabeledPair], encoder: PromptEncoder,
+                               options: VerifyOptions, reporter: Reporter) -> dict:
+    """P(yes) of the reference on the prompts a misconfigured server scores instead (remote.diagnose)."""
+    from .reranker import DEFAULT_INSTRUCTION, pad_rows
+    from .remote import DEFAULT_INSTRUCTION_IGNORED, NO_TEMPLATE, no_template_ids
+    from .scoring import encode_batches
+    from .stream.reference import reference_scores
+
+    size = options.batch_size
+    order = np.arange(len(pairs))
+    rows = no_template_ids(encoder.tokenizer, pairs)
+    prompts = {NO_TEMPLATE: [pad_rows(rows[s : s + size], encoder.tokens.pad_id, "right") for s in range(0, len(rows), size)]}
+    if encoder.instruction != DEFAULT_INSTRUCTION:
+        default = PromptEncoder(encoder.tokenizer, DEFAULT_INSTRUCTION, encoder.max_length)
+        prompts[DEFAULT_INSTRUCTION_IGNORED] = encode_batches(default, pairs, size, "right")
+    out = {}
+    for alt, batches in prompts.items():
+        settings = {"prompt": alt.name, "instruction": encoder.instruction, "max_length": options.max_length,
+                    "batch_size": size, "padding_sides": ["right"], "batch_order": "given", "pairs": len(pairs)}
+        run = reference_scores(reference, {"right": batches}, order, settings, options.engine, options.cache_dir,
+                               options.memory_limit, reporter)
+        out[alt] = sigmoid(run.scores["right"])
+    return out
+
+
+def _verify_server(scorer, options: VerifyOptions, pairs: Sequence[LabeledPair], ref: dict[str, np.ndarray],
+                   groups: list[list[int]], gains: np.ndarray, ndcg_ref: float | None, reference: Path,
+                   encoder: PromptEncoder, reporter: Reporter) -> CandidateResult:
+    """Score the pairs once on the server (it pads and batches as it likes), compare with every padding
+    side of the reference, and on a mismatch name the likely cause."""
+    from .remote import diagnose, probability_to_logit
+
+    reporter.log(f"candidate: {scorer.url} [{scorer.name}, {scorer.precision}]")
+    task = reporter.task(f"{scorer.url} [{scorer.name}]", total=len(pairs))
+    started = time.perf_counter()
+    p = scorer.relevance(pairs, options.batch_size, on_batch=task.advance)
+    seconds = time.perf_counter() - started
+    with np.errstate(invalid="ignore"):
+        logits = np.where((p >= 0) & (p <= 1), probability_to_logit(np.clip(p, 0, 1)), np.nan)
+    result = _compare(Path(scorer.url), scorer, ref, {side: logits for side in ref}, pairs, groups, gains, ndcg_ref,
+                      options.ndcg_k, server_gate_table(options), [])
+    result.path, result.seconds, result.engine = scorer.url, seconds, "server"
+    if result.failures:
+        first = next(iter(ref))
+        alternatives = _alternative_probabilities(reference, pairs, encoder, options, reporter)
+        for cause in diagnose(p, sigmoid(ref[first]), alternatives, scorer.precision):
+            result.failures.append(Failure("cause", None, None, f"likely cause: {cause}"))
+    return result
 
 
 ParityReport = VerifyReport
