@@ -39,13 +39,13 @@ QUERY, DOCS = next(iter(QUERIES.items()))
 
 
 def qconv_score(model: Path, query: str, docs: list[str], variant: str) -> dict[str, float]:
-    """`qconv score --json`: document -> P(yes). One batch, as the server batches one request alone:
-    int8 quantizes activations per batch tensor, so its scores depend on a pair's batch companions."""
-    args = [QCONV, "score", str(model), "--query", query, "--variant", variant, "--json", "--max-length", "2048", "--batch-size", "64"]
-    for d in docs:
-        args += ["--doc", d]
-    out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=300).stdout
-    return {r["document"]: r["p_yes"] for r in json.loads(out)["queries"][0]["results"]}
+    """What `qconv score MODEL --query Q --doc D... --variant V` computes (its library function, in
+    process): document -> P(yes). One batch, as the server batches one request alone: int8 quantizes
+    activations per batch tensor, so its scores depend on a pair's batch companions."""
+    from qwen_convert.score import ScoreOptions, score_documents
+
+    result = score_documents(model, query, docs, options=ScoreOptions(variant=variant, batch_size=64, max_length=2048))
+    return {d.document: d.p_yes for d in result.queries[0].documents}
 
 
 @pytest.fixture(scope="module")
