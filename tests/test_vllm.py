@@ -164,8 +164,9 @@ print("SCORES" + json.dumps([o.outputs.score for o in out]))
 """
 
 
-def test_offline_llm_score_matches_the_causal_reference(models):
-    ref, seqcls, p_ref = models["untied"]
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_offline_llm_score_matches_the_causal_reference(models, name):
+    ref, seqcls, p_ref = models[name]
     proc = subprocess.run([str(VLLM_PY), "-c", OFFLINE, str(seqcls), json.dumps([QUERY, DOCS])], capture_output=True, text=True,
                           timeout=STARTUP_SECONDS, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
