@@ -69,6 +69,22 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
 
 
+def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, seconds: float, poll: float = 0.1) -> None:
+    """Until GET url/health answers 200; fail with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not up after {seconds} s:\n{log.read_text()[-3000:]}")
+        time.sleep(poll)
+
+
 @contextmanager
 def serving(*args: str, block_torch: Path | None = None, env: dict | None = None, log_dir: Path):
     """Start `qconv serve ARGS` on a free port, wait for /health (bounded), always stop it."""
@@ -81,18 +97,7 @@ def serving(*args: str, block_torch: Path | None = None, env: dict | None = None
         proc = subprocess.Popen([QCONV, "serve", *args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=err, env=environ)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"qconv serve exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"qconv serve not up after {STARTUP_SECONDS} s:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_for_health(proc, url, log, "qconv serve", STARTUP_SECONDS)
         yield Server(proc, url, log)
     finally:
         if proc.poll() is None:

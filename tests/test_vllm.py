@@ -16,13 +16,13 @@ import re
 import shlex
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from servers import wait_for_health
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
@@ -95,18 +95,7 @@ def vllm_server(seqcls: Path, template: bool, log_dir: Path):
                                 stdout=err, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vLLM exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM not up after {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_for_health(proc, url, log, "vLLM", STARTUP_SECONDS, poll=1)
         yield url
     finally:
         proc.terminate()
