@@ -162,3 +162,13 @@ def test_offline_llm_score_matches_the_causal_reference(models, name):
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCORES")]
     p = np.array(json.loads(line[len("SCORES"):]))
     assert np.max(np.abs(p - p_ref)) <= 1e-4, (p, p_ref)
+
+
+def test_readme_shows_the_cards_vllm_commands(tmp_path, vllm_venv):
+    """The README's two vLLM lines are the card's (for OUT), so README readers run what the tests run."""
+    out = tmp_path / "OUT"
+    convert_to_seqcls(build_tiny_reranker(tmp_path / "ref", SPECS["tied"]), out, ConvertOptions(score_dtype="float32"))
+    card = [ln for ln in (out / "README.md").read_text().splitlines() if "vllm" in ln and "--runner pooling" in ln]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    shown = [ln.split("  #")[0].rstrip() for ln in readme if "--runner pooling" in ln]
+    assert len(card) == 2 and card == shown, (card, shown)
