@@ -506,10 +506,9 @@ def _settings(exporter: str, options: QuantizeOptions) -> dict:
 
 
 def _opset(path: Path) -> int:
-    import onnx
+    from .onnx.header import read_header
 
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return read_header(path).opset  # (onnx.load would parse an inline graph's every weight)
 
 
 def _reference(src: str | Path, kind: ArtifactKind, options: ExportOptions, reporter: Reporter) -> tuple[str, str] | None:

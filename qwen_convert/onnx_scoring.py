@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SourceError
-from .quantize import ONNX_DIR, QuantMode, external_locations
+from .quantize import ONNX_DIR, QuantMode
 from .reranker import EncodedBatch
 from .scoring import ArtifactKind, Scorer
 
@@ -31,14 +31,11 @@ def _mode(name: str) -> QuantMode:
 
 
 def external_data_files(onnx_path: Path) -> list[Path]:
-    """The external data files an .onnx file refers to (read from the graph, weights not loaded)."""
-    import onnx
+    """The external data files an .onnx file refers to (read from its header: weights, inline ones
+    included, are never loaded)."""
+    from .onnx.header import read_header
 
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise SourceError(f"{onnx_path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with qconv export-onnx") from exc
-    return [onnx_path.parent / n for n in sorted(external_locations(model))]
+    return [onnx_path.parent / n for n in sorted(read_header(onnx_path).external_locations)]
 
 
 def check_variant_files(onnx_path: Path) -> None:
