@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qwen_convert.errors import ExportError
 from qwen_convert.onnx.precision import (
     PRECISIONS,
+    LinearWeight,
     pack_nibbles,
     quantize_int8,
     quantize_int8_rows,
@@ -52,7 +53,7 @@ def linear_graph(mode: QuantMode, w: np.ndarray, options: QuantizeOptions):
     p = PRECISIONS[mode]
     g = GraphWriter()
     x = g.input("x", p.activation, ["batch", "seq", w.shape[1]])
-    y = p.linear(g, "layer.proj", x, w, options)
+    y = p.linear(g, "layer.proj", x, [LinearWeight.of("layer.proj", w)], options)
     g.output(y, p.activation, ["batch", "seq", w.shape[0]])
     return g.model()
 
@@ -297,4 +298,85 @@ def test_a_table_that_disagrees_with_its_shape_is_refused(mode):
     with pytest.raises(ExportError, match=r"row chunk of shape \(5, 32\)"):
         p.embedding(GraphWriter(), "narrow", "ids", lambda: iter([table[:5, :32]]), table.shape, QuantizeOptions())
     with pytest.raises(ExportError, match="expected a 2-D"):
-        p.linear(GraphWriter(), "w3d", "x", np.zeros((2, 3, 4), np.float32), QuantizeOptions())
+        LinearWeight.of("w3d", np.zeros((2, 3, 4), np.float32))
+
+
+# --- fused products and chunked weights -------------------------------------------------------------
+
+def chunked(name: str, w: np.ndarray, rows: int) -> LinearWeight:
+    return LinearWeight(name, w.shape, lambda: (w[i:i + rows] for i in range(0, len(w), rows)))
+
+
+def fused_graph(mode: QuantMode, parts: list[LinearWeight], options: QuantizeOptions, path=None):
+    """One product over `parts` (as the builder fuses q/k/v and gate/up), split back into them."""
+    p = PRECISIONS[mode]
+    g = GraphWriter(path, threshold=0) if path is not None else GraphWriter()
+    x = g.input("x", p.activation, ["batch", "seq", parts[0].shape[1]])
+    y = p.linear(g, "fused", x, parts, options)
+    outs = g.node("Split", [y, g.initializer("sizes", np.array([w.shape[0] for w in parts], np.int64))],
+                  n_outputs=len(parts), name="split", axis=-1)
+    for o, w in zip(outs, parts):
+        g.output(o, p.activation, ["batch", "seq", w.shape[0]])
+    if path is None:
+        return g.model()
+    g.save()
+    return onnx.load(str(path))
+
+
+def run_all(model, **feeds) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("mode, options", [
+    (QuantMode.FP32, QuantizeOptions()), (QuantMode.FP16, QuantizeOptions()),
+    (QuantMode.INT8, QuantizeOptions()), (QuantMode.INT8, QuantizeOptions(per_channel=True)),
+    (QuantMode.Q4, QuantizeOptions()), (QuantMode.Q4F16, QuantizeOptions()),
+])
+def test_a_fused_product_computes_each_part_as_its_own_product(mode, options):
+    """q/k/v fused: every part's columns are what that part's own graph computes (int8 keeps each
+    part's per-tensor scale), so fusing changes speed, not scores."""
+    parts = [weight(48, IN, seed=10), weight(16, IN, seed=11) * 5, weight(16, IN, seed=12) / 3]  # different ranges
+    act = PRECISIONS[mode].activation
+    x = RNG.normal(0, 1, (2, 5, IN)).astype(act)
+    got = run_all(fused_graph(mode, [LinearWeight.of(f"p{i}", w) for i, w in enumerate(parts)], options), x=x)
+    for w, y in zip(parts, got):
+        alone = run(linear_graph(mode, w, options), x=x)
+        assert y.shape == alone.shape
+        np.testing.assert_allclose(y.astype(np.float32), alone.astype(np.float32), rtol=0,
+                                   atol=2e-6 * float(np.abs(alone.astype(np.float32)).max()))
+    if mode is QuantMode.INT8 and not options.per_channel:
+        scale = numpy_helper.to_array(inits(fused_graph(mode, [LinearWeight.of(f"p{i}", w) for i, w in enumerate(parts)], options))["fused.weight_scale"])
+        assert scale.shape == (80,) and len(set(scale[:48])) == len(set(scale[48:64])) == len(set(scale[64:])) == 1
+        assert len(set(scale)) == 3
+
+
+@pytest.mark.parametrize("mode", list(QuantMode))
+def test_weights_written_chunk_by_chunk_are_the_whole_weights_bytes(tmp_path, mode):
+    """The same bytes whether a weight comes whole or in row chunks of any size, in memory or
+    streamed to the external data file (B = W.T written transposed, column block by block)."""
+    parts = [weight(48, IN, seed=13), weight(16, IN, seed=14)]
+    options = QuantizeOptions(block_size=32)
+    whole = {k: numpy_helper.to_array(v) for k, v in inits(fused_graph(mode, [LinearWeight.of(f"p{i}", w) for i, w in enumerate(parts)], options)).items()}
+    for rows in (1, 7):
+        streamed = fused_graph(mode, [chunked(f"p{i}", w, rows) for i, w in enumerate(parts)], options, tmp_path / f"m{rows}.onnx")
+        got = {k: numpy_helper.to_array(v) for k, v in inits(streamed).items()}
+        assert got.keys() == whole.keys()
+        for k in whole:
+            assert got[k].dtype == whole[k].dtype and got[k].shape == whole[k].shape and got[k].tobytes() == whole[k].tobytes(), k
+
+
+def test_a_short_weight_is_refused():
+    w = weight()
+    short = LinearWeight("short", (OUT + 1, IN), lambda: iter([w]))
+    with pytest.raises(ExportError, match=f"{OUT} rows, expected {OUT + 1}"):
+        linear_graph_parts(QuantMode.INT8, [short])
+    with pytest.raises(ExportError, match="differ in input width"):
+        linear_graph_parts(QuantMode.FP32, [LinearWeight.of("a", w), LinearWeight.of("b", w[:, :64])])
+
+
+def linear_graph_parts(mode, parts):
+    p, g = PRECISIONS[mode], GraphWriter()
+    return p.linear(g, "x.proj", "x", parts, QuantizeOptions())

@@ -1,13 +1,16 @@
 """QuantMode -> per-tensor encoders: how one weight is stored and which op consumes it.
 
-The graph builder hands every weight to its variant's `Precision` as it reads it: a linear layer's
-weight whole ([out, in] float32, the checkpoint's layout), the embedding as a callable yielding row
-chunks (never the whole table). Each encoder writes its initializers and nodes through the graph
-writer and returns the output tensor's name, so no step ever holds more than one weight, and no
-whole-graph pass (onnxruntime's quantize_dynamic, MatMulNBitsQuantizer, float16 converter) runs.
+The graph builder hands every weight to its variant's `Precision` as row chunks ([rows, in] float32
+of the checkpoint's [out, in] layout, a few MB each): a linear layer as one or more `LinearWeight`s
+that share an input (q/k/v, gate/up: fused into one product whose columns are the parts, in order),
+the embedding as a callable yielding row chunks. Each encoder writes its initializers and nodes
+through the graph writer and returns the output tensor's name, so no step ever holds a whole weight
+(MatMul's B = W.T is written transposed chunk by chunk), and no whole-graph pass (onnxruntime's
+quantize_dynamic, MatMulNBitsQuantizer, float16 converter) runs.
 
 The encoded bytes are those onnxruntime's own quantizers write for the same weight:
-- int8: quantize_dynamic (QInt8, symmetric, per tensor or per output channel);
+- int8: quantize_dynamic (QInt8, symmetric, per tensor or per output channel; a fused product keeps
+  each part's own per-tensor scale, as a per-column scale vector: the numbers of separate products);
 - q4: MatMulNBitsQuantizer (its C++ kernel for MatMul weights, its numpy rule for the Gather table);
 - q4f16: q4, then the float16 converter's fp32 -> fp16 cast of the scales.
 """
@@ -36,28 +39,53 @@ class Writer(Protocol):
     def initializer_chunks(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray], *,
                            nbytes: int | None = None) -> str: ...
 
+    def initializer_transposed(self, name: str, dtype, shape: tuple[int, int], chunks: Iterable[np.ndarray]) -> str: ...
+
     def node(self, op_type: str, inputs: Sequence[str], n_outputs: int = 1, *, domain: str = "",
              name: str | None = None, **attrs) -> list[str]: ...
 
 
+@dataclass(frozen=True)
+class LinearWeight:
+    """One [out, in] weight as float32 row chunks: `chunks()` starts a fresh pass (int8's
+    per-tensor scale needs two)."""
+
+    name: str
+    shape: tuple[int, int]
+    chunks: RowChunks
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray) -> LinearWeight:
+        """An in-memory weight (tests, single-op graphs)."""
+        a = _check_2d(name, np.asarray(array, dtype=np.float32))
+        return cls(name, (int(a.shape[0]), int(a.shape[1])), lambda: iter([a]))
+
+
 # --- numeric kernels: one weight in, its stored form out ------------------------------------------
 
-def quantize_int8(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """[out, in] float32 -> (int8 [in, out] for MatMul's B, float32 scale: [] or [out]).
+def int8_scale(absmax: np.ndarray) -> np.ndarray:
+    """quantize_dynamic's QInt8 scale of a symmetric range: max|w| / 127, computed in float64 and
+    stored float32; below float32's smallest normal (an all-zero weight) it is 1."""
+    scale = (np.asarray(absmax, dtype=np.float32).astype(np.float64) * 2 / 254.0).astype(np.float32)
+    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)
 
-    quantize_dynamic's QInt8 rule: symmetric range [-127, 127], scale = max|w| / 127 computed in
-    float64 and stored float32, q = round-half-even(w / scale); per channel = per output column of B."""
+
+def int8_encode(rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """q = round-half-even(w / scale), clipped to int8 (scale: a scalar or one per row [n, 1])."""
+    return np.clip(np.round(np.asarray(rows, dtype=np.float32) / scale), -128, 127).astype(np.int8)
+
+
+def _absmax(w: np.ndarray, axis=None) -> np.ndarray:
+    lo, hi = w.min(axis=axis), w.max(axis=axis)
+    return np.maximum(np.abs(np.minimum(lo, np.float32(0))), np.abs(np.maximum(hi, np.float32(0))))
+
+
+def quantize_int8(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] float32 -> (int8 [in, out] for MatMul's B, float32 scale: [] or [out]), by
+    quantize_dynamic's QInt8 rule (`int8_scale`, `int8_encode`); per channel = per output column of B."""
     w = np.asarray(weight, dtype=np.float32)
-    if per_channel:
-        lo, hi = w.min(axis=1), w.max(axis=1)
-    else:
-        lo, hi = w.min(), w.max()
-    absmax = np.maximum(np.abs(np.minimum(lo, np.float32(0))), np.abs(np.maximum(hi, np.float32(0))))
-    scale = (absmax.astype(np.float64) * 2 / 254.0).astype(np.float32)
-    # quantize_dynamic replaces a scale below float32's smallest normal (an all-zero weight) by 1.
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)
-    divisor = scale[:, None] if per_channel else scale
-    q = np.clip(np.round(w / divisor), -128, 127).astype(np.int8)
+    scale = int8_scale(_absmax(w, axis=1 if per_channel else None))
+    q = int8_encode(w, scale[:, None] if per_channel else scale)
     return np.ascontiguousarray(q.T), scale
 
 
@@ -123,8 +151,10 @@ def pack_nibbles(values: np.ndarray) -> np.ndarray:
 # --- encoders: write one weight and the op that consumes it ---------------------------------------
 
 def _float_linear(dtype) -> Callable:
-    def linear(g: Writer, name: str, x: str, weight: np.ndarray, options: QuantizeOptions) -> str:
-        b = g.initializer(f"{name}.weight", np.ascontiguousarray(_check_2d(name, weight).T, dtype=dtype))
+    def linear(g: Writer, name: str, x: str, weights: Sequence[LinearWeight], options: QuantizeOptions) -> str:
+        k, n = _fused_shape(name, weights)
+        b = g.initializer_transposed(f"{name}.weight", np.dtype(dtype), (k, n),
+                                     (rows.astype(dtype) for _part, rows in _linear_rows(weights)))
         return g.node("MatMul", [x, b], name=name)[0]
     return linear
 
@@ -137,9 +167,22 @@ def _float_embedding(dtype) -> Callable:
     return embedding
 
 
-def _int8_linear(g: Writer, name: str, x: str, weight: np.ndarray, options: QuantizeOptions) -> str:
-    q, scale = quantize_int8(_check_2d(name, weight), options.per_channel)
-    inputs = [x, g.initializer(f"{name}.weight_quantized", q), g.initializer(f"{name}.weight_scale", scale),
+def _int8_linear(g: Writer, name: str, x: str, weights: Sequence[LinearWeight], options: QuantizeOptions) -> str:
+    k, n = _fused_shape(name, weights)
+    per_tensor = None if options.per_channel else [  # a first pass over each part for its range
+        int8_scale(max(float(_absmax(rows)) for rows in w.chunks())) for w in weights]
+    column_scales: list[np.ndarray] = []
+
+    def encoded() -> Iterator[np.ndarray]:
+        for part, rows in _linear_rows(weights):
+            scale = int8_scale(_absmax(rows, axis=1))[:, None] if per_tensor is None else per_tensor[part]
+            column_scales.append(np.broadcast_to(scale.reshape(-1), (len(rows),)))
+            yield int8_encode(rows, scale)
+
+    q = g.initializer_transposed(f"{name}.weight_quantized", np.dtype(np.int8), (k, n), encoded())
+    # One weight per tensor: a scalar scale, as quantize_dynamic writes; otherwise one per column.
+    scale = per_tensor[0] if per_tensor is not None and len(weights) == 1 else np.concatenate(column_scales)
+    inputs = [x, q, g.initializer(f"{name}.weight_scale", scale),
               g.initializer(f"{name}.weight_zero_point", np.zeros(scale.shape, np.int8))]
     return g.node("DynamicQuantizeMatMul", inputs, domain=MS, name=name)[0]
 
@@ -162,13 +205,24 @@ def _int8_embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tu
 
 
 def _q4_linear(scale_dtype) -> Callable:
-    def linear(g: Writer, name: str, x: str, weight: np.ndarray, options: QuantizeOptions) -> str:
-        n, k = _check_2d(name, weight).shape
-        packed, scales, zero_points = quantize_q4_matmul(weight, options.block_size, options.symmetric)
-        inputs = [x, g.initializer(f"{name}.weight_Q4", packed),
-                  g.initializer(f"{name}.weight_scales", scales.astype(scale_dtype))]
-        if zero_points is not None:
-            inputs.append(g.initializer(f"{name}.weight_zero_points", zero_points))
+    def linear(g: Writer, name: str, x: str, weights: Sequence[LinearWeight], options: QuantizeOptions) -> str:
+        k, n = _fused_shape(name, weights)
+        k_blocks = -(-k // options.block_size)
+        scales: list[np.ndarray] = []
+        zeros: list[np.ndarray] = []
+
+        def encoded() -> Iterator[np.ndarray]:
+            for _part, rows in _linear_rows(weights):  # MatMulNBits' B is [N, blocks, ...]: row chunks stay in order
+                packed, s, z = quantize_q4_matmul(rows, options.block_size, options.symmetric)
+                scales.append(s)
+                if z is not None:
+                    zeros.append(z)
+                yield packed
+
+        inputs = [x, g.initializer_chunks(f"{name}.weight_Q4", np.dtype(np.uint8), (n, k_blocks, options.block_size // 2), encoded()),
+                  g.initializer(f"{name}.weight_scales", np.concatenate(scales).astype(scale_dtype))]
+        if zeros:
+            inputs.append(g.initializer(f"{name}.weight_zero_points", np.concatenate(zeros)))
         attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block_size}
         if options.accuracy_level:  # MatMulNBitsQuantizer omits a 0 (the attribute's default)
             attrs["accuracy_level"] = options.accuracy_level
@@ -217,6 +271,24 @@ def _check_2d(name: str, weight: np.ndarray) -> np.ndarray:
     return weight
 
 
+def _fused_shape(name: str, weights: Sequence[LinearWeight]) -> tuple[int, int]:
+    """(K, N) of the product x @ [w_1; w_2; ...].T: the parts share `in`, their `out`s add up."""
+    if not weights:
+        raise ExportError(f"{name}: no weight to encode", "this is a bug in qconv")
+    widths = {w.shape[1] for w in weights}
+    if len(widths) != 1:
+        raise ExportError(f"{name}: fused weights {[w.name for w in weights]} differ in input width {sorted(widths)}",
+                          "check that the checkpoint matches its config.json")
+    return widths.pop(), sum(w.shape[0] for w in weights)
+
+
+def _linear_rows(weights: Sequence[LinearWeight]) -> Iterator[tuple[int, np.ndarray]]:
+    """(part index, float32 row chunk) over every part in order, each part's chunks checked to
+    tile its [out, in] shape exactly."""
+    for i, w in enumerate(weights):
+        yield from ((i, rows) for rows in _checked_rows(w.name, w.chunks, w.shape))
+
+
 def _checked_rows(name: str, chunks: RowChunks, shape: tuple[int, int]) -> Iterator[np.ndarray]:
     """The chunks, each checked against the table's width, and their rows counted to its height:
     a short or ragged table is a broken checkpoint, not something to write."""
@@ -239,7 +311,7 @@ class Precision:
 
     mode: QuantMode
     activation: type  # np.float32 or np.float16
-    linear: Callable[[Writer, str, str, np.ndarray, QuantizeOptions], str]
+    linear: Callable[[Writer, str, str, Sequence[LinearWeight], QuantizeOptions], str]
     embedding: Callable[[Writer, str, str, RowChunks, tuple[int, int], QuantizeOptions], str]
 
 

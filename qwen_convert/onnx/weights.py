@@ -32,6 +32,7 @@ INLINE_BYTES = 1024  # tensors this small stay in the graph proto (onnx's size_t
 ALIGN_BYTES = 1 << 20  # tensors from this size on start at an ALIGNMENT boundary in the data file
 ALIGNMENT = 1 << 16  # onnx's allocation granularity for mmap-able external data
 COPY_CHUNK = 16 << 20
+LINEAR_CHUNK = 16 << 20  # float32 bytes of one weight read at a time: memory stays flat with model width
 MS_DOMAIN = "com.microsoft"
 DEFAULT_OPSET = 21
 
@@ -165,6 +166,45 @@ class GraphWriter:
         self._offset += written
         self.weight_bytes += written
         self._external.append((tensor, start, written))
+        return name
+
+    def initializer_transposed(self, name: str, dtype, shape: tuple[int, int], chunks: Iterable[np.ndarray]) -> str:
+        """A [K, N] tensor given as row chunks of its transpose ([r, K] each, N rows in all): a
+        linear weight's [out, in] rows stored as MatMul's B = W.T without ever holding W or B.
+        Each chunk's columns of B are written in place (one pwrite per row of B), so memory is
+        one chunk whatever the weight's size."""
+        k, n = (int(d) for d in shape)
+        dtype = np.dtype(dtype)
+        nbytes = k * n * dtype.itemsize
+        if self.path is None or nbytes <= INLINE_BYTES:
+            parts = [np.asarray(c, dtype=dtype) for c in chunks]
+            whole = np.concatenate(parts) if parts else np.zeros((0, k), dtype)
+            if whole.shape != (n, k):
+                raise ExportError(f"graph builder: {name} chunks make {list(whole.shape)}, expected [{n}, {k}]", "this is a bug in qconv")
+            return self.initializer(name, np.ascontiguousarray(whole.T))
+        self._claim(name)
+        f = self._data_file()
+        pad = -self._offset % ALIGNMENT if nbytes >= ALIGN_BYTES else 0
+        start = self._offset + pad
+        f.flush()
+        fd, row_bytes, column = f.fileno(), n * dtype.itemsize, 0
+        for chunk in chunks:
+            chunk = np.asarray(chunk, dtype=dtype)
+            if chunk.ndim != 2 or chunk.shape[1] != k or column + chunk.shape[0] > n:
+                raise ExportError(f"graph builder: {name} chunk of shape {list(chunk.shape)} at column {column} of [{k}, {n}]",
+                                  "this is a bug in qconv")
+            block = np.ascontiguousarray(chunk.T)  # [K, r]: row i goes to row i of B at `column`
+            offset = start + column * dtype.itemsize
+            for row in block:
+                os.pwrite(fd, row, offset)
+                offset += row_bytes
+            column += chunk.shape[0]
+        if column != n:
+            raise ExportError(f"graph builder: {name} has {column} columns, expected {n}", "this is a bug in qconv")
+        self._offset = start + nbytes
+        f.seek(self._offset)
+        self.weight_bytes += nbytes
+        self._external.append((self._stub(name, elem_type(dtype), (k, n)), start, nbytes))
         return name
 
     def _data_file(self):
@@ -334,7 +374,17 @@ class WeightReader:
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return read_row_range(self.info(name), start, stop)
 
-    def chunks(self, name: str, shape: Sequence[int] | None = None, max_bytes: int = 64 << 20):
+    def linear(self, name: str, shape: Sequence[int] | None = None, max_bytes: int = LINEAR_CHUNK):
+        """A 2-D [out, in] weight as a LinearWeight: float32 row chunks of ~max_bytes, never whole."""
+        from .precision import LinearWeight
+
+        info = self.info(name, shape)
+        if len(info.shape) != 2:
+            raise WeightsError(f"{self.ckpt.root}: {name} has shape {list(info.shape)}, not [out, in]",
+                               "the config and the weights disagree; re-download or re-convert the model")
+        return LinearWeight(name, (int(info.shape[0]), int(info.shape[1])), self.chunks(name, max_bytes=max_bytes))
+
+    def chunks(self, name: str, shape: Sequence[int] | None = None, max_bytes: int = LINEAR_CHUNK):
         """A callable returning the tensor's float32 row chunks in order (each call starts over)."""
         info = self.info(name, shape)
         return lambda: (rows for _start, rows in iter_row_chunks(info, max_bytes))
