@@ -380,3 +380,24 @@ def test_a_short_weight_is_refused():
 def linear_graph_parts(mode, parts):
     p, g = PRECISIONS[mode], GraphWriter()
     return p.linear(g, "x.proj", "x", parts, QuantizeOptions())
+
+
+@pytest.mark.parametrize("mode", list(QuantMode))
+def test_embedding_streamed_to_a_file_is_the_in_memory_tables_bytes(tmp_path, mode):
+    """Scales reserved in the data file and filled while the rows stream (GraphWriter.reserve)
+    are the bytes the in-memory build keeps."""
+    table = weight(300, HIDDEN, seed=7)  # scales of 300 rows pass the inline size, so they go to the file
+    options = QuantizeOptions(block_size=16)
+    whole = {k: numpy_helper.to_array(v) for k, v in inits(embedding_graph(mode, table, options)).items()}
+    p, path = PRECISIONS[mode], tmp_path / "e.onnx"
+    g = GraphWriter(path, threshold=0)
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+    y = p.embedding(g, "embed_tokens", ids, lambda: (table[i:i + 7] for i in range(0, 300, 7)), table.shape, options)
+    g.output(y, p.activation, ["batch", "seq", HIDDEN])
+    assert g.save()[-1].name == "e.onnx_data"
+    got = {k: numpy_helper.to_array(v) for k, v in inits(onnx.load(str(path))).items()}
+    assert got.keys() == whole.keys()
+    for k in whole:
+        assert got[k].shape == whole[k].shape and got[k].tobytes() == whole[k].tobytes(), k
+    ids_in = np.array([[0, 299, 5]], np.int64)
+    np.testing.assert_array_equal(run(onnx.load(str(path)), input_ids=ids_in), run(embedding_graph(mode, table, options), input_ids=ids_in))

@@ -41,6 +41,8 @@ class Writer(Protocol):
 
     def initializer_transposed(self, name: str, dtype, shape: tuple[int, int], chunks: Iterable[np.ndarray]) -> str: ...
 
+    def reserve(self, name: str, dtype, shape: tuple[int, ...]): ...
+
     def node(self, op_type: str, inputs: Sequence[str], n_outputs: int = 1, *, domain: str = "",
              name: str | None = None, **attrs) -> list[str]: ...
 
@@ -188,7 +190,7 @@ def _int8_linear(g: Writer, name: str, x: str, weights: Sequence[LinearWeight], 
 
 
 def _int8_embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tuple[int, int], options: QuantizeOptions) -> str:
-    scales: list[np.ndarray] = []
+    scales = _Rows(g.reserve(f"{name}.weight_scale", np.float32, (shape[0], 1)))
 
     def encoded() -> Iterator[np.ndarray]:
         for rows in _checked_rows(name, chunks, shape):
@@ -197,7 +199,7 @@ def _int8_embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tu
             yield q
 
     table = g.initializer_chunks(f"{name}.weight_quantized", np.dtype(np.int8), tuple(shape), encoded())
-    scale = g.initializer(f"{name}.weight_scale", np.concatenate(scales))
+    scale = scales.close()
     rows = g.node("Gather", [table, ids], name=f"{name}.gather")[0]
     row_scale = g.node("Gather", [scale, ids], name=f"{name}.gather_scale")[0]
     floats = g.node("Cast", [rows], name=f"{name}.cast", to=1)[0]  # TensorProto.FLOAT
@@ -208,21 +210,21 @@ def _q4_linear(scale_dtype) -> Callable:
     def linear(g: Writer, name: str, x: str, weights: Sequence[LinearWeight], options: QuantizeOptions) -> str:
         k, n = _fused_shape(name, weights)
         k_blocks = -(-k // options.block_size)
-        scales: list[np.ndarray] = []
-        zeros: list[np.ndarray] = []
+        scales = _Rows(g.reserve(f"{name}.weight_scales", scale_dtype, (n, k_blocks)))
+        zeros = None if options.symmetric else _Rows(g.reserve(f"{name}.weight_zero_points", np.uint8, (n, (k_blocks + 1) // 2)))
 
         def encoded() -> Iterator[np.ndarray]:
             for _part, rows in _linear_rows(weights):  # MatMulNBits' B is [N, blocks, ...]: row chunks stay in order
                 packed, s, z = quantize_q4_matmul(rows, options.block_size, options.symmetric)
                 scales.append(s)
-                if z is not None:
+                if zeros is not None:
                     zeros.append(z)
                 yield packed
 
         inputs = [x, g.initializer_chunks(f"{name}.weight_Q4", np.dtype(np.uint8), (n, k_blocks, options.block_size // 2), encoded()),
-                  g.initializer(f"{name}.weight_scales", np.concatenate(scales).astype(scale_dtype))]
-        if zeros:
-            inputs.append(g.initializer(f"{name}.weight_zero_points", np.concatenate(zeros)))
+                  scales.close()]
+        if zeros is not None:
+            inputs.append(zeros.close())
         attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block_size}
         if options.accuracy_level:  # MatMulNBitsQuantizer omits a 0 (the attribute's default)
             attrs["accuracy_level"] = options.accuracy_level
@@ -240,8 +242,8 @@ def _q4_embedding(scale_dtype) -> Callable:
         if hidden % options.block_size:
             raise ExportError(f"q4 embedding: block size {options.block_size} does not divide hidden size {hidden}",
                               "pick a block size that divides it, or pass --keep-embedding")
-        scales: list[np.ndarray] = []
-        zeros: list[np.ndarray] = []
+        scales = _Rows(g.reserve(f"{name}.weight_scales", scale_dtype, (vocab, hidden // options.block_size)))
+        zeros: list[np.ndarray] = []  # one 4-bit value a block, packed across rows: kept (1/32 of the table at most)
 
         def encoded() -> Iterator[np.ndarray]:
             for rows in _checked_rows(name, chunks, shape):
@@ -254,7 +256,7 @@ def _q4_embedding(scale_dtype) -> Callable:
         # INT4 (UINT4 with zero points): two values a byte, so the writer takes the byte count.
         int4 = TensorProto.INT4 if options.symmetric else TensorProto.UINT4
         table = g.initializer_chunks(f"{name}.weight_Q4", int4, (vocab, hidden), encoded(), nbytes=vocab * hidden // 2)
-        inputs = [table, ids, g.initializer(f"{name}.weight_scales", np.concatenate(scales).astype(scale_dtype))]
+        inputs = [table, ids, scales.close()]
         if zeros:
             blocks = hidden // options.block_size
             inputs.append(g.initializer(f"{name}.weight_zero_points", pack_nibbles(np.concatenate(zeros)),
@@ -269,6 +271,21 @@ def _check_2d(name: str, weight: np.ndarray) -> np.ndarray:
         raise ExportError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}",
                           "check that the checkpoint matches its config.json")
     return weight
+
+
+class _Rows:
+    """Appends row chunks to a reserved tensor (GraphWriter.reserve) in order: an encoder's scales,
+    written beside the weight they belong to instead of piling up in memory."""
+
+    def __init__(self, region):
+        self.region, self.next = region, 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.region.write(self.next, rows)
+        self.next += len(rows)
+
+    def close(self) -> str:
+        return self.region.close()
 
 
 def _fused_shape(name: str, weights: Sequence[LinearWeight]) -> tuple[int, int]:

@@ -207,6 +207,26 @@ class GraphWriter:
         self._external.append((self._stub(name, elem_type(dtype), (k, n)), start, nbytes))
         return name
 
+    def reserve(self, name: str, dtype, shape: tuple[int, ...]) -> Region:
+        """Space for a tensor whose rows arrive while another tensor streams (the embedding's scales
+        beside its quantized rows): `region.write(first_row, rows)` in any order, then `close()`
+        checks that every row came. In the data file the space is a gap the rows are pwritten into,
+        so a table's scales never pile up in memory."""
+        self._claim(name)
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.path is None or nbytes <= INLINE_BYTES:
+            return Region(self, name, dtype, tuple(shape), None, np.zeros(shape, dtype))
+        f = self._data_file()
+        pad = -self._offset % ALIGNMENT if nbytes >= ALIGN_BYTES else 0
+        start = self._offset + pad
+        f.flush()
+        self._offset = start + nbytes
+        f.seek(self._offset)
+        self.weight_bytes += nbytes
+        self._external.append((self._stub(name, elem_type(dtype), shape), start, nbytes))
+        return Region(self, name, dtype, tuple(shape), start, None)
+
     def _data_file(self):
         if self._data is None:
             self._data = open(self.data_path, "wb")
@@ -334,6 +354,37 @@ class GraphWriter:
                         remaining -= len(chunk)
             finally:
                 os.close(fd)
+
+
+class Region:
+    """A reserved tensor (GraphWriter.reserve), filled row range by row range."""
+
+    def __init__(self, g: GraphWriter, name: str, dtype: np.dtype, shape: tuple[int, ...], start: int | None,
+                 array: np.ndarray | None):
+        self.g, self.name, self.dtype, self.shape, self.start, self.array = g, name, dtype, shape, start, array
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self.rows_written = 0
+
+    def write(self, first_row: int, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if tuple(rows.shape[1:]) != self.shape[1:] or first_row < 0 or first_row + len(rows) > self.shape[0]:
+            raise ExportError(f"graph builder: rows {first_row}+{len(rows)} of shape {list(rows.shape)} do not fit "
+                              f"{self.name} {list(self.shape)}", "this is a bug in qconv")
+        if self.array is not None:
+            self.array[first_row:first_row + len(rows)] = rows
+        else:
+            os.pwrite(self.g._data_file().fileno(), memoryview(rows).cast("B"), self.start + first_row * self.row_bytes)
+        self.rows_written += len(rows)
+
+    def close(self) -> str:
+        if self.rows_written != self.shape[0]:
+            raise ExportError(f"graph builder: {self.name} got {self.rows_written} of {self.shape[0]} rows", "this is a bug in qconv")
+        if self.array is not None:
+            tensor = self.g._stub(self.name, elem_type(self.dtype), self.shape)
+            tensor.raw_data = self.array.tobytes()
+            self.g.weight_bytes += len(tensor.raw_data)
+            self.g.graph.initializer.append(tensor)
+        return self.name
 
 
 def _np_of(data_type: int):
