@@ -41,8 +41,27 @@ bench-onnx: install
 bench-onnx-speed: install
 	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_onnx_speed.py
 
+# ~15 min, <1 GB for the builder, ~10 GB once for the optimum path: five-variant export of the 0.6B shape,
+# builder vs optimum side by side, and of the 8b-wide checkpoint (benchmarks/bench_export.py).
+.PHONY: bench-export bench-8b
+bench-export: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_export.py --target small
+
+# ~30 min, 16.4 GB of random 8B checkpoint + ~14 GB of exports on disk, <1 GB of RAM: the full 8B shape's
+# q4f16 and int8 exports (kept: benchmarks/.work/8b-onnx, which `make bench-verify-8b` verifies).
+bench-8b: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_export.py --target 8b
+
+# verify's reference pass, then `qconv verify` of the 0.6B's five ONNX variants (before #9 vs cold/warm
+# cache; needs `make bench-onnx`'s export) and of 8b-wide's seq-cls + q4f16 (~4 GB of disk, deleted).
+# Each measured process takes /tmp/qconv-heavy.lock itself.
+.PHONY: bench-verify bench-verify-8b
 bench-verify: install
-	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_verify.py
+	$(BIN)/python benchmarks/bench_verify.py --parts reference,onnx,8b-wide
+
+# The full 8B shape: seq-cls (16 GB of disk, deleted after) and the q4f16 export in benchmarks/.work/8b-onnx.
+bench-verify-8b: install
+	$(BIN)/python benchmarks/bench_verify.py --parts 8b
 
 # `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
 # artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails.

@@ -1,19 +1,33 @@
-"""Benchmark verify's reference pass: the streamed forward (qwen_convert/stream, our own per-layer
-loop over transformers' Qwen3DecoderLayer) against transformers' whole-model Qwen3ForCausalLM, and
-the reference cache (cold vs warm).
+"""Benchmark `qconv verify` (issue #9): its reference pass, the reference cache, and whole verify runs.
 
-Each row is a fresh process under GNU `time` (peak RSS, %M); wall time is measured here. Engines
-alternate within a repeat. Writes its own section of BENCHMARKS.md.
+Parts (`--parts`, comma-separated; each row is a fresh process under GNU `time`, peak RSS = %M):
 
-    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_verify.py [--pairs 8] [--max-length 256]
+- `reference`: the reference pass alone on the 0.6B shape and 8b-wide, streamed (qwen_convert/stream,
+  our own per-layer loop over transformers' Qwen3DecoderLayer) vs transformers' whole Qwen3ForCausalLM,
+  then cold vs warm cache.
+- `onnx`: `qconv verify` of the five ONNX variants of the 0.6B shape (benchmarks/.work/onnx-0.6b-builder),
+  the pre-#9 path (`--engine transformers --no-cache`: whole fp32 model, nothing cached) vs today's
+  default (`--engine auto`) with a fresh cache dir (cold) and the same dir again (warm), in one run.
+- `8b-wide`: `qconv seqcls` of benchmarks/.work/8b-wide, `qconv verify` of it (streamed, cold cache),
+  `qconv export-onnx --quantize q4f16 --no-fp32` and `qconv verify` of that (same cache: warm).
+- `8b`: the same for the full 8B shape (benchmarks/.work/8b); the q4f16 export is the one the ONNX
+  export benchmark leaves in benchmarks/.work/8b-onnx (waited for, up to --wait-until UTC).
+
+Results accumulate in benchmarks/.work/bench_verify.json (one entry per part, with its date), and the
+section of BENCHMARKS.md is rewritten from all parts measured so far, so running one part keeps the
+others' rows. Run under the heavy-job lock:
+
+    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_verify.py --parts onnx,8b-wide
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / ".work"
+RESULTS = WORK / "bench_verify.json"
 START, END = "<!-- bench_verify:start -->", "<!-- bench_verify:end -->"
 sys.path.insert(0, str(HERE))
 from report import write_section  # noqa: E402
@@ -45,25 +60,74 @@ print("RESULT " + json.dumps({"engine": run.engine, "cache": run.cache, "seconds
                               "peak": run.peak_rss, "left0": float(run.scores["left"][0])}))
 """
 
+ENV = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+LOCK: list[str] = []  # ["flock", PATH] from --lock: each measured process takes the heavy-job lock itself
 
-def measure(args: list[str]) -> dict:
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
+    """One fresh process: wall time, peak RSS (GNU time %M), exit code, stdout. An exit code outside
+    `ok` aborts the benchmark with the child's stderr."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
-        started = time.perf_counter()
-        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name, *args], capture_output=True, text=True, cwd=ROOT)
-        wall = time.perf_counter() - started
-        if p.returncode:
-            raise SystemExit(f"failed: {' '.join(args)}\n{p.stderr[-2000:]}")
-        rss = int(open(t.name).read().split()[-1]) * 1024
-    result = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return {**result, "wall": wall, "rss": rss}
+        # GNU time runs inside flock: %e (wall) and %M (peak RSS) leave out the wait for the lock
+        p = subprocess.run([*LOCK, "/usr/bin/time", "-f", "%e %M", "-o", t.name, *args], capture_output=True, text=True,
+                           cwd=ROOT, env=ENV)
+        wall, rss = open(t.name).read().split()[-2:]
+        wall, rss = float(wall), int(rss) * 1024
+    if p.returncode not in ok:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(args)}\n{p.stderr[-3000:]}")
+    return {"wall": wall, "rss": rss, "code": p.returncode, "stdout": p.stdout}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--checkpoints", default="qwen3-reranker-0.6b:transformers,streamed;8b-wide:streamed")
-    a = ap.parse_args()
+def qconv(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
+    cmd = [str(ROOT / ".venv/bin/qconv"), *args]
+    log(" ".join(cmd))
+    r = measure(cmd, ok)
+    log(f"  {r['wall']:.1f} s, {mib(r['rss'])}, exit {r['code']}")
+    return r
+
+
+def mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / (1 << 20):,.0f} MiB"
+
+
+def probe_file(queries: int) -> Path:
+    """The first `queries` query groups of verify's built-in probes, without labels: NDCG gains then
+    come from the reference's own P(yes) (with random weights the hand labels only measure noise)."""
+    sys.path.insert(0, str(ROOT))
+    from qwen_convert.probes import PROBE_PAIRS
+
+    keep: list[str] = []
+    for p in PROBE_PAIRS:
+        if p.query not in keep:
+            keep.append(p.query)
+    keep = keep[:queries]
+    pairs = [p for p in PROBE_PAIRS if p.query in keep]
+    path = WORK / f"probes-{queries}q-unlabeled.jsonl"
+    path.write_text("".join(json.dumps({"query": p.query, "document": p.document}, ensure_ascii=False) + "\n"
+                            for p in pairs), encoding="utf-8")
+    return path
+
+
+def verify_row(label: str, r: dict) -> dict:
+    """A verify run: whole process plus the reference and per-candidate split from --json."""
+    report = json.loads(r["stdout"])
+    ref = report["reference"]
+    return {
+        "row": label, "wall": r["wall"], "rss": r["rss"], "code": r["code"],
+        "reference": {"engine": ref["engine"], "cache": ref["cache"], "seconds": ref["seconds"], "peak": ref["peak_rss_bytes"]},
+        "candidates": [{"name": c["name"], "passed": c["passed"], "seconds": c["seconds"], "peak": c["peak_rss_bytes"],
+                        "engine": c["engine"], "not_verified": c["not_verified"]} for c in report["candidates"]],
+        "pairs": report["pairs"]["count"], "max_length": report["max_length"],
+    }
+
+
+# --- parts ---------------------------------------------------------------------------------------
+
+def part_reference(a) -> dict:
     py = str(ROOT / ".venv/bin/python")
     rows = []
     cache = tempfile.mkdtemp(prefix="bench-verify-cache-")
@@ -71,29 +135,208 @@ def main() -> None:
         name, engines = spec.split(":")
         ckpt = WORK / name
         if not ckpt.is_dir():
-            print(f"skip {name}: {ckpt} missing", file=sys.stderr)
+            log(f"skip {name}: {ckpt} missing")
             continue
-        for engine in engines.split(","):
-            r = measure([py, "-c", REFERENCE, str(ckpt), engine, str(a.pairs), str(a.max_length), "-"])
-            rows.append((name, engine, "off", r))
-            print(name, engine, r, file=sys.stderr)
-        engine = engines.split(",")[-1]
-        for state in ("cold", "warm"):
-            r = measure([py, "-c", REFERENCE, str(ckpt), engine, str(a.pairs), str(a.max_length), cache])
-            rows.append((name, engine, f"{state} ({r['cache']})", r))
-            print(name, engine, state, r, file=sys.stderr)
-    mib = lambda b: f"{b / (1 << 20):,.0f} MiB"  # noqa: E731
-    lines = [START, "## verify's reference pass (benchmarks/bench_verify.py)", "",
-             f"{a.pairs} built-in probe pairs, max length {a.max_length}, batch 8, both padding sides; one run per row,",
-             f"a fresh process each, peak RSS from GNU time. Machine: {platform.machine()}, {os.cpu_count()} cores, shared "
-             f"(load average {os.getloadavg()[0]:.1f} at the end). `streamed` = qconv's own per-layer loop over transformers'",
-             "Qwen3DecoderLayer (accelerate's offload was not measured: its hooks move whole modules, and the 151669-row",
-             "embedding and head would still be loaded whole).", "",
-             "| checkpoint | engine | cache | wall | in-process | peak RSS |", "|---|---|---|---|---|---|"]
-    for name, engine, cache_state, r in rows:
-        lines.append(f"| {name} | {engine} | {cache_state} | {r['wall']:.1f} s | {r['seconds']:.1f} s | {mib(r['rss'])} |")
-    lines += ["", END]
-    text = "\n".join(lines)
+        runs = [(e, "-", "off") for e in engines.split(",")]
+        runs += [(engines.split(",")[-1], cache, state) for state in ("cold", "warm")]
+        for engine, where, state in runs:
+            r = measure([py, "-c", REFERENCE, str(ckpt), engine, str(a.ref_pairs), str(a.ref_max_length), where])
+            res = json.loads(next(x for x in r["stdout"].splitlines() if x.startswith("RESULT "))[7:])
+            cache_state = state if state == "off" else f"{state} ({res['cache']})"
+            rows.append({"checkpoint": name, "engine": res["engine"], "cache": cache_state, "wall": r["wall"],
+                         "seconds": res["seconds"], "rss": r["rss"]})
+            log(f"{name} {engine} {cache_state}: {r['wall']:.1f} s, {mib(r['rss'])}")
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"rows": rows, "pairs": a.ref_pairs, "max_length": a.ref_max_length}
+
+
+def part_onnx(a) -> dict:
+    ref, onnx = WORK / "qwen3-reranker-0.6b", WORK / "onnx-0.6b-builder"
+    for d in (ref / "config.json", onnx / "onnx" / "model_q4f16.onnx"):
+        if not d.exists():
+            raise SystemExit(f"{d} missing: run benchmarks/bench_onnx.py (or make_checkpoint.py 0.6b) first")
+    pairs = probe_file(a.queries)
+    common = [str(ref), str(onnx), "--pairs", str(pairs), "--max-length", str(a.max_length), "--json", "-q"]
+    cache = Path(tempfile.mkdtemp(prefix="bench-verify-cache-"))
+    runs = [("before #9: --engine transformers --no-cache", ["--engine", "transformers", "--no-cache"]),
+            ("now, cold cache (--engine auto, fresh --cache-dir)", ["--cache-dir", str(cache)]),
+            ("now, warm cache (same --cache-dir)", ["--cache-dir", str(cache)])]
+    rows = [verify_row(label, qconv("verify", *common, *extra, ok=(0, 1, 3))) for label, extra in runs]
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"rows": rows, "queries": a.queries}
+
+
+def wide_or_full(a, name: str, onnx_from_lead: bool) -> dict:
+    ckpt, seqcls, onnx = WORK / name, WORK / f"{name}-seqcls", WORK / f"{name}-onnx"
+    if not (ckpt / "config.json").exists():
+        raise SystemExit(f"{ckpt} missing: benchmarks/make_checkpoint.py {name} {ckpt}")
+    queries = a.queries_8b if name == "8b" else a.queries
+    max_length = a.max_length_8b if name == "8b" else a.max_length
+    pairs = probe_file(queries)
+    cache = Path(tempfile.mkdtemp(prefix="bench-verify-cache-"))
+    # --engine streamed: what `auto` picks where the fp32 model does not fit (a 16 GB runner; the 8B
+    # anywhere here); forced so the 8b-wide, which would fit in 24 GiB, measures the same engine.
+    common = ["--pairs", str(pairs), "--max-length", str(max_length), "--engine", "streamed", "--cache-dir", str(cache),
+              "--json", "-q"]
+    rows = []
+    try:
+        r = qconv("seqcls", str(ckpt), str(seqcls), "--force", "-q", "--json")
+        rows.append({"row": "qconv seqcls", "wall": r["wall"], "rss": r["rss"], "code": r["code"]})
+        rows.append(verify_row("verify seq-cls (cold cache)", qconv("verify", str(ckpt), str(seqcls), *common, ok=(0, 1, 3))))
+    finally:
+        shutil.rmtree(seqcls, ignore_errors=True)  # 4 GB (8b-wide) / 16 GB (8b) of disk
+    q4f16 = onnx / "onnx" / "model_q4f16.onnx"
+    if onnx_from_lead:
+        # the ONNX export benchmark writes its .json next to the graph when the export is complete
+        deadline = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(a.wait_until), dt.timezone.utc)
+        while not (q4f16.exists() and list(q4f16.parent.glob("*.json"))) and dt.datetime.now(dt.timezone.utc) < deadline:
+            time.sleep(60)
+        if not (q4f16.exists() and list(q4f16.parent.glob("*.json"))):
+            log(f"{q4f16} (and its .json) not there by {a.wait_until} UTC: q4f16 verify skipped")
+            return {"rows": rows, "pairs": str(pairs.name), "skipped": f"q4f16 export not there by {a.wait_until} UTC"}
+    else:
+        r = qconv("export-onnx", str(ckpt), str(onnx), "--quantize", "q4f16", "--no-fp32", "--no-verify", "--force",
+                  "-q", "--json")
+        rows.append({"row": "qconv export-onnx --quantize q4f16 --no-fp32 --no-verify", "wall": r["wall"], "rss": r["rss"],
+                     "code": r["code"]})
+    try:
+        rows.append(verify_row("verify q4f16 (warm cache)", qconv("verify", str(ckpt), str(onnx), "--variant", "q4f16",
+                                                                  *common, ok=(0, 1, 3))))
+    finally:
+        if not onnx_from_lead:
+            shutil.rmtree(onnx, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    return {"rows": rows}
+
+
+PARTS = {
+    "reference": part_reference,
+    "onnx": part_onnx,
+    "8b-wide": lambda a: wide_or_full(a, "8b-wide", onnx_from_lead=False),
+    "8b": lambda a: wide_or_full(a, "8b", onnx_from_lead=True),
+}
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def _cands(row: dict) -> str:
+    return ", ".join(f"{c['name'].split('/')[-1]} {c['seconds']:.0f} s" + ("" if c["passed"] else " (FAILED)" if not c["not_verified"] else " (not verified)")
+                     for c in row["candidates"])
+
+
+def _ref(row: dict) -> str:
+    r = row["reference"]
+    if r["cache"] == "hit":
+        return f"{r['engine']}, cache hit"
+    return f"{r['engine']}, cache {r['cache']}: {r['seconds']:.0f} s, {mib(r['peak'])}"
+
+
+def _verdict(value: float, target: float, unit: str = "×") -> str:
+    return f"{value:.2f}{unit} (target ≤ {target}{unit}: {'met' if value <= target else 'missed'})"
+
+
+def render(results: dict) -> str:
+    lines = [START, "## verify (benchmarks/bench_verify.py)", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, 24 GiB, shared with other jobs (heavy runs serialized by a lock). "
+             "Every row is a fresh process; wall from the parent, peak RSS from GNU time (%M), the reference and "
+             "candidate split from `qconv verify --json` (their peaks are the process's while that step ran). "
+             "Probe sets: the first query groups of the built-in probes, without labels (NDCG gains from the "
+             "reference's own P(yes)), both padding sides, batch 8.", ""]
+    p = results.get("reference")
+    if p:
+        lines += [f"### Reference pass alone ({p['date']}; {p['pairs']} built-in probe pairs, max length {p['max_length']})", "",
+                  "`streamed` = qconv's own per-layer loop over transformers' Qwen3DecoderLayer (accelerate's offload was "
+                  "not measured: its hooks move whole modules, and the 151669-row embedding and head would still be loaded whole).", "",
+                  "| checkpoint | engine | cache | wall | in-process | peak RSS |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['checkpoint']} | {r['engine']} | {r['cache']} | {r['wall']:.1f} s | {r['seconds']:.1f} s | {mib(r['rss'])} |"
+                  for r in p["rows"]]
+        lines += [""] + ([p["note"], ""] if p.get("note") else [])
+        by = {(r["checkpoint"], r["engine"], r["cache"]): r for r in p["rows"]}
+        t, s = (by.get(("qwen3-reranker-0.6b", e, "off")) for e in ("transformers", "streamed"))
+        wide = by.get(("8b-wide", "streamed", "off"))
+        verdicts = []
+        if t and s:
+            verdicts.append(f"streamed wall vs transformers' on 0.6B {_verdict(s['wall'] / t['wall'], 1.2)}")
+        if wide:
+            verdicts.append(f"streamed reference peak RSS on 8b-wide {mib(wide['rss'])} (target ≤ 2 GB: "
+                            f"{'met' if wide['rss'] <= 2e9 else 'missed'})")
+        if verdicts:
+            lines += ["Targets: " + "; ".join(verdicts) + ".", ""]
+    p = results.get("onnx")
+    if p:
+        r0 = p["rows"][0]
+        lines += [f"### `qconv verify` of the five ONNX variants of the 0.6B shape ({p['date']})", "",
+                  f"benchmarks/.work/onnx-0.6b-builder (fp32, fp16, int8, q4, q4f16) against benchmarks/.work/qwen3-reranker-0.6b; "
+                  f"{r0['pairs']} pairs ({p['queries']} queries), max length {r0['max_length']}; one run per row, in this order, "
+                  "same settings. A full run of the 40 built-in pairs took 971 s before #9 (BENCHMARKS.md, ONNX section).", "",
+                  "| verify | wall | × before | peak RSS | reference | candidates (scoring time) |", "|---|---|---|---|---|---|"]
+        for r in p["rows"]:
+            lines.append(f"| {r['row']} | {r['wall']:.0f} s | {r['wall'] / r0['wall']:.2f} | {mib(r['rss'])} | {_ref(r)} | {_cands(r)} |")
+        cold, warm = p["rows"][1], p["rows"][2]
+        cand = sum(c["seconds"] for c in r0["candidates"])
+        lines += ["", f"Targets: cold cache {_verdict(cold['wall'] / r0['wall'], 0.5)}; warm cache "
+                  f"{_verdict(warm['wall'] / r0['wall'], 0.3)}. In the run before #9 the reference took "
+                  f"{r0['reference']['seconds']:.0f} s of {r0['wall']:.0f} s and the five candidates {cand:.0f} s: "
+                  "the cache and the streamed engine can only remove the reference's share; the candidates' ONNX "
+                  "scoring (the same onnxruntime sessions before and after #9) is what is left.", ""]
+        if p.get("note"):
+            lines += [p["note"], ""]
+    for name, title in (("8b-wide", "8b-wide (hidden 4096, intermediate 12288, 32/8 heads, 4 layers, untied, 4 GB bf16)"),
+                        ("8b", "full 8B shape (36 layers, untied, 16.4 GB bf16)")):
+        p = results.get(name)
+        if not p:
+            continue
+        v = next((r for r in p["rows"] if r.get("reference")), None)
+        lines += [f"### {title} ({p['date']})", ""]
+        if v:
+            lines += [f"{v['pairs']} pairs, max length {v['max_length']}, `--engine streamed` (what `auto` picks where "
+                      "the fp32 model does not fit); the seq-cls verify fills a fresh cache, the q4f16 verify reads it.", ""]
+        lines += ["| step | wall | peak RSS | reference | candidate |", "|---|---|---|---|---|"]
+        for r in p["rows"]:
+            if r.get("reference"):
+                c = r["candidates"][0] if r["candidates"] else None
+                cand = "n/a" if c is None else (f"{c['name']} ({c['engine']}): {c['seconds']:.0f} s, {mib(c['peak'])}, "
+                                                 f"{'passed' if c['passed'] else 'not verified' if c['not_verified'] else 'FAILED'}")
+                lines.append(f"| {r['row']} | {r['wall']:.0f} s | {mib(r['rss'])} | {_ref(r)} | {cand} |")
+            else:
+                lines.append(f"| {r['row']} | {r['wall']:.0f} s | {mib(r['rss'])} | | |")
+        target = 2e9 if name == "8b-wide" else 3e9
+        if v and v["reference"]["peak"]:
+            lines += ["", f"Target: reference pass peak RSS ≤ {target / 1e9:.0f} GB: {mib(v['reference']['peak'])} "
+                      f"({'met' if v['reference']['peak'] <= target else 'missed'})."]
+        if p.get("skipped"):
+            lines += ["", f"Not measured: {p['skipped']}."]
+        if p.get("note"):
+            lines += ["", p["note"]]
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="reference,onnx,8b-wide", help=f"comma-separated: {', '.join(PARTS)}")
+    ap.add_argument("--queries", type=int, default=3, help="onnx / 8b-wide: built-in probe query groups (4 pairs each)")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--queries-8b", type=int, default=1, help="8b: query groups (the 36-layer pass on 2 cores is slow)")
+    ap.add_argument("--max-length-8b", type=int, default=256)
+    ap.add_argument("--wait-until", default="14:15", help="8b: wait for the q4f16 export until this UTC time")
+    ap.add_argument("--ref-pairs", type=int, default=8)
+    ap.add_argument("--ref-max-length", type=int, default=256)
+    ap.add_argument("--checkpoints", default="qwen3-reranker-0.6b:transformers,streamed;8b-wide:streamed")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the section from the stored results")
+    ap.add_argument("--lock", default="/tmp/qconv-heavy.lock", help="heavy-job lock each measured process takes ('' = none)")
+    a = ap.parse_args()
+    LOCK[:] = ["flock", a.lock] if a.lock else []
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for part in ([] if a.render_only else a.parts.split(",")):
+        log(f"part {part}")
+        results[part] = {**PARTS[part](a), "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+                         "load": os.getloadavg()[0]}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1))
+        write_section(render(results), START, END)
+    text = render(results)
     print(text)
     write_section(text, START, END)
 
