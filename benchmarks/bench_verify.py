@@ -120,7 +120,10 @@ def verify_row(label: str, r: dict) -> dict:
         "row": label, "wall": r["wall"], "rss": r["rss"], "code": r["code"],
         "reference": {"engine": ref["engine"], "cache": ref["cache"], "seconds": ref["seconds"], "peak": ref["peak_rss_bytes"]},
         "candidates": [{"name": c["name"], "passed": c["passed"], "seconds": c["seconds"], "peak": c["peak_rss_bytes"],
-                        "engine": c["engine"], "not_verified": c["not_verified"]} for c in report["candidates"]],
+                        "engine": c["engine"], "not_verified": c["not_verified"],
+                        "max_abs_logit": c["max_abs_logit"], "max_abs_prob": c["max_abs_prob"], "retention": c["retention"],
+                        "failures": [{k: f[k] for k in ("check", "value", "tolerance", "detail")} for f in c["failures"]]}
+                       for c in report["candidates"]],
         "pairs": report["pairs"]["count"], "max_length": report["max_length"],
     }
 
@@ -187,13 +190,18 @@ def wide_or_full(a, name: str, onnx_from_lead: bool) -> dict:
         shutil.rmtree(seqcls, ignore_errors=True)  # 4 GB (8b-wide) / 16 GB (8b) of disk
     q4f16 = onnx / "onnx" / "model_q4f16.onnx"
     if onnx_from_lead:
-        # the ONNX export benchmark writes its .json next to the graph when the export is complete
+        # the ONNX export benchmark (bench_export.py) writes 8b-onnx.json next to the output dir once
+        # the export is complete
+        done = onnx.with_name(onnx.name + ".json")
         deadline = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(a.wait_until), dt.timezone.utc)
-        while not (q4f16.exists() and list(q4f16.parent.glob("*.json"))) and dt.datetime.now(dt.timezone.utc) < deadline:
+        while not (q4f16.exists() and done.exists()) and dt.datetime.now(dt.timezone.utc) < deadline:
             time.sleep(60)
-        if not (q4f16.exists() and list(q4f16.parent.glob("*.json"))):
+        if not (q4f16.exists() and done.exists()):
             log(f"{q4f16} (and its .json) not there by {a.wait_until} UTC: q4f16 verify skipped")
             return {"rows": rows, "pairs": str(pairs.name), "skipped": f"q4f16 export not there by {a.wait_until} UTC"}
+        e = json.loads(done.read_text())
+        rows.append({"row": f"qconv export-onnx {e['args']} (bench_export.py, {e['date']})", "wall": e["seconds"],
+                     "rss": e["peak_rss"], "code": 0})
     else:
         r = qconv("export-onnx", str(ckpt), str(onnx), "--quantize", "q4f16", "--no-fp32", "--no-verify", "--force",
                   "-q", "--json")
@@ -222,6 +230,17 @@ PARTS = {
 def _cands(row: dict) -> str:
     return ", ".join(f"{c['name'].split('/')[-1]} {c['seconds']:.0f} s" + ("" if c["passed"] else " (FAILED)" if not c["not_verified"] else " (not verified)")
                      for c in row["candidates"])
+
+
+def _outcome(c: dict) -> str:
+    """passed / not verified: why / FAILED: the gate(s) and the measured values (from verify's --json)."""
+    if c["passed"]:
+        return "passed"
+    if c["not_verified"]:
+        return f"not verified: {c['not_verified']}"
+    if "failures" not in c:
+        return "FAILED (gate not recorded in this run)"
+    return "FAILED: " + "; ".join(f["detail"] for f in c["failures"])
 
 
 def _ref(row: dict) -> str:
@@ -296,7 +315,7 @@ def render(results: dict) -> str:
             if r.get("reference"):
                 c = r["candidates"][0] if r["candidates"] else None
                 cand = "n/a" if c is None else (f"{c['name']} ({c['engine']}): {c['seconds']:.0f} s, {mib(c['peak'])}, "
-                                                 f"{'passed' if c['passed'] else 'not verified' if c['not_verified'] else 'FAILED'}")
+                                                 f"{_outcome(c)}")
                 lines.append(f"| {r['row']} | {r['wall']:.0f} s | {mib(r['rss'])} | {_ref(r)} | {cand} |")
             else:
                 lines.append(f"| {r['row']} | {r['wall']:.0f} s | {mib(r['rss'])} | | |")
