@@ -76,7 +76,7 @@ OPS = r"""
 import json, statistics, sys, time
 import numpy as np, onnxruntime as ort
 from onnx import TensorProto
-from qwen_convert.onnx.precision import MS, PRECISIONS, quantize_int8
+from qwen_convert.onnx.precision import MS, PRECISIONS, LinearWeight, quantize_int8
 from qwen_convert.onnx.weights import GraphWriter
 from qwen_convert.quantize import QuantizeOptions, QuantMode
 out, rounds = sys.argv[1], int(sys.argv[2])
@@ -116,7 +116,8 @@ def nbits8(block):
     return make
 
 def precision(mode):
-    return lambda g, x, names, ws: [PRECISIONS[mode].linear(g, n, x, w, QuantizeOptions()) for n, w in zip(names, ws)]
+    return lambda g, x, names, ws: [PRECISIONS[mode].linear(g, n, x, [LinearWeight.of(n, w)], QuantizeOptions())
+                                    for n, w in zip(names, ws)]
 
 CANDIDATES = {"int8 DynamicQuantizeMatMul per weight": (dqmm, False),
               "int8 DynamicQuantizeLinear shared + MatMulIntegerToFloat": (mmitf, False),
