@@ -328,6 +328,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100, help="rerank requests against qconv serve")
     ap.add_argument("--vllm-requests", type=int, default=None, help="against vLLM (default: requests / 4)")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--only", choices=("qconv", "vllm"), default=None,
+                    help="run one side; the other side's saved results (if any) stay in the table")
     ap.add_argument("--export", type=Path, default=None, help="serve this ONNX export instead (a smoke run; implies --no-write)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md and the results alone")
     ap.add_argument("--render", action="store_true", help="only rewrite the section from the saved results")
@@ -342,17 +344,26 @@ def main() -> None:
     global EXPORT
     if args.export:
         EXPORT, args.no_write, args.no_vllm = args.export, True, True
-    vllm = not args.no_vllm and VLLM_PY.exists()
+    vllm = not args.no_vllm and args.only != "qconv" and VLLM_PY.exists()
     ensure_artifacts(vllm)
     reqs = requests(args.requests)
     r = {"date": time.strftime("%Y-%m-%d"), "prompt_tokens": prompt_tokens(reqs)}
-    before = offline(reqs)
-    r["qconv"] = served_qconv(reqs)
-    after = offline(reqs)
-    r["offline"] = {s: (before[s] + after[s]) / 2 for s in OFFLINE_BATCHES}
-    r["offline_passes"] = {"before": before, "after": after}
-    if vllm:
-        r["vllm"] = served_vllm(requests(args.vllm_requests or max(CLIENTS, args.requests // 4)))
+    if args.only == "vllm":
+        saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        if "qconv" not in saved:
+            raise SystemExit(f"--only vllm needs a qconv run first ({RESULTS} has none)")
+        r |= {k: saved[k] for k in ("date", "prompt_tokens", "qconv", "offline", "offline_passes")}
+        r["offline"] = {int(k): v for k, v in r["offline"].items()}
+    else:
+        before = offline(reqs)
+        r["qconv"] = served_qconv(reqs)
+        after = offline(reqs)
+        r["offline"] = {s: (before[s] + after[s]) / 2 for s in OFFLINE_BATCHES}
+        r["offline_passes"] = {"before": before, "after": after}
+    if args.only == "qconv" and RESULTS.exists() and "vllm" in (saved := json.loads(RESULTS.read_text())):
+        r["vllm"] = saved["vllm"]
+    elif vllm:
+        r["vllm"] = served_vllm(requests(args.vllm_requests or max(1, args.requests // 4)))
     else:
         r["vllm_skipped"] = "--no-vllm" if args.no_vllm else "no .venv-vllm (make vllm)"
     text = render(r)
