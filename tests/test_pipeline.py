@@ -143,6 +143,39 @@ def test_rerun_skips_intact_steps_and_redoes_a_damaged_one(tiny_run, tmp_path):
     assert check_manifest(out).passed
 
 
+def test_recipe_without_fp32_writes_no_fp32_graph_and_gates_against_the_causal_reference(tmp_path):
+    """What the 4B/8B recipes do (int8, q4, q4f16 only), on the trained tiny reranker."""
+    recipe = tmp_path / "tiny-quantized.toml"
+    recipe.write_text((TINY.read_text().replace('name = "tiny"', 'name = "tiny-quantized"')
+                       .replace('onnx = ["fp32", "fp16", "int8", "q4", "q4f16"]', 'onnx = ["int8", "q4", "q4f16"]')))
+    assert load_recipe(recipe).artifacts.onnx == ("int8", "q4", "q4f16")
+    out = tmp_path / "out"
+    result = run_cli(str(recipe), "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    files = {p.name for p in (out / "onnx" / "onnx").iterdir()}
+    assert files == {"model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"}, files  # no model.onnx(_data), no fp16
+    settings = json.loads((out / "onnx" / "quantize_config.json").read_text())
+    assert settings["exporter"] == "builder" and list(settings["files"]) == ["int8", "q4", "q4f16"]
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert {a["name"] for a in manifest["artifacts"]} == {"seqcls", "onnx/int8", "onnx/q4", "onnx/q4f16", "onnx/support", "verify"}
+    report = json.loads((out / "verify.json").read_text())
+    assert report["reference"]["path"] == str(builtin_path("tiny-reranker").resolve())
+    ndcg_ref = report["reference"]["ndcg"]
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert set(by_name) == {"seqcls", "onnx/int8", "onnx/q4", "onnx/q4f16"}
+    gated = {(m["artifact"], m["name"]): m for m in manifest["metrics"] if m["gate"]}
+    for mode in ("int8", "q4", "q4f16"):
+        c = by_name[f"onnx/{mode}"]
+        # Retention is NDCG against the causal reference's NDCG (there is no fp32 graph to compare with).
+        assert c["ndcg_reference"] == ndcg_ref and abs(c["retention"] - c["ndcg"] / ndcg_ref) < 1e-12
+        m = gated[(f"onnx/{mode}", "retention")]
+        assert m["gate"] == ">= 0.97" and m["passed"] is True and m["value"] == c["retention"]
+        assert 0 < c["max_abs_logit"] < 1  # scored for real, not a copy of the reference
+    assert manifest["passed"] and not manifest["failures"]
+    assert runner.invoke(app, ["run", str(out), "--check"]).exit_code == 0
+
+
 # --- a small local recipe: resume, gates, ownership ----------------------------------------------------
 
 @pytest.fixture

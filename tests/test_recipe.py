@@ -27,11 +27,14 @@ def test_every_shipped_recipe_loads():
     recipes = {p.stem: load_recipe(p) for p in RECIPES.glob("*.toml")}
     assert {"qwen3-reranker-0.6b", "qwen3-reranker-4b", "qwen3-reranker-8b", "tiny", "qwen3-0.6b-query-expansion",
             "tiny-query-expansion"} <= set(recipes)
-    for size in ("0.6B", "4B", "8B"):
+    # 4B and 8B: only the variants that export and verify on a 16 GB runner (the 8B's fp32 graph is ~33 GB).
+    expected = {"0.6B": ("fp32", "fp16", "int8", "q4", "q4f16"), "4B": ("int8", "q4", "q4f16"), "8B": ("int8", "q4", "q4f16")}
+    for size, modes in expected.items():
         r = recipes[f"qwen3-reranker-{size.lower()}"]
         assert r.kind == "reranker"
         assert r.source.modelscope == r.source.huggingface == f"Qwen/Qwen3-Reranker-{size}"
-        assert r.artifacts.seqcls and r.artifacts.onnx == ("fp32", "fp16", "int8", "q4", "q4f16")
+        assert r.artifacts.seqcls and r.artifacts.onnx == modes, size
+    assert recipes["tiny"].artifacts.onnx == ("fp32", "fp16", "int8", "q4", "q4f16")
     tiny = recipes["tiny"]
     assert tiny.source.path == "qconv:tiny-reranker" and tiny.verify.pairs == "qconv:tiny-reranker/eval.jsonl"
     assert recipes["qwen3-0.6b-query-expansion"].kind == "causal-lm"
@@ -89,6 +92,26 @@ def test_set_overrides_are_validated_like_the_file():
         load_recipe(RECIPES / "tiny.toml", ["gates.tol_fp16"])
     r = load_recipe(RECIPES / "tiny.toml", ['artifacts.onnx=["fp32","q4"]', "source.revision=v1.0", "gates.tol_logit=1e-3"])
     assert r.artifacts.onnx == ("fp32", "q4") and r.source.revision == "v1.0" and r.gates.tol_logit == 1e-3
+
+
+@pytest.mark.parametrize("size, disk", [("4b", "~2.1 GB"), ("8b", "4.3 GB")])
+def test_large_recipes_default_to_the_variants_a_16gb_runner_verifies(size, disk):
+    recipe = RECIPES / f"qwen3-reranker-{size}.toml"
+    resolved = tomllib.loads(dry_run(str(recipe)))
+    assert resolved["artifacts"]["onnx"] == ["int8", "q4", "q4f16"]
+    text = recipe.read_text()
+    # The comments give each variant's disk and memory (the q4f16 row checked by its disk figure).
+    rows = [line for line in text.splitlines() if line.startswith("#   ") and "onnx/model_" in line]
+    assert [r.split()[1] for r in rows] == ["int8", "q4", "q4f16"]
+    assert disk in rows[2] and all("< 0.5 GB" in r for r in rows)
+    # fp32 can still be asked for, and a reranker recipe without fp32 is valid.
+    assert load_recipe(recipe, ['artifacts.onnx=["fp32","int8"]']).artifacts.onnx == ("fp32", "int8")
+
+
+def test_only_causal_lm_recipes_need_fp32(tmp_path):
+    assert recipe_from_dict({"name": "x", "source": {"path": "p"}, "artifacts": {"onnx": ["q4"]}}).artifacts.onnx == ("q4",)
+    with pytest.raises(RecipeError, match="artifacts.onnx needs fp32"):
+        recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"}, "artifacts": {"onnx": ["q4f16"]}})
 
 
 def test_dry_run_round_trips_as_toml_and_json(tmp_path):
