@@ -339,3 +339,59 @@ PRECISIONS: dict[QuantMode, Precision] = {
     QuantMode.Q4: Precision(QuantMode.Q4, np.float32, _q4_linear(np.float32), _q4_embedding(np.float32)),
     QuantMode.Q4F16: Precision(QuantMode.Q4F16, np.float16, _q4_linear(np.float16), _q4_embedding(np.float16)),
 }
+
+
+
+# --- quantize_config.json -------------------------------------------------------------------------
+
+_FUSED = ["q_proj + k_proj + v_proj", "gate_proj + up_proj"]  # one weight each, the product Split after
+_RMSNORM = ("every RMSNorm is SimplifiedLayerNormalization (stash_type=1) or SkipSimplifiedLayerNormalization: "
+            "statistics in fp32 for fp16 inputs")
+_FP16_NUMERICS = {
+    "inputs_outputs": "input_ids, attention_mask int64; logits float32",
+    "rmsnorm": _RMSNORM,
+    "softmax": "fp32: GroupQueryAttention's CPU kernel computes Q.K, the softmax and P.V in fp32 for fp16 inputs",
+    "rope": "cos/sin computed in fp32, then cast to fp16",
+}
+
+
+def precision_settings(options: QuantizeOptions) -> dict:
+    """quantize_config.json for the builder: quantize_settings' keys (readers may rely on them) with
+    the builder's values, and under `encoders` each variant's per-tensor encoding as PRECISIONS does it."""
+    from ..quantize import quantize_settings
+
+    settings = quantize_settings(options)
+    q4_embedding = (f"com.microsoft GatherBlockQuantized (int4{'' if options.symmetric else ' + zero points'}, "
+                    f"blocks of {options.block_size} along hidden)") if options.quantize_embedding else None
+    settings["fp16"] = {**settings["fp16"], "method": "qconv graph builder: weights cast to fp16 as written",
+                        "op_block_list": [],  # no whole-graph converter runs, so nothing to block
+                        "node_block_list": _RMSNORM}
+    settings["int8"] = {**settings["int8"], "method": "qconv graph builder: DynamicQuantizeMatMul, weights encoded once "
+                        "at export by quantize_dynamic's QInt8 rule",
+                        "nodes": "weight MatMuls and the embedding (attention's activation x activation products stay float)"}
+    settings["q4"] = {**settings["q4"], "method": "qconv graph builder: MatMulNBits, weights encoded at export by "
+                      "MatMulNBitsQuantizer's kernel (RTN)",
+                      "embedding": q4_embedding or "Gather (fp32, kept: --keep-embedding)"}
+    settings["q4f16"] = "q4 with fp16 scales and activations; fp32 inputs/outputs, RMSNorm statistics and softmax in fp32"
+
+    def q4(scales: str) -> dict:
+        return {"op": "com.microsoft MatMulNBits", "bits": 4, "block_size": options.block_size,
+                "symmetric": options.symmetric, "accuracy_level": options.accuracy_level, "scales": scales,
+                "fused": _FUSED, "embedding": q4_embedding or f"Gather ({scales}, kept: --keep-embedding)"}
+
+    settings["encoders"] = {
+        "fp32": {"op": "MatMul", "weights": "float32", "activations": "float32", "fused": _FUSED,
+                 "embedding": "Gather (float32)"},
+        "fp16": {"op": "MatMul", "weights": "float16", "activations": "float16", "fused": _FUSED,
+                 "embedding": "Gather (float16)", **_FP16_NUMERICS},
+        "int8": {"op": "com.microsoft DynamicQuantizeMatMul", "weights": "int8, symmetric (zero point 0)",
+                 "scales": ("per-channel: one float32 scale per output column" if options.per_channel else
+                            "per-tensor: one float32 scale per weight (a fused product keeps each part's, as a per-column vector)"),
+                 "per_channel": options.per_channel, "activations": "float32, quantized by the op at run time",
+                 "fused": _FUSED, "embedding": "int8 rows with one float32 scale per row (Gather, Cast, Mul)"},
+        "q4": {**q4("float32"), "activations": "float32"},
+        "q4f16": {**q4("float16"), "activations": "float16", **_FP16_NUMERICS},
+        "all": {"head": "final RMSNorm and score head (hidden -> 1) in fp32 on the last real token only "
+                        "(fp16 variants cast that row to fp32 first)"},
+    }
+    return settings
