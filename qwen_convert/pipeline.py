@@ -181,7 +181,7 @@ def step_onnx(ctx: Context) -> Outcome:
     src = ctx.out / SEQCLS_DIR if use_seqcls else _source_path(ctx)
     q = r.quantization
     # Only the listed variants are written: the builder makes each from the checkpoint, so a recipe
-    # without fp32 (4B, 8B: ~16 and ~33 GB) never writes that graph; verify gates every variant
+    # without fp32 (4B, 8B: ~16 and ~30 GB) never writes that graph; verify gates every variant
     # against the causal reference, not against fp32.
     options = ExportOptions(modes=_quantized(r), fp32="fp32" in r.artifacts.onnx, block_size=q.block_size,
                             quantize_embedding=q.quantize_embedding, per_channel=q.per_channel, verify=False, force=True)

@@ -342,7 +342,7 @@ def _check_values(r: Recipe, where: str) -> None:
     if len(set(r.artifacts.onnx)) != len(r.artifacts.onnx):
         raise RecipeError(f"{where}: artifacts.onnx lists a mode twice", "list each mode once")
     # A reranker's variants are each built straight from the checkpoint (qwen_convert/onnx) and gated
-    # against the causal reference, so none needs the fp32 graph (the 8B's is ~33 GB). The causal-LM
+    # against the causal reference, so none needs the fp32 graph (the 8B's is ~30 GB). The causal-LM
     # export still traces fp32 and quantizes that graph.
     if r.kind == "causal-lm" and r.artifacts.onnx and "fp32" not in r.artifacts.onnx:
         raise RecipeError(f"{where}: artifacts.onnx needs fp32", "every causal-LM variant is derived from the fp32 graph; add \"fp32\"")

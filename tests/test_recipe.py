@@ -27,7 +27,7 @@ def test_every_shipped_recipe_loads():
     recipes = {p.stem: load_recipe(p) for p in RECIPES.glob("*.toml")}
     assert {"qwen3-reranker-0.6b", "qwen3-reranker-4b", "qwen3-reranker-8b", "tiny", "qwen3-0.6b-query-expansion",
             "tiny-query-expansion"} <= set(recipes)
-    # 4B and 8B: only the variants that export and verify on a 16 GB runner (the 8B's fp32 graph is ~33 GB).
+    # 4B and 8B: only the variants that export and verify on a 16 GB runner (the 8B's fp32 graph is ~30 GB).
     expected = {"0.6B": ("fp32", "fp16", "int8", "q4", "q4f16"), "4B": ("int8", "q4", "q4f16"), "8B": ("int8", "q4", "q4f16")}
     for size, modes in expected.items():
         r = recipes[f"qwen3-reranker-{size.lower()}"]
@@ -94,7 +94,7 @@ def test_set_overrides_are_validated_like_the_file():
     assert r.artifacts.onnx == ("fp32", "q4") and r.source.revision == "v1.0" and r.gates.tol_logit == 1e-3
 
 
-@pytest.mark.parametrize("size, disk", [("4b", "~2.1 GB"), ("8b", "4.3 GB")])
+@pytest.mark.parametrize("size, disk", [("4b", "~2.3 GB"), ("8b", "4.3 GB")])
 def test_large_recipes_default_to_the_variants_a_16gb_runner_verifies(size, disk):
     recipe = RECIPES / f"qwen3-reranker-{size}.toml"
     resolved = tomllib.loads(dry_run(str(recipe)))
