@@ -242,7 +242,7 @@ EXPORTERS: dict[str, Exporter] = {
     "builder": Exporter(_check_builder, _write_builder,
                         "qconv graph builder: weights streamed from the safetensors and encoded per tensor as written; "
                         "onnxruntime fused CPU ops (SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention, "
-                        "MatMulNBits, DynamicQuantizeMatMul), q/k/v and gate/up each one product; last-token gather before the fp32 score head"),
+                        "MatMulNBits, DynamicQuantizeMatMul); last-token gather before the fp32 score head"),
     "optimum": Exporter(lambda source: None, _write_traced,
                         "optimum-onnx exporter (TorchScript trace), onnxruntime quantizers; last-token gather before the score head"),
 }

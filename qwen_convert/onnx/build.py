@@ -17,8 +17,10 @@ left-padded batch softmax to finite garbage rather than NaN (NaN would reach rea
 
 Each linear weight and the embedding go through the variant's `Precision` (precision.py), which
 decides how the weight is stored and which op consumes it; everything else is the same in every
-variant. Projections of one input are fused (q/k/v, gate/up: one product, then Split). No torch, no
-tracing: peak memory is one row chunk of one weight plus the encoder's working copy.
+variant. q/k/v and gate/up stay separate products: fused (one product, then Split; the encoders
+support it exactly) they measured slower on this CPU (BENCHMARKS.md, bench_onnx_speed: the Split
+alone took 6% of int8's time). No torch, no tracing: peak memory is one row chunk of one weight
+plus the encoder's working copy.
 """
 
 from __future__ import annotations
@@ -136,15 +138,6 @@ class Qwen3RerankerBuilder:
     def linear(self, name: str, x: str) -> str:
         return self.p.linear(self.g, name, x, [self.reader.linear(name + ".weight")], self.options)
 
-    def fused_linear(self, name: str, parts: list[str], x: str) -> list[str]:
-        """Projections of one input (q/k/v, gate/up) as one product, split back into its parts: one
-        activation quantization and one large GEMM instead of several (the encoders keep each
-        part's numbers, so this changes speed, not scores)."""
-        weights = [self.reader.linear(p + ".weight") for p in parts]
-        y = self.p.linear(self.g, name, x, weights, self.options)
-        sizes = self.const(f"{name}.sizes", [w.shape[0] for w in weights])
-        return self.g.node("Split", [y, sizes], n_outputs=len(parts), name=f"{name}.split", axis=-1)
-
     # --- the network ------------------------------------------------------------------------------
 
     def build(self) -> None:
@@ -233,9 +226,9 @@ class Qwen3RerankerBuilder:
 
     def make_attention(self, prefix: str, x: str) -> str:
         s, p = self.shape, prefix + "self_attn."
-        q, k, v = self.fused_linear(p + "qkv_proj", [p + "q_proj", p + "k_proj", p + "v_proj"], x)
-        q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", q, s.heads), s.heads)
-        k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", k, s.kv_heads), s.kv_heads)
+        q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", self.linear(p + "q_proj", x), s.heads), s.heads)
+        k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", self.linear(p + "k_proj", x), s.kv_heads), s.kv_heads)
+        v = self.linear(p + "v_proj", x)
         inputs = [q, k, v, "", "", self.seqlens_k, self.total_len, "", "", "", self.key_bias]
         (attn,) = self.g.node("GroupQueryAttention", inputs, domain=MS_DOMAIN, name=p + "attn",
                               num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5))
@@ -243,10 +236,10 @@ class Qwen3RerankerBuilder:
 
     def make_mlp(self, prefix: str, x: str) -> str:
         g, p = self.g, prefix + "mlp."
-        gate, up = self.fused_linear(p + "gate_up_proj", [p + "gate_proj", p + "up_proj"], x)
+        gate = self.linear(p + "gate_proj", x)
         (sig,) = g.node("Sigmoid", [gate], name=p + "act.sigmoid")
         (silu,) = g.node("Mul", [gate, sig], name=p + "act")
-        (h,) = g.node("Mul", [silu, up], name=p + "gated")
+        (h,) = g.node("Mul", [silu, self.linear(p + "up_proj", x)], name=p + "gated")
         return self.linear(p + "down_proj", h)
 
     def make_layer(self, i: int, hidden: str, residual: str | None) -> tuple[str, str]:
