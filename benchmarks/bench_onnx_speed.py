@@ -183,9 +183,9 @@ def exports(ckpt: Path, reuse: bool) -> dict:
     return made
 
 
-def scoring(rounds: int, min_batches: int, min_seconds: float) -> dict[str, list[dict]]:
+def scoring(rounds: int, min_batches: int, min_seconds: float, modes=MODES) -> dict[str, list[dict]]:
     runs = [("torch", SEQCLS, "bfloat16", "torch bf16")]
-    runs += [("onnx", d, m, f"{label} {m}") for m in MODES for d, label in ((BUILDER, "builder"), (TRACED, "traced"))]
+    runs += [("onnx", d, m, f"{label} {m}") for m in modes for d, label in ((BUILDER, "builder"), (TRACED, "traced"))]
     results: dict[str, list[dict]] = {label: [] for *_, label in runs}
     out = WORK / "speed-score.json"
     for r in range(rounds):
@@ -223,10 +223,12 @@ def op_choice(rounds: int) -> dict[str, float]:
 def bench(args) -> dict:
     ckpt = ensure_checkpoint()
     r: dict = {"checkpoint": str(ckpt.relative_to(ROOT)), "sizes": exports(ckpt, args.reuse)}
-    r["ops"] = op_choice(args.op_rounds)
-    r["scoring"] = scoring(args.rounds, args.min_batches, args.min_seconds)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    r["ops"] = op_choice(args.op_rounds) if args.op_rounds else {}
+    r["scoring"] = scoring(args.rounds, args.min_batches, args.min_seconds, modes)
     r["profiles"] = {label: profile(label, root, mode) for label, root, mode in
-                     (("builder int8", BUILDER, "int8"), ("traced int8", TRACED, "int8"), ("builder q4", BUILDER, "q4"))}
+                     (("builder int8", BUILDER, "int8"), ("traced int8", TRACED, "int8"), ("builder q4", BUILDER, "q4"))
+                     if mode in modes}
     r["load_average"] = os.getloadavg()
     return r
 
@@ -254,7 +256,7 @@ def section(r: dict) -> str:
     rows = [f"| torch bf16 (seq-cls, transformers) | — | {bf16:.2f} | — | 1.00× | "
             f"{median_of(s['torch bf16'], 'load_seconds'):.1f} s | — | {mib(max(x['peak_rss'] for x in s['torch bf16']))} |"]
     verdicts = []
-    for m in MODES:
+    for m in [m for m in MODES if f"builder {m}" in s]:  # (--modes measures a subset)
         b, t = s[f"builder {m}"], s[f"traced {m}"]
         q = ratio(r, m)
         pb, pt = median_of(b, "pairs_per_s"), median_of(t, "pairs_per_s")
@@ -262,11 +264,12 @@ def section(r: dict) -> str:
                     f"{pb / bf16:.2f}× | {median_of(b, 'load_seconds'):.1f} s / {median_of(t, 'load_seconds'):.1f} s | "
                     f"**{q:.2f}×** | {mib(max(x['peak_rss'] for x in b))} / {mib(max(x['peak_rss'] for x in t))} |")
         verdicts.append((m, q))
-    int8 = dict(verdicts)["int8"]
+    int8 = dict(verdicts).get("int8", float("nan"))
     slower = [f"{m} ({q:.2f}×)" for m, q in verdicts if q < 1.0]
     ops = {k: (min(v), statistics.median(v)) for k, v in r["ops"].items()}  # best (least contended), median
-    fastest = min(b for b, _ in ops.values())
-    op_rows = "\n".join(f"| {k} | {b * 1e3:,.0f} ms | {m * 1e3:,.0f} ms | {b / fastest:.2f}× |" for k, (b, m) in ops.items())
+    fastest = min((b for b, _ in ops.values()), default=1.0)
+    op_rows = "\n".join(f"| {k} | {b * 1e3:,.0f} ms | {m * 1e3:,.0f} ms | {b / fastest:.2f}× |" for k, (b, m) in ops.items()) \
+        or "| (not measured in this run: --op-rounds 0) | | | |"
     profiles = "\n\n".join(f"{label}:\n\n| op | time | share |\n|---|---|---|\n{profile_table(p)}"
                            for label, p in r["profiles"].items())
     load = r["load_average"]
@@ -307,7 +310,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-batches", type=int, default=2)
     parser.add_argument("--min-seconds", type=float, default=10.0)
-    parser.add_argument("--op-rounds", type=int, default=7)
+    parser.add_argument("--op-rounds", type=int, default=7, help="0: skip the op-structure benchmark")
+    parser.add_argument("--modes", default=",".join(MODES), help="variants to score, comma-separated (default: all)")
     parser.add_argument("--reuse", action="store_true", help="keep an existing builder export (default: re-export)")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     parser.add_argument("--from-json", action="store_true", help="re-render the last run's results, measure nothing")
