@@ -2,7 +2,8 @@
 
 The graph builder hands every weight to its variant's `Precision` as row chunks ([rows, in] float32
 of the checkpoint's [out, in] layout, a few MB each): a linear layer as one or more `LinearWeight`s
-that share an input (q/k/v, gate/up: fused into one product whose columns are the parts, in order),
+that share an input (fused into one product whose columns are the parts, in order; the builder
+passes one weight at a time, build.py says why),
 the embedding as a callable yielding row chunks. Each encoder writes its initializers and nodes
 through the graph writer and returns the output tensor's name, so no step ever holds a whole weight
 (MatMul's B = W.T is written transposed chunk by chunk), and no whole-graph pass (onnxruntime's
@@ -344,7 +345,7 @@ PRECISIONS: dict[QuantMode, Precision] = {
 
 # --- quantize_config.json -------------------------------------------------------------------------
 
-_FUSED = ["q_proj + k_proj + v_proj", "gate_proj + up_proj"]  # one weight each, the product Split after
+_FUSED: list[str] = []  # products the builder fuses: none (q/k/v, gate/up fused measured slower, build.py)
 _RMSNORM = ("every RMSNorm is SimplifiedLayerNormalization (stash_type=1) or SkipSimplifiedLayerNormalization: "
             "statistics in fp32 for fp16 inputs")
 _FP16_NUMERICS = {
