@@ -219,11 +219,7 @@ def served_vllm(reqs) -> dict:
 
     # The model card's CPU line, as tests/test_vllm.py runs it (cwd = the directory above the model).
     line = (f"VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model {SEQCLS.name} "
-            f"--runner pooling --chat-template {SEQCLS.name}/{TEMPLATE_FILE} --dtype float32")
-    # + --max-model-len 2048 (qconv serve's default --max-length): the card's 1 GiB KV cache holds ~4,600
-    # fp32 tokens of the 0.6B (28 layers x 8 KV heads x 128), less than its config's 40,960-token context,
-    # which vLLM refuses at start-up.
-    line += " --max-model-len 2048"
+            f"--runner pooling --chat-template {SEQCLS.name}/{TEMPLATE_FILE} --dtype float32 --max-model-len 2048")
     words = shlex.split(line)
     env = dict(os.environ, **dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w)))
     argv = [w for w in words if not re.match(r"^[A-Z_]+=", w)]
