@@ -1,7 +1,8 @@
 """One queue and one batching task per model (text-embeddings-inference's router, in small).
 
 Pairs arrive already tokenized. The task takes the oldest waiting pair, lets it wait at most
-`max_wait_ms` for company, then fills its batch with the waiting pairs closest to it in length,
+`max_wait_ms` for company, then fills its batch with the pairs closest to it in length among the
+next few batches' worth of waiting pairs (so requests finish in arrival order),
 within `max_batch_tokens` padded tokens and `max_batch_size` rows: batches stay length-homogeneous
 (little padding) and no pair waits behind an endless stream of better-fitting ones. Inference runs
 on the model's own worker thread, never on the event loop; while it runs, the next batch gathers.
@@ -22,6 +23,9 @@ from ..reranker import pad_rows
 from .metrics import ServerMetrics
 from .options import ServeOptions
 from .protocol import Overloaded
+
+
+WINDOW = 4  # a batch's candidates: this many batches' worth of the oldest waiting pairs
 
 
 class Retired(Exception):
@@ -133,10 +137,14 @@ class Batcher:
         return sum(len(w.ids) for w in self.pending)
 
     def _pick(self) -> list[Work]:
-        """The oldest pair and its nearest neighbours in length, within the batch bounds."""
+        """The oldest pair and its nearest neighbours in length among the next WINDOW x max_batch_size
+        waiting pairs (in arrival order), within the batch bounds. The window keeps requests finishing
+        in arrival order under load: searching the whole queue spread every request's pairs over the
+        whole backlog, so all of them finished together at its end (p50 = p99 = the run)."""
         oldest = self.pending[0]
         width = len(oldest.ids)
-        others = sorted(self.pending[1:], key=lambda w: abs(len(w.ids) - width))
+        window = self.pending[1:WINDOW * self.options.max_batch_size]
+        others = sorted(window, key=lambda w: abs(len(w.ids) - width))
         batch = [oldest]
         for w in others:
             if len(batch) >= self.options.max_batch_size:
