@@ -157,22 +157,16 @@ def tree_hwm(pid: int) -> int:
     return total + sum(tree_hwm(int(c)) for c in children)
 
 
-def wait_for_health(proc: subprocess.Popen, url: str, log: Path, seconds: float) -> None:
-    import httpx
+def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, seconds: float) -> None:
+    """tests/servers.py's wait (the one the tests use), its failure as this script's exit."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import wait_for_health as wait
 
-    deadline = time.monotonic() + seconds
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server not up after {seconds} s:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
+    try:
+        wait(proc, url, log, what, seconds, poll=1)
+    except AssertionError as exc:
+        proc.kill()
+        raise SystemExit(str(exc)) from None
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -192,7 +186,7 @@ def run_served(argv: list[str], env: dict, cwd: Path, model: str, reqs, what: st
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         t = time.perf_counter()
-        wait_for_health(proc, url, log, STARTUP[what])
+        wait_for_health(proc, url, log, what, STARTUP[what])
         startup = time.perf_counter() - t
         warm = asyncio.run(load(url, model, reqs[:2]))  # first batches pay one-time costs
         if warm["errors"]:
