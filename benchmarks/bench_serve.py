@@ -157,25 +157,17 @@ def tree_hwm(pid: int) -> int:
     return total + sum(tree_hwm(int(c)) for c in children)
 
 
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import stop, wait_for_health as _wait  # noqa: E402  (the tests' server helpers, one copy)
+
+
 def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, seconds: float) -> None:
     """tests/servers.py's wait (the one the tests use), its failure as this script's exit."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from servers import wait_for_health as wait
-
     try:
-        wait(proc, url, log, what, seconds, poll=1)
+        _wait(proc, url, log, what, seconds, poll=1)
     except AssertionError as exc:
         proc.kill()
         raise SystemExit(str(exc)) from None
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def run_served(argv: list[str], env: dict, cwd: Path, model: str, reqs, what: str, log: Path) -> dict:
@@ -197,7 +189,7 @@ def run_served(argv: list[str], env: dict, cwd: Path, model: str, reqs, what: st
         result["peak_rss"] = tree_hwm(proc.pid)
         result["startup_s"] = startup
     finally:
-        stop(proc)
+        stop(proc, 60)
     print(f"    {result['pairs_per_s']:.2f} pairs/s, p50 {result['p50']:.1f} s, p99 {result['p99']:.1f} s, "
           f"{result['errors']} errors, peak RSS {mib(result['peak_rss'])}", file=sys.stderr, flush=True)
     return result

@@ -100,13 +100,19 @@ def serving(*args: str, block_torch: Path | None = None, env: dict | None = None
         wait_for_health(proc, url, log, "qconv serve", STARTUP_SECONDS)
         yield Server(proc, url, log)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop(proc, 20)
+
+
+def stop(proc: subprocess.Popen, seconds: float) -> None:
+    """SIGTERM (a server drains), then SIGKILL if it is still up after `seconds`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def metric(server: Server, name: str, **labels) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from servers import wait_for_health
+from servers import stop, wait_for_health
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
@@ -98,12 +98,7 @@ def vllm_server(seqcls: Path, template: bool, log_dir: Path):
         wait_for_health(proc, url, log, "vLLM", STARTUP_SECONDS, poll=1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc, 30)
 
 
 def _scores(url: str, model: str) -> dict[str, np.ndarray]:
