@@ -90,7 +90,7 @@ class VerifyOptions:
     # Torch models (the reference, seq-cls candidates): transformers, streamed (one layer at a time),
     # or auto = streamed when the whole fp32 model would not fit (qwen_convert/stream).
     engine: str = "auto"
-    cache_dir: Path | None = None  # reference-score cache (stream/cache.py); None = no cache
+    cache_dir: Path | None = None  # score cache of the reference and the candidates (stream/cache.py); None = no cache
     memory_limit: int | None = None  # bytes a model may use; None = what the machine (and its cgroup) has left
     server: ServerOptions = ServerOptions()  # candidates that are URLs of running servers (qwen_convert/remote.py)
 
@@ -161,6 +161,8 @@ class CandidateResult:
     peak_rss: int | None = None  # bytes, this process while scoring this candidate
     not_verified: str | None = None  # why it was not scored (e.g. it would not fit in memory)
     memory_needed: int | None = None  # estimated bytes
+    cache: str = "off"  # off | miss | hit | stale | corrupt: whether its scores came from the score cache
+    cache_path: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -179,7 +181,7 @@ class CandidateResult:
             "ndcg_reference": self.ndcg_reference, "ndcg": self.ndcg, "retention": self.retention,
             "failures": [f.to_dict() for f in self.failures], "seconds": round(self.seconds, 3),
             "engine": self.engine, "peak_rss_bytes": self.peak_rss, "not_verified": self.not_verified,
-            "memory_needed_bytes": self.memory_needed,
+            "memory_needed_bytes": self.memory_needed, "cache": self.cache, "cache_path": self.cache_path,
         })
 
 
@@ -272,7 +274,7 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
         rows = [header]
         for c in self.candidates:
             rows.append((
-                c.label, c.precision, f"{c.max_abs_logit:.2e}", f"{c.max_abs_prob:.2e}",
+                c.label + (" (cached)" if c.cache == "hit" else ""), c.precision, f"{c.max_abs_logit:.2e}", f"{c.max_abs_prob:.2e}",
                 f"{c.ranking.identical}/{c.ranking.queries} τ≥{c.ranking.min_kendall_tau:.2f}",
                 f"{_fmt(c.ndcg_reference, '.3f')}→{_fmt(c.ndcg, '.3f')}", _fmt(c.retention, ".3f"),
                 c.gate.describe() if c.gate else "none",
@@ -411,6 +413,15 @@ def _not_verified(path: Path, name: str, kind: str, precision: str, gates: Mappi
     )
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """What _compare reads of a scorer, for a torch candidate whose scores came from the cache."""
+
+    name: str
+    precision: str
+    kind: object
+
+
 def _ranking(groups: list[list[int]], ref: np.ndarray, cand: np.ndarray) -> tuple[int, int, list[float]]:
     identical = top1 = 0
     taus = []
@@ -546,6 +557,35 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
 
     from .stream.memory import peak_rss, reset_peak
 
+    cache = None
+    if options.cache_dir is not None:
+        from .stream.cache import ScoreCache
+
+        cache = ScoreCache(Path(options.cache_dir))
+    sizes = {side: len(order) for side in batches}
+
+    def finish(result: CandidateResult, cand: dict[str, np.ndarray], started: float, engine: str, peak,
+               needed, found, material) -> None:
+        result.seconds = time.perf_counter() - started
+        result.engine, result.peak_rss, result.memory_needed = engine, peak, needed
+        if found is not None:
+            result.cache, result.cache_path = found.status, str(found.path)
+            if found.scores is None and all(np.isfinite(v).all() for v in cand.values()):
+                cache.store(material, cand, {"engine": engine, "seconds": round(result.seconds, 3)})
+        results.append(result)
+
+    def cached(path: Path, name: str, precision: str, onnx_path, threads, engine: str):
+        """(lookup, key material) for a candidate's scores, or (None, None) with the cache off."""
+        if cache is None:
+            return None, None
+        from .stream.cache import candidate_key
+
+        material = candidate_key(path, name, precision, onnx_path, threads, batches, engine, settings)
+        found = cache.lookup(material, sizes)
+        if found.reason:
+            reporter.log(f"score cache entry {found.path} is {found.status} ({found.reason}); recomputing")
+        return found, material
+
     results: list[CandidateResult] = []
     for path, kind in kinds:
         if kind is ArtifactKind.SERVER:
@@ -553,12 +593,31 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
             continue
         tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
         choice = _candidate_engine(path, kind, options, batches)
+        if kind is not ArtifactKind.ONNX:  # a torch model: nothing is loaded when its scores are cached
+            found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
+            if found is not None and found.scores is not None:
+                reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
+                result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
+                finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
+                continue
         if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
             results.append(_not_verified(path, kind.value, kind.value, "fp32", gates, choice))
             continue
         scorers = load_scorers(path, options.variants, "float32", kind, engine=choice.engine, reporter=reporter)
         while scorers:
             scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
+            started = time.perf_counter()
+            if kind is ArtifactKind.ONNX:  # sessions start on first use: none is made for cached scores
+                found = material = None
+            if kind is ArtifactKind.ONNX and getattr(scorer, "path", None) is not None:
+                found, material = cached(path, scorer.name, scorer.precision, Path(scorer.path),
+                                         getattr(scorer, "threads", None), "onnxruntime")
+                if found is not None and found.scores is not None:
+                    reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
+                    result = _compare(path, scorer, ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k,
+                                      gates, tokenizer_failures)
+                    finish(result, found.scores, started, "onnxruntime", None, None, found, material)
+                    continue
             fit = _variant_fit(scorer, choice, options, batches)
             if not fit.fits:
                 results.append(_not_verified(path, scorer.name, kind.value, scorer.precision, gates, fit))
@@ -569,10 +628,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
             started = time.perf_counter()
             cand = _score_sides(scorer, batches, order, reporter, f"{path.name} [{scorer.name}]")
             result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
-            result.seconds = time.perf_counter() - started
-            result.engine, result.peak_rss = getattr(scorer, "engine", "onnxruntime"), peak_rss()
-            result.memory_needed = fit.needed
-            results.append(result)
+            finish(result, cand, started, getattr(scorer, "engine", "onnxruntime"), peak_rss(), fit.needed, found, material)
             del scorer
             gc.collect()
 

@@ -9,6 +9,7 @@ two-layer checkpoint with the real 8B attention widths (head_dim 128, 32 query /
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import shutil
 from pathlib import Path
@@ -295,3 +296,46 @@ def test_parse_size():
     assert parse_size("12G") == 12 << 30 and parse_size("512M") == 512 << 20 and parse_size("3.5GiB") == int(3.5 * (1 << 30))
     with pytest.raises(QconvError):
         parse_size("lots")
+
+
+def test_candidate_scores_are_cached_and_any_change_rescores(tiny_models, tmp_path, monkeypatch):
+    """Re-verifying unchanged candidates reads their scores (no ONNX session, no torch model is made);
+    touching a data file, other inputs or a broken entry rescores; the gates are re-applied either way."""
+    import onnxruntime
+
+    from qwen_convert.export import ExportOptions, export_onnx
+
+    src = tiny_models["untied_fp32"]
+    onnx = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
+    seqcls = convert_to_seqcls(src, tmp_path / "seqcls").out
+    cache = tmp_path / "cache"
+    options = VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache)
+    first = verify(src, [onnx, seqcls], options)
+    assert first.passed and [c.cache for c in first.candidates] == ["miss", "miss", "miss"]
+    assert len(_entries(cache)) == 4  # the reference and three candidates
+
+    real_session = onnxruntime.InferenceSession
+
+    def no_session(*a, **k):
+        raise AssertionError("a cached candidate created an onnxruntime session")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    monkeypatch.setattr("qwen_convert.scoring._load_seqcls", no_session)
+    second = verify(src, [onnx, seqcls], options)
+    assert [c.cache for c in second.candidates] == ["hit", "hit", "hit"] and second.passed
+    assert [c.max_abs_logit for c in second.candidates] == [c.max_abs_logit for c in first.candidates]
+    assert [c.retention for c in second.candidates] == [c.retention for c in first.candidates]
+    assert "(cached)" in second.render()
+    tight = verify(src, [seqcls], replace(options, tol_logit=1e-12))  # gates apply to cached numbers too
+    assert tight.candidates[0].cache == "hit" and not tight.passed
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", real_session)
+    data = onnx / "onnx" / "model.onnx"  # inline weights at this size: the graph file is the data
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    third = verify(src, [onnx], options)
+    assert [c.cache for c in third.candidates] == ["miss", "hit"]  # fp32 rescored, int8 untouched
+    (entry,) = [p for p in _entries(cache) if third.candidates[1].cache_path == str(p)]
+    entry.write_text(entry.read_text().replace('"scores"', '"scorez"', 1))
+    assert verify(src, [onnx], options).candidates[1].cache == "corrupt"
+    assert verify(src, [onnx], replace(options, max_length=120)).candidates[1].cache == "miss"
+    assert [c.cache for c in verify(src, [onnx], replace(options, cache_dir=None)).candidates] == ["off", "off"]

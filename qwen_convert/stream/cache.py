@@ -1,6 +1,9 @@
-"""Reference scores computed once, kept on disk, reused while nothing they depend on has changed.
+"""Scores computed once, kept on disk, reused while nothing they depend on has changed.
 
-The key is a sha256 over everything the reference's numbers depend on:
+Two kinds of entry share one directory: the causal reference's scores, and each candidate's (a
+seq-cls checkpoint, or one variant of an ONNX export), so re-verifying unchanged artifacts scores
+nothing again; the gates are always re-applied to the numbers. The key is a sha256 over everything
+the numbers depend on:
   * the checkpoint: sha256 of config.json and of every tokenizer file (small), and for each
     safetensors file its name, size, mtime and the sha256 of its header (tensor names, dtypes,
     shapes, offsets). Hashing 16 GB of weights on every `verify` would cost minutes, so the weight
@@ -10,7 +13,11 @@ The key is a sha256 over everything the reference's numbers depend on:
   * the exact inputs: the token ids and attention masks of every padded batch on every padding side,
     which covers the pairs, the instruction, the template, the max length, the tokenizer, the batch
     size and the batch order; plus those settings in readable form;
-  * what computes: the engine (transformers or streamed) and the qconv/torch/transformers versions.
+  * what computes: the engine (transformers, streamed or onnxruntime) and the versions of qconv,
+    torch, transformers, numpy and onnxruntime, plus onnxruntime's thread count.
+A candidate's key holds its artifact the same way: a seq-cls checkpoint as above, an ONNX variant as
+the sha256 of its export's small files (config, tokenizer, quantize_config.json) and the name, size
+and mtime of the .onnx file and of every external data file it names, plus the variant's name.
 An entry is a JSON file named by the key, holding the key material and a checksum of its scores. An
 entry whose name, key material or checksum does not match, or that cannot be read, is never used:
 `lookup` says why in one line and the caller recomputes and overwrites it.
@@ -81,18 +88,53 @@ def inputs_digest(batches: Mapping[str, Sequence[EncodedBatch]]) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict:
+def _versions(libraries: Sequence[str] = ("torch", "transformers", "numpy")) -> dict:
     from .. import __version__
     from ..manifest import library_versions
 
     libs = library_versions()
-    return {"qconv": __version__, **{k: libs.get(k) for k in ("torch", "transformers", "numpy")}}
+    return {"qconv": __version__, **{k: libs.get(k) for k in libraries}}
+
+
+def _file_stat(f: Path) -> dict:
+    st = f.stat()
+    return {"name": f.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def onnx_identity(onnx_path: Path | str) -> dict:
+    """An ONNX variant's identity (see the module docstring): the export's small files by content, the
+    graph and its external data by name, size and mtime."""
+    from ..onnx_scoring import external_data_files
+
+    onnx_path = Path(onnx_path)
+    root = onnx_path.parent.parent  # OUT/onnx/model_*.onnx -> OUT
+    small = {}
+    for name in ("config.json", "quantize_config.json", *TOKENIZER_FILES):
+        for f in (root / name, onnx_path.parent / name):
+            if f.is_file():
+                small[str(f.relative_to(root))] = _sha256_bytes(f.read_bytes())
+    return {"files": small, "graph": _file_stat(onnx_path),
+            "data": [_file_stat(f) for f in external_data_files(onnx_path)]}
 
 
 def reference_key(path: Path | str, batches: Mapping[str, Sequence[EncodedBatch]], engine: str, settings: Mapping) -> dict:
     """The key material of a reference computation; `settings`: instruction, max length ... (readable)."""
     return {"format": FORMAT, "checkpoint": checkpoint_identity(path), "inputs": inputs_digest(batches),
             "engine": engine, "settings": dict(settings), "versions": _versions()}
+
+
+def candidate_key(path: Path | str, name: str, precision: str, onnx_path: Path | None, threads: int | None,
+                  batches: Mapping[str, Sequence[EncodedBatch]], engine: str, settings: Mapping) -> dict:
+    """The key material of one candidate's scores: an ONNX variant (`onnx_path`) or a torch checkpoint."""
+    if onnx_path is not None:
+        artifact = onnx_identity(onnx_path)
+        libraries: tuple[str, ...] = ("numpy", "onnxruntime")
+    else:
+        artifact = checkpoint_identity(path)
+        libraries = ("torch", "transformers", "numpy")
+    return {"format": FORMAT, "role": "candidate", "artifact": artifact, "name": name, "precision": precision,
+            "inputs": inputs_digest(batches), "engine": engine, "threads": threads, "settings": dict(settings),
+            "versions": _versions(libraries)}
 
 
 def _digest(material: Mapping) -> str:
@@ -112,7 +154,7 @@ class Lookup:
 
 
 @dataclass(frozen=True)
-class ReferenceCache:
+class ScoreCache:
     root: Path
 
     def entry(self, material: Mapping) -> Path:

@@ -69,7 +69,7 @@ def reference_scores(path: Path, batches: Mapping[str, Sequence[EncodedBatch]], 
     """The causal reference at PATH scored on `batches` (built in `order`), cached under `cache_dir`."""
     from ..checkpoint import load_config
     from ..scoring import ArtifactKind, choose_engine, load_scorers
-    from .cache import ReferenceCache, reference_key
+    from .cache import ScoreCache, reference_key
     from .memory import activation_bytes, describe, peak_rss, reset_peak
 
     config = load_config(path)
@@ -84,7 +84,7 @@ def reference_scores(path: Path, batches: Mapping[str, Sequence[EncodedBatch]], 
                          "free memory, use fewer or shorter pairs (--pairs, --max-length), or raise --memory-limit")
 
     sizes = {side: len(order) for side in batches}
-    cache = ReferenceCache(Path(cache_dir)) if cache_dir is not None else None
+    cache = ScoreCache(Path(cache_dir)) if cache_dir is not None else None
     material = reference_key(path, batches, choice.engine, settings) if cache else None
     status, where = "off", None
     if cache is not None:
