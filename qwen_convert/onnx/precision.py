@@ -66,16 +66,19 @@ class LinearWeight:
 
 # --- numeric kernels: one weight in, its stored form out ------------------------------------------
 
-def int8_scale(absmax: np.ndarray) -> np.ndarray:
-    """quantize_dynamic's QInt8 scale of a symmetric range: max|w| / 127, computed in float64 and
-    stored float32; below float32's smallest normal (an all-zero weight) it is 1."""
-    scale = (np.asarray(absmax, dtype=np.float32).astype(np.float64) * 2 / 254.0).astype(np.float32)
+def int8_scale(absmax: np.ndarray, reduce_range: bool = False) -> np.ndarray:
+    """quantize_dynamic's QInt8 scale of a symmetric range: max|w| / 127 (reduce_range: / 64),
+    computed in float64 and stored float32; below float32's smallest normal (an all-zero weight) it is 1."""
+    levels = 128.0 if reduce_range else 254.0
+    scale = (np.asarray(absmax, dtype=np.float32).astype(np.float64) * 2 / levels).astype(np.float32)
     return np.where(scale < np.finfo(np.float32).tiny, np.float32(1), scale).astype(np.float32)
 
 
-def int8_encode(rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """q = round-half-even(w / scale), clipped to int8 (scale: a scalar or one per row [n, 1])."""
-    return np.clip(np.round(np.asarray(rows, dtype=np.float32) / scale), -128, 127).astype(np.int8)
+def int8_encode(rows: np.ndarray, scale: np.ndarray, reduce_range: bool = False) -> np.ndarray:
+    """q = round-half-even(w / scale), clipped to int8 ([-64, 64] with reduce_range; scale: a scalar or
+    one per row [n, 1])."""
+    lo, hi = (-64, 64) if reduce_range else (-128, 127)
+    return np.clip(np.round(np.asarray(rows, dtype=np.float32) / scale), lo, hi).astype(np.int8)
 
 
 def _absmax(w: np.ndarray, axis=None) -> np.ndarray:
@@ -83,12 +86,12 @@ def _absmax(w: np.ndarray, axis=None) -> np.ndarray:
     return np.maximum(np.abs(np.minimum(lo, np.float32(0))), np.abs(np.maximum(hi, np.float32(0))))
 
 
-def quantize_int8(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8(weight: np.ndarray, per_channel: bool, reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """[out, in] float32 -> (int8 [in, out] for MatMul's B, float32 scale: [] or [out]), by
     quantize_dynamic's QInt8 rule (`int8_scale`, `int8_encode`); per channel = per output column of B."""
     w = np.asarray(weight, dtype=np.float32)
-    scale = int8_scale(_absmax(w, axis=1 if per_channel else None))
-    q = int8_encode(w, scale[:, None] if per_channel else scale)
+    scale = int8_scale(_absmax(w, axis=1 if per_channel else None), reduce_range)
+    q = int8_encode(w, scale[:, None] if per_channel else scale, reduce_range)
     return np.ascontiguousarray(q.T), scale
 
 
@@ -172,15 +175,20 @@ def _float_embedding(dtype) -> Callable:
 
 def _int8_linear(g: Writer, name: str, x: str, weights: Sequence[LinearWeight], options: QuantizeOptions) -> str:
     k, n = _fused_shape(name, weights)
+    # Per-channel scales put every row's weights across the whole int8 range, and DynamicQuantizeMatMul's
+    # u8s8 kernel on CPUs without VNNI (vpmaddubsw) saturates a pair of uint8 x int8 products above
+    # 32767: measured 6% of a product's scale on such a CI machine. 7-bit weights (quantize_dynamic's
+    # reduce_range) keep 2 x 255 x 64 below it; per-tensor scales, which outliers keep small, stay 8-bit.
+    reduce = options.per_channel
     per_tensor = None if options.per_channel else [  # a first pass over each part for its range
         int8_scale(max(float(_absmax(rows)) for rows in w.chunks())) for w in weights]
     column_scales: list[np.ndarray] = []
 
     def encoded() -> Iterator[np.ndarray]:
         for part, rows in _linear_rows(weights):
-            scale = int8_scale(_absmax(rows, axis=1))[:, None] if per_tensor is None else per_tensor[part]
+            scale = int8_scale(_absmax(rows, axis=1), reduce)[:, None] if per_tensor is None else per_tensor[part]
             column_scales.append(np.broadcast_to(scale.reshape(-1), (len(rows),)))
-            yield int8_encode(rows, scale)
+            yield int8_encode(rows, scale, reduce)
 
     q = g.initializer_transposed(f"{name}.weight_quantized", np.dtype(np.int8), (k, n), encoded())
     # One weight per tensor: a scalar scale, as quantize_dynamic writes; otherwise one per column.
@@ -386,7 +394,8 @@ def precision_settings(options: QuantizeOptions) -> dict:
         "fp16": {"op": "MatMul", "weights": "float16", "activations": "float16", "fused": _FUSED,
                  "embedding": "Gather (float16)", **_FP16_NUMERICS},
         "int8": {"op": "com.microsoft DynamicQuantizeMatMul", "weights": "int8, symmetric (zero point 0)",
-                 "scales": ("per-channel: one float32 scale per output column" if options.per_channel else
+                 "scales": ("per-channel: one float32 scale per output column, 7-bit weights in [-64, 64] (reduce_range)"
+                            if options.per_channel else
                             "per-tensor: one float32 scale per weight (a fused product keeps each part's, as a per-column vector)"),
                  "per_channel": options.per_channel, "activations": "float32, quantized by the op at run time",
                  "fused": _FUSED, "embedding": "int8 rows with one float32 scale per row (Gather, Cast, Mul)"},
