@@ -44,6 +44,11 @@ class Engine(str, Enum):
     streamed = "streamed"
 
 
+class PaddingCheck(str, Enum):
+    probe = "probe"
+    full = "full"
+
+
 EngineOpt = Annotated[Engine, typer.Option("--engine", help="Torch models: transformers (whole model in memory), streamed (one layer at a time, fp32), or auto (streamed when the model would not fit).")]
 
 
@@ -183,6 +188,7 @@ def verify(
     max_length: MaxLenOpt = 8192,
     batch_size: BatchOpt = 8,
     engine: EngineOpt = Engine.auto,
+    padding_check: Annotated[PaddingCheck, typer.Option("--padding-check", help="probe: every pair padded on the left, and the shortest and longest prompt in one right-padded batch; full: every pair on both sides (about 1.5x the time).")] = PaddingCheck.probe,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Score cache of the reference and the candidates (default: $QCONV_CACHE_DIR, else ~/.cache/qconv/reference).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Score the reference and every candidate again; read and write no cache.")] = False,
     memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", help="Memory a model may use, e.g. 12G (default: what the machine and its cgroup have left).")] = None,
@@ -205,7 +211,7 @@ def verify(
     options = VerifyOptions(
         pairs_file=pairs, variants=tuple(variant or ()), tol_logit=tol_logit, tol_fp16=tol_fp16,
         min_retention=min_retention, instruction=instruction, max_length=max_length, batch_size=batch_size,
-        engine=engine.value, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        engine=engine.value, padding_check=padding_check.value, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         memory_limit=parse_size(memory_limit) if memory_limit else None,
         server=ServerOptions(api=parse_api(api).value, precision=precision, timeout=timeout, model=model),
     )

@@ -3,7 +3,9 @@
 The reference is the causal model itself, scored without any converted head: logit(yes) − logit(no)
 at the last real token (scoring.CausalScorer), always in fp32. Every candidate (a seq-cls directory, or
 each variant of an ONNX export: scoring.load_scorers is the seam) runs on the same prompts in the same
-padded batches, on both padding sides. The candidate's precision picks its gate from one table
+padded batches: every pair on the first padding side, and on each other side a padding probe (the
+shortest and the longest prompt in one batch: the most padding the pairs allow), or every pair on
+every side with padding_check="full". The candidate's precision picks its gate from one table
 (DEFAULT_GATES); like optimum's validation, every check that misses is collected and reported against
 its tolerance, and the report fails if any candidate fails or if the reference itself depends on the
 padding side (then nothing measured against it can be trusted).
@@ -30,6 +32,7 @@ from .remote import ServerOptions
 from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, load_tokenizer
 
 PADDING_SIDES: tuple[PaddingSide, ...] = ("left", "right")
+PADDING_CHECKS = ("probe", "full")
 REFERENCE_PADDING_TOL = 1e-4
 
 
@@ -86,6 +89,11 @@ class VerifyOptions:
     # batches still mix lengths (the last one pairs ~150- with ~650-token prompts), so padding stays exercised.
     sort_by_length: bool = True
     tol_reference_padding: float = REFERENCE_PADDING_TOL
+    # "probe": every pair on the first padding side, and on each other side one batch of the shortest and
+    # the longest prompt. A padding bug shows on any padded row, and that batch pads the most; the
+    # parity and ranking gates keep every pair. It scores ~0.66x the tokens of "full" (every pair on
+    # every side) on the built-in probes. The reference's own padding invariance is checked on the probe.
+    padding_check: str = "probe"
     pairs: tuple[LabeledPair, ...] | None = None  # in-memory pairs (library callers); beats pairs_file
     # Torch models (the reference, seq-cls candidates): transformers, streamed (one layer at a time),
     # or auto = streamed when the whole fp32 model would not fit (qwen_convert/stream).
@@ -223,6 +231,8 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
     gates: dict[str, Gate]
     batch_order: str  # length | given
     versions: dict[str, str]
+    padding_check: str = "full"  # probe | full (VerifyOptions.padding_check)
+    padding_rows: dict[str, int] = field(default_factory=dict)  # side -> pairs scored on it
 
     @property
     def passed(self) -> bool:
@@ -247,6 +257,8 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
                       "truncated": self.num_truncated},
             "ndcg": {"k": self.ndcg_k, "gains": self.ndcg_gains},
             "padding_sides": list(self.padding_sides),
+            "padding_check": self.padding_check,
+            "padding_rows": dict(self.padding_rows),
             "batch_size": self.batch_size,
             "batch_order": self.batch_order,
             "max_length": self.max_length,
@@ -254,6 +266,12 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
             "tolerances": {p: g.to_dict() for p, g in self.gates.items()},
             "versions": self.versions,
         }
+
+    def _sides(self) -> str:
+        def one(side: str) -> str:
+            n = self.padding_rows.get(side, self.num_pairs)
+            return side if n == self.num_pairs else f"{side} (probe: {n} pair{'s' if n != 1 else ''})"
+        return " + ".join(one(side) for side in self.padding_sides)
 
     def render(self) -> str:
         ref = self.reference
@@ -265,7 +283,7 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
             + (f", peak {ref.peak_rss / (1 << 30):.1f} GiB" if ref.peak_rss else "")
             + f")  NDCG@{self.ndcg_k} {_fmt(ref.ndcg, '.3f')}",
             f"pairs      {self.num_pairs} from {self.pairs_source}, {self.num_queries} queries; padding "
-            f"{'+'.join(self.padding_sides)}; batch {self.batch_size}; max length {self.max_length}"
+            f"{self._sides()}; batch {self.batch_size}; max length {self.max_length}"
             + (f" ({self.num_truncated} truncated)" if self.num_truncated else ""),
             f"reference padding invariance: {pad}",
             "",
@@ -330,6 +348,8 @@ def _check_options(options: VerifyOptions) -> None:
     sides = options.padding_sides
     if not sides or any(s not in PADDING_SIDES for s in sides) or len(set(sides)) != len(sides):
         raise QconvError(f"padding sides {sides!r} are invalid", "use ('left', 'right'), or one of them")
+    if options.padding_check not in PADDING_CHECKS:
+        raise QconvError(f"padding check {options.padding_check!r} is invalid", f"use one of {', '.join(PADDING_CHECKS)}")
     if options.ndcg_gains not in ("auto", "labels", "reference"):
         raise QconvError(f"ndcg_gains {options.ndcg_gains!r} is invalid", "use auto, labels or reference")
     if options.ndcg_k < 1:
@@ -360,11 +380,30 @@ def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: Pro
     return failures
 
 
-def _score_sides(scorer, batches: Mapping[str, list], order: np.ndarray, reporter: Reporter, label: str) -> dict[str, np.ndarray]:
-    """Logits per padding side, in the pairs' own order (batches were built in `order`)."""
+def padding_probe(lengths: Sequence[int]) -> np.ndarray:
+    """Pair indices of the shortest and the longest prompt: one batch with the most padding the pairs allow."""
+    by_length = np.argsort(np.asarray(lengths), kind="stable")
+    return np.unique(by_length[[0, -1]]) if len(by_length) else by_length
+
+
+def plan_batches(encoder: PromptEncoder, pairs: Sequence[LabeledPair], options: VerifyOptions) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    """(side -> padded batches, side -> the pair index of each of their rows): every pair on the first
+    side (in length order unless sort_by_length is off), then each other side per padding_check."""
+    from .scoring import encode_batches
+
+    lengths = [len(encoder.ids(p)) for p in pairs]
+    order = np.argsort(lengths, kind="stable") if options.sort_by_length else np.arange(len(pairs))
+    first, *others = options.padding_sides
+    orders = {first: order, **{side: order if options.padding_check == "full" else padding_probe(lengths) for side in others}}
+    batches = {side: encode_batches(encoder, [pairs[i] for i in rows], options.batch_size, side) for side, rows in orders.items()}
+    return batches, orders
+
+
+def _score_sides(scorer, batches: Mapping[str, list], orders: Mapping[str, np.ndarray], reporter: Reporter, label: str) -> dict[str, np.ndarray]:
+    """Logits per padding side, in the pairs' own order (NaN where a side did not score a pair)."""
     from .stream.reference import score_sides
 
-    return score_sides(scorer, batches, order, reporter, label)
+    return score_sides(scorer, batches, orders, reporter, label)
 
 
 def _candidate_engine(path: Path, kind, options: VerifyOptions, batches: Mapping[str, list]):
@@ -435,27 +474,32 @@ def _ranking(groups: list[list[int]], ref: np.ndarray, cand: np.ndarray) -> tupl
 
 def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], pairs: Sequence[LabeledPair],
              groups: list[list[int]], gains: np.ndarray, ndcg_ref: float | None, k: int, gates: Mapping[str, Gate],
-             extra_failures: list[Failure]) -> CandidateResult:
+             extra_failures: list[Failure], rows: Mapping[str, np.ndarray]) -> CandidateResult:
+    """Differences on every pair each side scored (`rows`); ranking and NDCG on the sides that scored all."""
     per_side: dict[str, dict] = {}
     worst = {"max_abs_logit": -1.0}
     max_prob = 0.0
     rank_stats = []
     ndcgs = []
     for side in ref:
+        idx = np.asarray(rows[side])
         with np.errstate(invalid="ignore"):
-            d_logit = np.abs(cand[side] - ref[side])
-            d_prob = np.abs(sigmoid(cand[side]) - sigmoid(ref[side]))
+            d_logit = np.abs(cand[side][idx] - ref[side][idx])
+            d_prob = np.abs(sigmoid(cand[side][idx]) - sigmoid(ref[side][idx]))
         # NaN must count as the worst possible difference, never as "no difference".
         d_logit = np.where(np.isnan(d_logit), np.inf, d_logit)
         d_prob = np.where(np.isnan(d_prob), 1.0, d_prob)
-        i = int(np.argmax(d_logit))
-        per_side[side] = {"max_abs_logit": float(d_logit[i]), "max_abs_prob": float(d_prob.max()), "worst_pair": i}
-        if d_logit[i] > worst["max_abs_logit"]:
-            worst = {"max_abs_logit": float(d_logit[i]), "pair": i, "side": side, "query": pairs[i].query,
+        j = int(np.argmax(d_logit))
+        i = int(idx[j])
+        per_side[side] = {"max_abs_logit": float(d_logit[j]), "max_abs_prob": float(d_prob.max()), "worst_pair": i,
+                          "pairs": len(idx)}
+        if d_logit[j] > worst["max_abs_logit"]:
+            worst = {"max_abs_logit": float(d_logit[j]), "pair": i, "side": side, "query": pairs[i].query,
                      "reference_logit": float(ref[side][i]), "candidate_logit": float(cand[side][i])}
         max_prob = max(max_prob, float(d_prob.max()))
-        rank_stats.append(_ranking(groups, ref[side], cand[side]))
-        ndcgs.append(mean_ndcg(groups, cand[side], gains, k))
+        if len(idx) == len(pairs):  # a padding probe has too few pairs to rank
+            rank_stats.append(_ranking(groups, ref[side], cand[side]))
+            ndcgs.append(mean_ndcg(groups, cand[side], gains, k))
     max_logit = worst.pop("max_abs_logit")
     rank = Ranking(
         queries=len(groups),
@@ -469,7 +513,7 @@ def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.
 
     gate = gates.get(scorer.precision)
     failures = list(extra_failures)
-    non_finite = sum(int(np.count_nonzero(~np.isfinite(v))) for v in cand.values())
+    non_finite = sum(int(np.count_nonzero(~np.isfinite(cand[side][rows[side]]))) for side in ref)
     if non_finite:
         failures.append(Failure("finite", float(non_finite), 0.0, f"{non_finite} scores are NaN or infinite"))
     if gate is None:
@@ -501,7 +545,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     """Score the probe pairs with the causal reference and every candidate; gate each by its precision."""
     from .resolve import resolve_model
     from .remote import connect, is_server_url
-    from .scoring import ArtifactKind, detect_kind, encode_batches, length_order, load_scorers, prompt_encoder
+    from .scoring import ArtifactKind, detect_kind, load_scorers, prompt_encoder
 
     _check_options(options)
     gates = gate_table(options)
@@ -523,31 +567,28 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
 
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
     servers = {c: connect(c, options.server, pairs[0], encoder.instruction) for c, kind in kinds if kind is ArtifactKind.SERVER}
-    order = np.arange(len(pairs))
-    if options.sort_by_length:
-        order = length_order(encoder, pairs)
-    batched = [pairs[i] for i in order]
-    batches = {side: encode_batches(encoder, batched, options.batch_size, side) for side in options.padding_sides}
+    batches, orders = plan_batches(encoder, pairs, options)
     groups = list(group_by_query(pairs).values())
     use_labels = options.ndcg_gains == "labels" or (options.ndcg_gains == "auto" and has_labels(pairs))
     if use_labels and not has_labels(pairs):
         raise QconvError("ndcg_gains='labels' but some pairs have no label", 'add "label" to every line, or use gains from the reference')
 
-    from .stream.reference import reference_scores
+    from .stream.reference import all_finite, reference_scores
 
     settings = {"instruction": encoder.instruction, "max_length": options.max_length, "batch_size": options.batch_size,
                 "padding_sides": list(options.padding_sides), "batch_order": "length" if options.sort_by_length else "given",
-                "pairs": len(pairs)}
-    run = reference_scores(resolved.path, batches, order, settings, options.engine, options.cache_dir,
+                "padding_check": options.padding_check, "pairs": len(pairs)}
+    run = reference_scores(resolved.path, batches, orders, settings, options.engine, options.cache_dir,
                            options.memory_limit, reporter)
     ref, ref_seconds = run.scores, run.seconds
-    if not all(np.isfinite(v).all() for v in ref.values()):
+    if not all_finite(ref, orders):
         raise SourceError(f"the reference {resolved.path} produced NaN or infinite scores", "its weights are broken; re-download it")
 
     first = options.padding_sides[0]
     gains = (np.array([p.label for p in pairs], dtype=np.float64) if use_labels else sigmoid(ref[first]))
     ndcg_ref = mean_ndcg(groups, ref[first], gains, options.ndcg_k)
-    pad_delta = float(np.max(np.abs(ref["left"] - ref["right"]))) if len(ref) == 2 else None
+    both = np.intersect1d(orders[PADDING_SIDES[0]], orders[PADDING_SIDES[1]]) if len(ref) == 2 else None
+    pad_delta = float(np.max(np.abs(ref["left"][both] - ref["right"][both]))) if both is not None and len(both) else None
     reference_result = ReferenceResult(
         path=str(resolved.path), source=resolved.source, ndcg=ndcg_ref, max_padding_delta=pad_delta,
         padding_invariant=pad_delta is None or bool(pad_delta <= options.tol_reference_padding),
@@ -562,7 +603,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         from .stream.cache import ScoreCache
 
         cache = ScoreCache(Path(options.cache_dir))
-    sizes = {side: len(order) for side in batches}
+    sizes = {side: len(pairs) for side in batches}
 
     def finish(result: CandidateResult, cand: dict[str, np.ndarray], started: float, engine: str, peak,
                needed, found, material) -> None:
@@ -570,7 +611,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         result.engine, result.peak_rss, result.memory_needed = engine, peak, needed
         if found is not None:
             result.cache, result.cache_path = found.status, str(found.path)
-            if found.scores is None and all(np.isfinite(v).all() for v in cand.values()):
+            if found.scores is None and all_finite(cand, orders):
                 cache.store(material, cand, {"engine": engine, "seconds": round(result.seconds, 3)})
         results.append(result)
 
@@ -589,7 +630,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     results: list[CandidateResult] = []
     for path, kind in kinds:
         if kind is ArtifactKind.SERVER:
-            results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter))
+            results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter, orders))
             continue
         tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
         choice = _candidate_engine(path, kind, options, batches)
@@ -597,7 +638,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
             found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
             if found is not None and found.scores is not None:
                 reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
-                result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
+                result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
                 finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
                 continue
         if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
@@ -615,7 +656,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
                 if found is not None and found.scores is not None:
                     reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
                     result = _compare(path, scorer, ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k,
-                                      gates, tokenizer_failures)
+                                      gates, tokenizer_failures, orders)
                     finish(result, found.scores, started, "onnxruntime", None, None, found, material)
                     continue
             fit = _variant_fit(scorer, choice, options, batches)
@@ -626,8 +667,8 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
             gc.collect()
             reset_peak()
             started = time.perf_counter()
-            cand = _score_sides(scorer, batches, order, reporter, f"{path.name} [{scorer.name}]")
-            result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures)
+            cand = _score_sides(scorer, batches, orders, reporter, f"{path.name} [{scorer.name}]")
+            result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
             finish(result, cand, started, getattr(scorer, "engine", "onnxruntime"), peak_rss(), fit.needed, found, material)
             del scorer
             gc.collect()
@@ -637,6 +678,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         num_truncated=sum(encoder.truncated(p) for p in pairs),
         num_queries=len(groups), ndcg_gains="labels" if use_labels else "reference", ndcg_k=options.ndcg_k,
         padding_sides=tuple(options.padding_sides), batch_size=options.batch_size, max_length=options.max_length,
+        padding_check=options.padding_check, padding_rows={side: len(rows) for side, rows in orders.items()},
         instruction=encoder.instruction, gates=gates, versions=versions(),
         batch_order="length" if options.sort_by_length else "given",
     )
@@ -682,7 +724,7 @@ def _alternative_probabilities(reference: Path, pairs: Sequence[LabeledPair], en
     for alt, batches in prompts.items():
         settings = {"prompt": alt.name, "instruction": encoder.instruction, "max_length": options.max_length,
                     "batch_size": size, "padding_sides": ["right"], "batch_order": "given", "pairs": len(pairs)}
-        run = reference_scores(reference, {"right": batches}, order, settings, options.engine, options.cache_dir,
+        run = reference_scores(reference, {"right": batches}, {"right": order}, settings, options.engine, options.cache_dir,
                                options.memory_limit, reporter)
         out[alt] = sigmoid(run.scores["right"])
     return out
@@ -690,7 +732,7 @@ def _alternative_probabilities(reference: Path, pairs: Sequence[LabeledPair], en
 
 def _verify_server(scorer, options: VerifyOptions, pairs: Sequence[LabeledPair], ref: dict[str, np.ndarray],
                    groups: list[list[int]], gains: np.ndarray, ndcg_ref: float | None, reference: Path,
-                   encoder: PromptEncoder, reporter: Reporter) -> CandidateResult:
+                   encoder: PromptEncoder, reporter: Reporter, rows: Mapping[str, np.ndarray]) -> CandidateResult:
     """Score the pairs once on the server (it pads and batches as it likes), compare with every padding
     side of the reference, and on a mismatch name the likely cause."""
     from .remote import diagnose, probability_to_logit
@@ -703,7 +745,7 @@ def _verify_server(scorer, options: VerifyOptions, pairs: Sequence[LabeledPair],
     with np.errstate(invalid="ignore"):
         logits = np.where((p >= 0) & (p <= 1), probability_to_logit(np.clip(p, 0, 1)), np.nan)
     result = _compare(Path(scorer.url), scorer, ref, {side: logits for side in ref}, pairs, groups, gains, ndcg_ref,
-                      options.ndcg_k, server_gate_table(options), [])
+                      options.ndcg_k, server_gate_table(options), [], rows)
     result.path, result.seconds, result.engine = scorer.url, seconds, "server"
     if result.failures:
         first = next(iter(ref))

@@ -27,7 +27,7 @@ from qwen_convert.scoring import ArtifactKind, choose_engine, encode_batches, pr
 from qwen_convert.stream.engine import stream_forward
 from qwen_convert.stream.memory import activation_bytes, parse_size
 from qwen_convert.stream.reference import padded_tokens
-from qwen_convert.verify import VerifyOptions, verify
+from qwen_convert.verify import VerifyOptions, plan_batches, verify
 
 PAIRS = tuple(PROBE_PAIRS[i] for i in (0, 1, 2, 3, 9, 22, 23, 24, 25))  # 102 to 523 tokens, two languages
 SHORT = tuple(PROBE_PAIRS[i] for i in (0, 1, 22, 23))
@@ -246,7 +246,8 @@ def test_candidate_that_does_not_fit_is_not_verified(tiny_models, real_widths, t
     big = convert_to_seqcls(real_widths, tmp_path / "big-seqcls").out
     small = convert_to_seqcls(ref, tmp_path / "small-seqcls").out
     # The same estimates verify makes: the model's largest layer plus the probe set's activations.
-    sides = {side: _batches(ref, side, SHORT, 2) for side in ("left", "right")}
+    options = VerifyOptions(pairs=SHORT, batch_size=2)
+    sides = plan_batches(prompt_encoder(ref, None, options.max_length), SHORT, options)[0]
     tokens = padded_tokens(sides)[0]
 
     def need(model, kind):
@@ -257,7 +258,7 @@ def test_candidate_that_does_not_fit_is_not_verified(tiny_models, real_widths, t
     ref_need, big_need = need(ref, ArtifactKind.CAUSAL), need(big, ArtifactKind.SEQCLS)
     assert big_need > ref_need
     limit = (ref_need + big_need) // 2
-    report = verify(ref, [small, big], VerifyOptions(pairs=SHORT, batch_size=2, memory_limit=limit))
+    report = verify(ref, [small, big], replace(options, memory_limit=limit))
     good, skipped = report.candidates
     assert good.passed and good.not_verified is None
     assert skipped.not_verified and "needs about" in skipped.not_verified and skipped.memory_needed >= big_need

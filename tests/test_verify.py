@@ -96,7 +96,8 @@ def test_scores_do_not_depend_on_batch_composition(tiny_models, candidates):
 @pytest.mark.parametrize(("bad", "low", "high"), [("noisy_head", 1e-2, 1.0), ("bf16_head", 1e-5, 1e-2)])
 def test_perturbed_head_fails_with_the_measured_numbers(tiny_models, candidates, bad, low, high):
     src = tiny_models["tied_fp32"]
-    report = verify(src, [candidates["tied_fp32/converted"], candidates[bad]], VerifyOptions(pairs=SHORT, batch_size=3))
+    report = verify(src, [candidates["tied_fp32/converted"], candidates[bad]],
+                    VerifyOptions(pairs=SHORT, batch_size=3, padding_check="full"))
     good, broken = report.candidates
     assert good.passed and not broken.passed and not report.passed
     # The reported number is the real one: recompute it independently.
@@ -186,10 +187,58 @@ def test_non_finite_candidate_scores_fail_and_json_stays_strict(tiny_models, can
     report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SHORT, batch_size=4))
     [c] = report.candidates
     assert {f.check for f in c.failures} == {"finite", "max_abs_logit"}
-    assert next(f for f in c.failures if f.check == "finite").value == 4.0  # first row of 2 batches x 2 sides
+    # the first row of each batch: 2 batches on the left, and the right side's padding probe
+    assert next(f for f in c.failures if f.check == "finite").value == 3.0
     assert c.max_abs_logit == np.inf and c.max_abs_prob == 1.0
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["candidates"][0]["max_abs_logit"] is None and data["passed"] is False
+
+
+def test_padding_probe_is_the_shortest_and_longest_prompt_in_one_batch(tiny_models):
+    from qwen_convert.verify import plan_batches
+
+    encoder = prompt_encoder(tiny_models["tied_fp32"], None, 8192)
+    lengths = [len(encoder.ids(p)) for p in SUBSET]
+    batches, orders = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4))
+    assert sorted(orders["left"]) == list(range(len(SUBSET))) and len(batches["left"]) == 3
+    shortest, longest = int(np.argmin(lengths)), int(np.argmax(lengths))
+    assert list(orders["right"]) == sorted([shortest, longest]) and lengths[longest] - lengths[shortest] > 300
+    [probe] = batches["right"]
+    mask = probe.attention_mask
+    assert mask.shape == (2, lengths[longest]) and mask.sum(axis=1).tolist() == [lengths[i] for i in orders["right"]]
+    assert mask[:, 0].all() and not mask[:, -1].all()  # right-padded, by the whole length difference
+    full = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4, padding_check="full"))[1]
+    assert [list(v) for v in full.values()] == [list(orders["left"])] * 2
+    assert list(plan_batches(encoder, SUBSET[:1], VerifyOptions())[1]["right"]) == [0]
+    with pytest.raises(QconvError, match="padding check"):
+        verify(tiny_models["tied_fp32"], [], VerifyOptions(pairs=SHORT, padding_check="some"))
+
+
+class _RightPaddingBug(_Shifted):
+    """Right-padded rows move by 0.5: what pooling the last position instead of the last real token does."""
+
+    def score(self, batch):
+        return self.inner.score(batch) + 0.5 * (batch.attention_mask[:, -1] == 0)
+
+
+def test_the_padding_probe_catches_a_candidate_broken_only_on_the_other_side(tiny_models, candidates, monkeypatch, tmp_path):
+    onnx_dir = tmp_path / "export"
+    shutil.copytree(candidates["tied_fp32/converted"], onnx_dir)
+    (onnx_dir / "onnx").mkdir()
+    base = load_scorers(candidates["tied_fp32/converted"])[0]
+    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [_RightPaddingBug(base, "fp32", None)])
+    report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SUBSET, batch_size=4))
+    [c] = report.candidates
+    assert report.padding_check == "probe" and report.padding_rows == {"left": len(SUBSET), "right": 2}
+    assert c.per_side["left"]["max_abs_logit"] < 1e-5 and c.per_side["right"]["pairs"] == 2
+    assert c.max_abs_logit == pytest.approx(0.5, abs=1e-5) and c.worst["side"] == "right"
+    encoder = prompt_encoder(tiny_models["tied_fp32"], None, 8192)
+    assert c.worst["pair"] == int(np.argmin([len(encoder.ids(p)) for p in SUBSET]))  # the padded row of the probe
+    assert [f.check for f in c.failures] == ["max_abs_logit"] and not report.passed
+    assert c.ranking.queries == 3 and c.ranking.identical == 3  # ranked on the left side, where every pair was scored
+    assert "right (probe: 2 pairs)" in report.render()
+    data = report.to_dict()
+    assert data["padding_check"] == "probe" and data["padding_rows"] == {"left": len(SUBSET), "right": 2}
 
 
 def test_reference_that_depends_on_padding_is_flagged(tiny_models, candidates, monkeypatch):

@@ -24,7 +24,7 @@ from ..reranker import EncodedBatch
 
 @dataclass(frozen=True)
 class ReferenceRun:
-    scores: dict[str, np.ndarray]  # side -> logits, in the pairs' own order
+    scores: dict[str, np.ndarray]  # side -> logits, in the pairs' own order (NaN: not scored on that side)
     engine: str  # transformers | streamed (the one that computed them, also on a cache hit)
     peak_rss: int | None  # bytes, this process during the pass (None on a cache hit)
     seconds: float
@@ -39,34 +39,45 @@ def padded_tokens(batches: Mapping[str, Sequence[EncodedBatch]]) -> tuple[int, i
     return sum(sizes), max(sizes, default=0)
 
 
-def score_sides(scorer, batches: Mapping[str, Sequence[EncodedBatch]], order: np.ndarray, reporter: Reporter,
-                label: str) -> dict[str, np.ndarray]:
-    """Logits per padding side in the pairs' order; a streamed scorer gets every side in one pass."""
+def scored_rows(orders: Mapping[str, np.ndarray]) -> int:
+    """The number of pairs behind `orders` (side -> pair index of each batch row, in batch order): at
+    least one side scores every pair; another may score only a padding probe."""
+    return max((len(o) for o in orders.values()), default=0)
+
+
+def all_finite(scores: Mapping[str, np.ndarray], orders: Mapping[str, np.ndarray]) -> bool:
+    """Every score that was computed is finite (pairs a side did not score hold NaN)."""
+    return all(np.isfinite(scores[side][orders[side]]).all() for side in orders)
+
+
+def score_sides(scorer, batches: Mapping[str, Sequence[EncodedBatch]], orders: Mapping[str, np.ndarray],
+                reporter: Reporter, label: str) -> dict[str, np.ndarray]:
+    """Logits per padding side in the pairs' own order, NaN for pairs that side did not score; a
+    streamed scorer gets every side in one pass."""
     from ..scoring import score_pairs
 
     sides = list(batches)
+    n = scored_rows(orders)
+    out = {side: np.full(n, np.nan) for side in sides}
     if hasattr(scorer, "score_batches"):
         flat = [b for side in sides for b in batches[side]]
         scores = score_pairs(scorer, flat)
-        out, start = {}, 0
+        start = 0
         for side in sides:
-            n = sum(b.input_ids.shape[0] for b in batches[side])
-            out[side] = np.empty(len(order))
-            out[side][order] = scores[start:start + n]
-            start += n
+            rows = len(orders[side])
+            out[side][orders[side]] = scores[start:start + rows]
+            start += rows
         return out
-    out = {}
     for side in sides:
-        task = reporter.task(f"{label} ({side} padding)", total=len(order))
-        out[side] = np.empty(len(order))
-        out[side][order] = score_pairs(scorer, batches[side], on_batch=task.advance)
+        task = reporter.task(f"{label} ({side} padding)", total=len(orders[side]))
+        out[side][orders[side]] = score_pairs(scorer, batches[side], on_batch=task.advance)
     return out
 
 
-def reference_scores(path: Path, batches: Mapping[str, Sequence[EncodedBatch]], order: np.ndarray, settings: Mapping,
+def reference_scores(path: Path, batches: Mapping[str, Sequence[EncodedBatch]], orders: Mapping[str, np.ndarray], settings: Mapping,
                      engine: str = "auto", cache_dir: Path | None = None, budget: int | None = None,
                      reporter: Reporter = NULL) -> ReferenceRun:
-    """The causal reference at PATH scored on `batches` (built in `order`), cached under `cache_dir`."""
+    """The causal reference at PATH scored on `batches` (rows: `orders`, see score_sides), cached under `cache_dir`."""
     from ..checkpoint import load_config
     from ..scoring import ArtifactKind, choose_engine, load_scorers
     from .cache import ScoreCache, reference_key
@@ -83,7 +94,7 @@ def reference_scores(path: Path, batches: Mapping[str, Sequence[EncodedBatch]], 
                          f"and {describe(choice.budget)} is available",
                          "free memory, use fewer or shorter pairs (--pairs, --max-length), or raise --memory-limit")
 
-    sizes = {side: len(order) for side in batches}
+    sizes = {side: scored_rows(orders) for side in batches}
     cache = ScoreCache(Path(cache_dir)) if cache_dir is not None else None
     material = reference_key(path, batches, choice.engine, settings) if cache else None
     status, where = "off", None
@@ -100,11 +111,11 @@ def reference_scores(path: Path, batches: Mapping[str, Sequence[EncodedBatch]], 
     reset_peak()
     started = time.perf_counter()
     scorer = load_scorers(path, (), "float32", ArtifactKind.CAUSAL, engine=choice.engine, reporter=reporter)[0]
-    scores = score_sides(scorer, batches, order, reporter, "reference")
+    scores = score_sides(scorer, batches, orders, reporter, "reference")
     seconds = time.perf_counter() - started
     peak = peak_rss()
     del scorer
     gc.collect()
-    if cache is not None and all(np.isfinite(v).all() for v in scores.values()):
+    if cache is not None and all_finite(scores, orders):
         where = cache.store(material, scores, {"engine": choice.engine, "seconds": round(seconds, 3)})
     return ReferenceRun(scores, choice.engine, peak, seconds, status, where, choice.needed)
