@@ -6,8 +6,9 @@ Parts (`--parts`, comma-separated; each row is a fresh process under GNU `time`,
   our own per-layer loop over transformers' Qwen3DecoderLayer) vs transformers' whole Qwen3ForCausalLM,
   then cold vs warm cache.
 - `onnx`: `qconv verify` of the five ONNX variants of the 0.6B shape (benchmarks/.work/onnx-0.6b-builder),
-  the pre-#9 path (`--engine transformers --no-cache`: whole fp32 model, nothing cached) vs today's
-  default (`--engine auto`) with a fresh cache dir (cold) and the same dir again (warm), in one run.
+  the pre-#9 code (commit 346e154^, from a git worktree in benchmarks/.work/pre9) vs today's defaults
+  with a fresh cache dir (cold), a cache holding only the reference (warm reference) and the cold
+  run's dir again (warm), interleaved over `--rounds`.
 - `8b-wide`: `qconv seqcls` of benchmarks/.work/8b-wide, `qconv verify` of it (streamed, cold cache),
   `qconv export-onnx --quantize q4f16 --no-fp32` and `qconv verify` of that (same cache: warm).
 - `8b`: the same for the full 8B shape (benchmarks/.work/8b); the q4f16 export is the one the ONNX
@@ -68,13 +69,13 @@ def log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
 
-def measure(args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
+def measure(args: list[str], ok: tuple[int, ...] = (0,), cwd: Path = ROOT) -> dict:
     """One fresh process: wall time, peak RSS (GNU time %M), exit code, stdout. An exit code outside
     `ok` aborts the benchmark with the child's stderr."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
         # GNU time runs inside flock: %e (wall) and %M (peak RSS) leave out the wait for the lock
         p = subprocess.run([*LOCK, "/usr/bin/time", "-f", "%e %M", "-o", t.name, *args], capture_output=True, text=True,
-                           cwd=ROOT, env=ENV)
+                           cwd=cwd, env=ENV)
         wall, rss = open(t.name).read().split()[-2:]
         wall, rss = float(wall), int(rss) * 1024
     if p.returncode not in ok:
@@ -82,11 +83,16 @@ def measure(args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
     return {"wall": wall, "rss": rss, "code": p.returncode, "stdout": p.stdout}
 
 
+qconv_last: dict = {}
+
+
 def qconv(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
     cmd = [str(ROOT / ".venv/bin/qconv"), *args]
     log(" ".join(cmd))
     r = measure(cmd, ok)
     log(f"  {r['wall']:.1f} s, {mib(r['rss'])}, exit {r['code']}")
+    qconv_last.clear()
+    qconv_last.update(r)
     return r
 
 
@@ -118,13 +124,16 @@ def verify_row(label: str, r: dict) -> dict:
     ref = report["reference"]
     return {
         "row": label, "wall": r["wall"], "rss": r["rss"], "code": r["code"],
-        "reference": {"engine": ref["engine"], "cache": ref["cache"], "seconds": ref["seconds"], "peak": ref["peak_rss_bytes"]},
-        "candidates": [{"name": c["name"], "passed": c["passed"], "seconds": c["seconds"], "peak": c["peak_rss_bytes"],
-                        "engine": c["engine"], "not_verified": c["not_verified"], "cache": c.get("cache", "off"),
+        # .get: the pre-#9 code's report has no engine, peak or cache fields
+        "reference": {"engine": ref.get("engine", "transformers"), "cache": ref.get("cache", "off"), "seconds": ref["seconds"],
+                      "peak": ref.get("peak_rss_bytes")},
+        "candidates": [{"name": c["name"], "passed": c["passed"], "seconds": c["seconds"], "peak": c.get("peak_rss_bytes"),
+                        "engine": c.get("engine", "onnxruntime"), "not_verified": c.get("not_verified"), "cache": c.get("cache", "off"),
                         "max_abs_logit": c["max_abs_logit"], "max_abs_prob": c["max_abs_prob"], "retention": c["retention"],
                         "failures": [{k: f[k] for k in ("check", "value", "tolerance", "detail")} for f in c["failures"]]}
                        for c in report["candidates"]],
         "pairs": report["pairs"]["count"], "max_length": report["max_length"],
+        "padding": report.get("padding_rows") or {side: report["pairs"]["count"] for side in report["padding_sides"]},
     }
 
 
@@ -153,20 +162,46 @@ def part_reference(a) -> dict:
     return {"rows": rows, "pairs": a.ref_pairs, "max_length": a.ref_max_length}
 
 
+# "Today's path" when #9 was filed: the commit before its streamed reference and score cache landed
+# (346e154). Its code runs from a git worktree on the same venv, same files, same flags.
+PRE9 = "346e154^"
+
+
+def pre9_checkout() -> Path:
+    where = WORK / "pre9"
+    if not (where / "qwen_convert").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(where), PRE9], cwd=ROOT, check=True, capture_output=True)
+    return where
+
+
 def part_onnx(a) -> dict:
+    """Per round, interleaved: the pre-#9 code; today's default with a fresh cache (cold); with a cache
+    that holds only the reference's scores (warm reference: new variants of a model already verified);
+    and the cold run's cache again (warm: a re-verify, every score cached)."""
     ref, onnx = WORK / "qwen3-reranker-0.6b", WORK / "onnx-0.6b-builder"
     for d in (ref / "config.json", onnx / "onnx" / "model_q4f16.onnx"):
         if not d.exists():
             raise SystemExit(f"{d} missing: run benchmarks/bench_onnx.py (or make_checkpoint.py 0.6b) first")
     pairs = probe_file(a.queries)
-    common = [str(ref), str(onnx), "--pairs", str(pairs), "--max-length", str(a.max_length), "--json", "-q"]
-    cache = Path(tempfile.mkdtemp(prefix="bench-verify-cache-"))
-    runs = [("before #9: --engine transformers --no-cache", ["--engine", "transformers", "--no-cache"]),
-            ("now, cold cache (--engine auto, fresh --cache-dir)", ["--cache-dir", str(cache)]),
-            ("now, warm cache (same --cache-dir)", ["--cache-dir", str(cache)])]
-    rows = [verify_row(label, qconv("verify", *common, *extra, ok=(0, 1, 3))) for label, extra in runs]
-    shutil.rmtree(cache, ignore_errors=True)
-    return {"rows": rows, "queries": a.queries}
+    common = ["verify", str(ref), str(onnx), "--pairs", str(pairs), "--max-length", str(a.max_length), "--json", "-q"]
+    old = pre9_checkout()
+    labels = ["before #9 (commit 346e154^, its defaults)", "now, cold cache (defaults, fresh --cache-dir)",
+              "now, warm reference (cache holds the reference only)", "now, warm (the cold run's --cache-dir again)"]
+    rounds: list[list[dict]] = []
+    for k in range(a.rounds):
+        log(f"round {k + 1}/{a.rounds}")
+        cold, ref_only = (Path(tempfile.mkdtemp(prefix="bench-verify-cache-")) for _ in range(2))
+        # python -c puts the working directory first on sys.path: run the old code from its own checkout
+        r = measure([str(ROOT / ".venv/bin/python"), "-c", "from qwen_convert.cli import app; app()", *common], (0, 1, 3), cwd=old)
+        log(f"  before #9: {r['wall']:.1f} s")
+        row = [verify_row(labels[0], r), verify_row(labels[1], qconv(*common, "--cache-dir", str(cold), ok=(0, 1, 3)))]
+        shutil.copy(json.loads(qconv_last["stdout"])["reference"]["cache_path"], ref_only)
+        row.append(verify_row(labels[2], qconv(*common, "--cache-dir", str(ref_only), ok=(0, 1, 3))))
+        row.append(verify_row(labels[3], qconv(*common, "--cache-dir", str(cold), ok=(0, 1, 3))))
+        rounds.append(row)
+        for d in (cold, ref_only):
+            shutil.rmtree(d, ignore_errors=True)
+    return {"rounds": rounds, "queries": a.queries}
 
 
 def wide_or_full(a, name: str, onnx_from_lead: bool) -> dict:
@@ -259,11 +294,48 @@ def _ref(row: dict) -> str:
     return f"{r['engine']}, cache {r['cache']}: {r['seconds']:.0f} s, {mib(r['peak'])}"
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def _padding(row: dict) -> str:
+    return " + ".join(f"{n} {side}-padded" for side, n in row.get("padding", {}).items())
+
+
 def _verdict(value: float, target: float, unit: str = "×") -> str:
     return f"{value:.2f}{unit} (target ≤ {target}{unit}: {'met' if value <= target else 'missed'})"
 
 
+# Each part's subsection of BENCHMARKS.md, by the start of its heading: a part with no stored result
+# (benchmarks/.work is per machine) keeps the subsection already in BENCHMARKS.md.
+HEADINGS = {"reference": "### Reference pass alone", "onnx": "### `qconv verify` of the five ONNX variants",
+            "8b-wide": "### 8b-wide", "8b": "### full 8B shape"}
+
+
+def _blocks(text: str) -> dict[str, str]:
+    """part -> its '### ' subsection (heading to the next one) in `text`."""
+    out: dict[str, str] = {}
+    chunks = text.split("\n### ")
+    for chunk in chunks[1:]:
+        block = "### " + chunk.split(END)[0].rstrip("\n")
+        for part, heading in HEADINGS.items():
+            if block.startswith(heading):
+                out[part] = block
+    return out
+
+
 def render(results: dict) -> str:
+    new = _render(results)
+    old_text = (ROOT / "BENCHMARKS.md").read_text()
+    old = _blocks(old_text[old_text.index(START):old_text.index(END) + len(END)]) if START in old_text and END in old_text else {}
+    fresh = _blocks(new)
+    head = new.split("\n### ")[0].split(END)[0].rstrip("\n")
+    kept = [fresh.get(part) or old.get(part) for part in HEADINGS]
+    return "\n\n".join([head, *(b for b in kept if b), END])
+
+
+def _render(results: dict) -> str:
     lines = [START, "## verify (benchmarks/bench_verify.py)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, 24 GiB, shared with other jobs (heavy runs serialized by a lock). "
              "Every row is a fresh process; wall and peak RSS from GNU time (%e, %M, inside the lock: waiting for it is not counted), the reference and "
@@ -271,7 +343,7 @@ def render(results: dict) -> str:
              "A verify row's peak RSS is the largest of GNU time's and those per-step peaks: verify resets the "
              "kernel's high-water mark before each step, which also resets what GNU time reads at exit. "
              "Probe sets: the first query groups of the built-in probes, without labels (NDCG gains from the "
-             "reference's own P(yes)), both padding sides, batch 8.", ""]
+             "reference's own P(yes)), batch 8; both padding sides in full before the padding probe (each ONNX row says what it scored).", ""]
     p = results.get("reference")
     if p:
         lines += [f"### Reference pass alone ({p['date']}; {p['pairs']} built-in probe pairs, max length {p['max_length']})", "",
@@ -293,25 +365,33 @@ def render(results: dict) -> str:
         if verdicts:
             lines += ["Targets: " + "; ".join(verdicts) + ".", ""]
     p = results.get("onnx")
-    if p:
-        r0 = p["rows"][0]
+    if p and "rounds" in p:
+        rounds = p["rounds"]
+        r0 = rounds[0][0]
+        cold = rounds[0][1]
         lines += [f"### `qconv verify` of the five ONNX variants of the 0.6B shape ({p['date']})", "",
                   f"benchmarks/.work/onnx-0.6b-builder (fp32, fp16, int8, q4, q4f16) against benchmarks/.work/qwen3-reranker-0.6b; "
-                  f"{r0['pairs']} pairs ({p['queries']} queries), max length {r0['max_length']}; one run per row, in this order, "
-                  "same settings. A full run of the 40 built-in pairs took 971 s before #9 (BENCHMARKS.md, ONNX section).", "",
+                  f"{r0['pairs']} pairs ({p['queries']} queries), max length {r0['max_length']}, batch 8. {len(rounds)} round(s), "
+                  "each running the four rows in this order; wall = median over rounds, × before = median of each round's ratio "
+                  "to that round's pre-#9 run. The pre-#9 row is the code of commit 346e154^ (before the streamed reference "
+                  "and the cache), run from a git worktree on the same venv and files: it scores every pair on both padding "
+                  f"sides ({_padding(r0)}); today's default scores {_padding(cold)} (`--padding-check probe`).", "",
                   "| verify | wall | × before | peak RSS | reference | candidates (scoring time) |", "|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            lines.append(f"| {r['row']} | {r['wall']:.0f} s | {r['wall'] / r0['wall']:.2f} | {mib(_peak(r))} | {_ref(r)} | {_cands(r)} |")
-        cold, warm = p["rows"][1], p["rows"][2]
+        for i, r in enumerate(rounds[-1]):
+            walls = [rd[i]["wall"] for rd in rounds]
+            ratio = _median([rd[i]["wall"] / rd[0]["wall"] for rd in rounds])
+            lines.append(f"| {r['row']} | {_median(walls):.0f} s" + (f" ({', '.join(f'{w:.0f}' for w in walls)})" if len(walls) > 1 else "")
+                         + f" | {ratio:.2f} | {mib(_peak(r))} | {_ref(r)} | {_cands(r)} |")
+        ratio = [_median([rd[i]["wall"] / rd[0]["wall"] for rd in rounds]) for i in range(4)]
         cand = sum(c["seconds"] for c in r0["candidates"])
-        lines += ["", f"Targets: cold cache {_verdict(cold['wall'] / r0['wall'], 0.5)}; warm cache "
-                  f"{_verdict(warm['wall'] / r0['wall'], 0.3)}. In the run before #9 the reference took "
-                  f"{r0['reference']['seconds']:.0f} s of {r0['wall']:.0f} s and the five candidates {cand:.0f} s: "
-                  "a cold cache and the streamed engine can only remove the reference's share, since the candidates' "
-                  "ONNX scoring (the same onnxruntime sessions before and after #9, compute-bound: 2 threads run 1.9x "
-                  "1 thread) is most of the time. A warm cache also holds each candidate's scores (keyed by its files' "
-                  "names, sizes and mtimes, the token ids and onnxruntime's version), so re-verifying unchanged "
-                  "variants creates no session; the gates are re-applied to the stored numbers.", ""]
+        lines += ["", f"Targets: cold cache {_verdict(ratio[1], 0.5)}; warm cache: a re-verify {_verdict(ratio[3], 0.3)}, "
+                  f"new variants with the reference cached {_verdict(ratio[2], 0.3)}. Before #9 the reference took "
+                  f"{r0['reference']['seconds']:.0f} s of {r0['wall']:.0f} s and the five candidates' onnxruntime scoring "
+                  f"{cand:.0f} s: the streamed engine and the cache remove only the reference's share, and the padding probe "
+                  "about a third of the candidates' tokens; the rest is the same onnxruntime kernels on 2 cores. A warm cache "
+                  "holds each candidate's scores too (keyed by its files' names, sizes and mtimes, the token ids and "
+                  "onnxruntime's version), so a re-verify of unchanged variants creates no session; the gates are re-applied "
+                  "to the stored numbers.", ""]
         if p.get("note"):
             lines += [p["note"], ""]
     for name, title in (("8b-wide", "8b-wide (hidden 4096, intermediate 12288, 32/8 heads, 4 layers, untied, 4 GB bf16)"),
@@ -356,6 +436,7 @@ def main() -> None:
     ap.add_argument("--parts", default="reference,onnx,8b-wide", help=f"comma-separated: {', '.join(PARTS)}")
     ap.add_argument("--queries", type=int, default=3, help="onnx / 8b-wide: built-in probe query groups (4 pairs each)")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=2, help="onnx: interleaved rounds of the four verify rows")
     ap.add_argument("--queries-8b", type=int, default=1, help="8b: query groups (the 36-layer pass on 2 cores is slow)")
     ap.add_argument("--max-length-8b", type=int, default=256)
     ap.add_argument("--wait-until", default="14:15", help="8b: wait for the q4f16 export until this UTC time")
