@@ -333,9 +333,21 @@ def test_cli_full_probe_set_json_and_exit_codes(tiny_models, candidates):
     assert broken["failures"][0]["check"] == "max_abs_logit" and broken["failures"][0]["tolerance"] == 1e-4
     assert 0 < report["reference"]["ndcg"] <= 1 and ok["retention"] == pytest.approx(1.0)
 
+    assert report["padding_check"] == "probe" and report["padding_rows"] == {"left": len(PROBE_PAIRS), "right": 2}
+    assert ok["per_side"]["right"]["pairs"] == 2 and ok["per_side"]["left"]["pairs"] == len(PROBE_PAIRS)
+
     r = runner.invoke(app, ["verify", src, good, "--quiet"])
     assert r.exit_code == 0, r.output
     assert "PASS" in r.stdout and "NDCG" in r.stdout and r.stdout.rstrip().endswith("PASSED")
+    assert "left + right (probe: 2 pairs)" in r.stdout
+
+    r = runner.invoke(app, ["verify", src, good, "--quiet", "--json", "--no-cache", "--padding-check", "full"])
+    assert r.exit_code == 0, r.output
+    full = json.loads(r.stdout)
+    assert full["padding_check"] == "full" and full["padding_rows"] == {"left": len(PROBE_PAIRS), "right": len(PROBE_PAIRS)}
+    assert full["candidates"][0]["per_side"]["right"]["pairs"] == len(PROBE_PAIRS)
+    r = runner.invoke(app, ["verify", src, good, "--padding-check", "half"])
+    assert r.exit_code == 2 and "half" in r.output  # typer refuses values outside the enum
 
 
 def test_cli_errors_are_one_line(tiny_models, candidates, tmp_path):
