@@ -56,7 +56,7 @@ enc = prompt_encoder(path, None, max_length)
 order = length_order(enc, pairs)
 batches = {s: encode_batches(enc, [pairs[i] for i in order], 8, s) for s in ("left", "right")}
 started = time.perf_counter()
-run = reference_scores(path, batches, order, {"n": n}, engine, Path(cache) if cache != "-" else None)
+run = reference_scores(path, batches, {s: order for s in batches}, {"n": n}, engine, Path(cache) if cache != "-" else None)
 print("RESULT " + json.dumps({"engine": run.engine, "cache": run.cache, "seconds": time.perf_counter() - started,
                               "peak": run.peak_rss, "left0": float(run.scores["left"][0])}))
 """
@@ -256,7 +256,7 @@ PARTS = {
     "reference": part_reference,
     "onnx": part_onnx,
     "8b-wide": lambda a: wide_or_full(a, "8b-wide", onnx_from_lead=False),
-    "8b": lambda a: wide_or_full(a, "8b", onnx_from_lead=True),
+    "8b": lambda a: wide_or_full(a, "8b", onnx_from_lead=not a.export_8b),
 }
 
 
@@ -440,6 +440,7 @@ def main() -> None:
     ap.add_argument("--queries-8b", type=int, default=1, help="8b: query groups (the 36-layer pass on 2 cores is slow)")
     ap.add_argument("--max-length-8b", type=int, default=256)
     ap.add_argument("--wait-until", default="14:15", help="8b: wait for the q4f16 export until this UTC time")
+    ap.add_argument("--export-8b", action="store_true", help="8b: export the q4f16 here (timed) instead of waiting for bench_export's")
     ap.add_argument("--ref-pairs", type=int, default=8)
     ap.add_argument("--ref-max-length", type=int, default=256)
     ap.add_argument("--checkpoints", default="qwen3-reranker-0.6b:transformers,streamed;8b-wide:streamed")
