@@ -212,7 +212,8 @@ def step_verify(ctx: Context) -> Outcome:
     options = VerifyOptions(
         pairs_file=_pairs_file(r.verify.pairs), variants=r.artifacts.onnx, tol_logit=r.gates.tol_logit,
         tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, instruction=r.instruction,
-        max_length=r.verify.max_length, batch_size=r.verify.batch_size, cache_dir=ctx.out / REFERENCE_CACHE,
+        max_length=r.verify.max_length, batch_size=r.verify.batch_size, padding_check=r.verify.padding_check,
+        cache_dir=ctx.out / REFERENCE_CACHE,
     )
     report = verify(_source_path(ctx), candidates, options, reporter=ctx.reporter)
     _write_json(ctx.out / VERIFY_FILE, report.to_dict())

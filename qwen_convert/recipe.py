@@ -79,6 +79,7 @@ class Verification:
     pairs: str | None = None  # reranker: JSONL of {"query","document"[,"label"]}; qconv:NAME/FILE ok
     max_length: int = 8192  # reranker: prompt tokens
     batch_size: int = 8  # reranker: pairs per padded batch
+    padding_check: str = "probe"  # reranker: probe | full (qconv verify --padding-check)
     prompts: tuple[str, ...] = ()  # causal-lm: prompts for greedy generation; filled by load_recipe
     max_new_tokens: int = 16  # causal-lm: greedy tokens compared per prompt
 
@@ -126,6 +127,7 @@ KIND_ONLY = {
     "verify.pairs": "reranker",
     "verify.max_length": "reranker",
     "verify.batch_size": "reranker",
+    "verify.padding_check": "reranker",
     "gates.min_token_agreement": "causal-lm",
     "verify.prompts": "causal-lm",
     "verify.max_new_tokens": "causal-lm",
@@ -137,7 +139,7 @@ TYPES: dict[str, Any] = {
     "artifacts.seqcls": bool, "artifacts.score_dtype": str, "artifacts.onnx": ("list", str),
     "quantization.block_size": int, "quantization.quantize_embedding": bool, "quantization.per_channel": bool,
     "gates.tol_logit": float, "gates.tol_fp16": float, "gates.min_retention": float, "gates.min_token_agreement": float,
-    "verify.pairs": str, "verify.max_length": int, "verify.batch_size": int,
+    "verify.pairs": str, "verify.max_length": int, "verify.batch_size": int, "verify.padding_check": str,
     "verify.prompts": ("list", str), "verify.max_new_tokens": int,
 }
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -363,6 +365,8 @@ def _check_values(r: Recipe, where: str) -> None:
     v = r.verify
     if v.max_length < 64 or v.batch_size < 1 or v.max_new_tokens < 1:
         raise RecipeError(f"{where}: verify.max_length >= 64, verify.batch_size >= 1 and verify.max_new_tokens >= 1 are required", "fix [verify]")
+    if v.padding_check not in ("probe", "full"):
+        raise RecipeError(f"{where}: verify.padding_check must be probe or full, got {v.padding_check!r}", "fix [verify]")
     if r.kind == "causal-lm" and not v.prompts:
         raise RecipeError(f"{where}: verify.prompts is empty", "give at least one prompt")
 

@@ -138,6 +138,9 @@ def test_cli_configuration_equals_the_recipe_file(tmp_path):
     edited = edited.replace("min_retention = 0.97", "min_retention = 0.9").replace("max_length = 512", "max_length = 512\nbatch_size = 4")
     (tmp_path / "tiny.toml").write_text(edited)
     assert cli == dry_run(str(tmp_path / "tiny.toml"))
+    assert load_recipe(RECIPES / "tiny.toml", ["verify.padding_check=full"]).verify.padding_check == "full"
+    with pytest.raises(RecipeError, match="verify.padding_check must be probe or full"):
+        load_recipe(RECIPES / "tiny.toml", ["verify.padding_check=half"])
     assert load_recipe(RECIPES / "tiny.toml", ['artifacts.onnx=["fp32","q4f16"]', "gates.min_retention=0.9", "verify.batch_size=4"]) \
         == load_recipe(tmp_path / "tiny.toml")
 
