@@ -214,7 +214,9 @@ def test_reference_cache_hit_miss_and_bad_entries(tiny_models, tmp_path):
     assert any("cached" in line for line in rec.lines)
 
     (entry,) = _entries(cache)
-    data = json.loads(entry.read_text())
+    # strict JSON: the pairs the right side's padding probe did not score are null, not NaN
+    data = json.loads(entry.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a cache entry"))
+    assert all(v is not None for v in data["scores"]["left"]) and sum(v is not None for v in data["scores"]["right"]) == 2
     data["scores"]["left"][0] += 1.0  # a flipped score: the checksum no longer matches
     entry.write_text(json.dumps(data))
     rec = _Recorder()

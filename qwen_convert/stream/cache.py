@@ -172,7 +172,7 @@ class ScoreCache:
                 return Lookup(None, "corrupt", path, "its checksum does not match its scores")
             if data.get("key") != _digest(material) or data.get("material") != json.loads(json.dumps(material, default=str)):
                 return Lookup(None, "stale", path, "its key does not match this checkpoint and these inputs")
-            scores = {side: np.asarray(stored[side], dtype=np.float64) for side in sizes}
+            scores = {side: np.array([np.nan if v is None else v for v in stored[side]], dtype=np.float64) for side in sizes}
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             return Lookup(None, "corrupt", path, f"it cannot be read ({type(exc).__name__})")
         if any(scores[side].shape != (n,) for side, n in sizes.items()):
@@ -183,7 +183,8 @@ class ScoreCache:
         from ..fsutil import atomic_output_file
 
         path = self.entry(material)
-        stored = {side: [float(v) for v in values] for side, values in scores.items()}
+        # null: a pair that side did not score (verify's padding probe); strict JSON has no NaN
+        stored = {side: [float(v) if np.isfinite(v) else None for v in values] for side, values in scores.items()}
         data = {"key": _digest(material), "material": material, "checksum": _scores_checksum(stored),
                 "scores": stored, **dict(extra or {})}
         with atomic_output_file(path) as tmp:
