@@ -83,16 +83,11 @@ def measure(args: list[str], ok: tuple[int, ...] = (0,), cwd: Path = ROOT) -> di
     return {"wall": wall, "rss": rss, "code": p.returncode, "stdout": p.stdout}
 
 
-qconv_last: dict = {}
-
-
 def qconv(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
     cmd = [str(ROOT / ".venv/bin/qconv"), *args]
     log(" ".join(cmd))
     r = measure(cmd, ok)
     log(f"  {r['wall']:.1f} s, {mib(r['rss'])}, exit {r['code']}")
-    qconv_last.clear()
-    qconv_last.update(r)
     return r
 
 
@@ -194,8 +189,9 @@ def part_onnx(a) -> dict:
         # python -c puts the working directory first on sys.path: run the old code from its own checkout
         r = measure([str(ROOT / ".venv/bin/python"), "-c", "from qwen_convert.cli import app; app()", *common], (0, 1, 3), cwd=old)
         log(f"  before #9: {r['wall']:.1f} s")
-        row = [verify_row(labels[0], r), verify_row(labels[1], qconv(*common, "--cache-dir", str(cold), ok=(0, 1, 3)))]
-        shutil.copy(json.loads(qconv_last["stdout"])["reference"]["cache_path"], ref_only)
+        first = qconv(*common, "--cache-dir", str(cold), ok=(0, 1, 3))
+        row = [verify_row(labels[0], r), verify_row(labels[1], first)]
+        shutil.copy(json.loads(first["stdout"])["reference"]["cache_path"], ref_only)
         row.append(verify_row(labels[2], qconv(*common, "--cache-dir", str(ref_only), ok=(0, 1, 3))))
         row.append(verify_row(labels[3], qconv(*common, "--cache-dir", str(cold), ok=(0, 1, 3))))
         rounds.append(row)

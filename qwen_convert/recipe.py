@@ -365,7 +365,9 @@ def _check_values(r: Recipe, where: str) -> None:
     v = r.verify
     if v.max_length < 64 or v.batch_size < 1 or v.max_new_tokens < 1:
         raise RecipeError(f"{where}: verify.max_length >= 64, verify.batch_size >= 1 and verify.max_new_tokens >= 1 are required", "fix [verify]")
-    if v.padding_check not in ("probe", "full"):
+    from .verify import PADDING_CHECKS
+
+    if v.padding_check not in PADDING_CHECKS:
         raise RecipeError(f"{where}: verify.padding_check must be probe or full, got {v.padding_check!r}", "fix [verify]")
     if r.kind == "causal-lm" and not v.prompts:
         raise RecipeError(f"{where}: verify.prompts is empty", "give at least one prompt")

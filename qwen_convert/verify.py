@@ -380,21 +380,21 @@ def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: Pro
     return failures
 
 
-def padding_probe(lengths: Sequence[int]) -> np.ndarray:
-    """Pair indices of the shortest and the longest prompt: one batch with the most padding the pairs allow."""
-    by_length = np.argsort(np.asarray(lengths), kind="stable")
+def padding_probe(by_length: np.ndarray) -> np.ndarray:
+    """Pair indices of the shortest and the longest prompt (`by_length`: scoring.length_order): one
+    batch with the most padding the pairs allow."""
     return np.unique(by_length[[0, -1]]) if len(by_length) else by_length
 
 
 def plan_batches(encoder: PromptEncoder, pairs: Sequence[LabeledPair], options: VerifyOptions) -> tuple[dict[str, list], dict[str, np.ndarray]]:
     """(side -> padded batches, side -> the pair index of each of their rows): every pair on the first
     side (in length order unless sort_by_length is off), then each other side per padding_check."""
-    from .scoring import encode_batches
+    from .scoring import encode_batches, length_order
 
-    lengths = [len(encoder.ids(p)) for p in pairs]
-    order = np.argsort(lengths, kind="stable") if options.sort_by_length else np.arange(len(pairs))
+    by_length = length_order(encoder, pairs)
+    order = by_length if options.sort_by_length else np.arange(len(pairs))
     first, *others = options.padding_sides
-    orders = {first: order, **{side: order if options.padding_check == "full" else padding_probe(lengths) for side in others}}
+    orders = {first: order, **{side: order if options.padding_check == "full" else padding_probe(by_length) for side in others}}
     batches = {side: encode_batches(encoder, [pairs[i] for i in rows], options.batch_size, side) for side, rows in orders.items()}
     return batches, orders
 

@@ -234,7 +234,7 @@ def test_linear_computes_the_encoded_product(mode, options, tight, loose):
     assert np.abs(got - exact).max() > 0 or mode is QuantMode.FP32  # a quantized mode that is exact is not quantizing
     if mode is QuantMode.INT8 and options.per_channel:  # 7-bit: no u8s8 pair can saturate on a CPU without VNNI
         q = numpy_helper.to_array(inits(model)["layer.proj.weight_quantized"]).astype(np.int32)
-        assert np.abs(q).max() == 64 and 2 * 255 * 64 <= 32767
+        assert np.abs(q).max() == 64
 
 
 @pytest.mark.parametrize("mode, options, loose", [
