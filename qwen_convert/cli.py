@@ -188,7 +188,7 @@ def verify(
     max_length: MaxLenOpt = 8192,
     batch_size: BatchOpt = 8,
     engine: EngineOpt = Engine.auto,
-    padding_check: Annotated[PaddingCheck, typer.Option("--padding-check", help="probe: every pair padded on the left, and the shortest and longest prompt in one right-padded batch; full: every pair on both sides (about 1.5x the tokens on the built-in probes).")] = PaddingCheck.probe,
+    padding_check: Annotated[PaddingCheck, typer.Option("--padding-check", help="probe: every pair padded on the left, and the two shortest prompts in one right-padded batch, padded to twice the shortest; full: every pair on both sides (about 1.9x the tokens on the built-in probes).")] = PaddingCheck.probe,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Score cache of the reference and the candidates (default: $QCONV_CACHE_DIR, else ~/.cache/qconv/reference).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Score the reference and every candidate again; read and write no cache.")] = False,
     memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", help="Memory a model may use, e.g. 12G (default: what the machine and its cgroup have left).")] = None,

@@ -184,13 +184,14 @@ class PromptEncoder:
     def truncated(self, pair: Pair) -> bool:
         return len(self.body_ids(pair)) > self.body_budget
 
-    def encode(self, pairs: Sequence[Pair], padding_side: PaddingSide = "left") -> EncodedBatch:
-        return pad_rows([self.ids(p) for p in pairs], self.tokens.pad_id, padding_side)
+    def encode(self, pairs: Sequence[Pair], padding_side: PaddingSide = "left", width: int = 0) -> EncodedBatch:
+        return pad_rows([self.ids(p) for p in pairs], self.tokens.pad_id, padding_side, width)
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: PaddingSide = "left") -> EncodedBatch:
-    """Token rows -> one padded batch (the server pads rows it tokenized earlier, per batch)."""
-    width = max(len(r) for r in rows)
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: PaddingSide = "left", width: int = 0) -> EncodedBatch:
+    """Token rows -> one padded batch as wide as its longest row, or `width` if wider (the server pads
+    rows it tokenized earlier, per batch; verify's padding probe pads past every row)."""
+    width = max(width, *(len(r) for r in rows))
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):

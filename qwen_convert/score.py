@@ -121,7 +121,7 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
         variants = ()
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
     order = length_order(encoder, pairs)
-    batches = encode_batches(encoder, [pairs[i] for i in order], options.batch_size, options.padding_side)
+    batches = encode_batches(encoder, [pairs[i] for i in order], options.batch_size, options.padding_side, by_length=True)
     scorers = load_scorers(resolved.path, variants, options.dtype, kind, engine=options.engine, reporter=reporter)
     if len(scorers) != 1:
         raise QconvError(f"{resolved.path} provides {len(scorers)} scorers for variant {variants}", "name one with --variant")

@@ -3,9 +3,10 @@
 The reference is the causal model itself, scored without any converted head: logit(yes) − logit(no)
 at the last real token (scoring.CausalScorer), always in fp32. Every candidate (a seq-cls directory, or
 each variant of an ONNX export: scoring.load_scorers is the seam) runs on the same prompts in the same
-padded batches: every pair on the first padding side, and on each other side a padding probe (the
-shortest and the longest prompt in one batch: the most padding the pairs allow), or every pair on
-every side with padding_check="full". The candidate's precision picks its gate from one table
+padded batches: every pair on the first padding side (in length order, batches cut before a prompt
+that would pad the others past scoring.MAX_PADDED_RATIO), and on each other side a padding probe (the
+two shortest prompts in one batch, padded to twice the shortest), or every pair on every side with
+padding_check="full". The candidate's precision picks its gate from one table
 (DEFAULT_GATES); like optimum's validation, every check that misses is collected and reported against
 its tolerance, and the report fails if any candidate fails or if the reference itself depends on the
 padding side (then nothing measured against it can be trusted).
@@ -29,7 +30,7 @@ from .metrics import kendall_tau, mean_ndcg, ranking, sigmoid
 from .probes import LabeledPair, group_by_query, has_labels, resolve_pairs
 from .progress import NULL, Reporter
 from .remote import ServerOptions
-from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, load_tokenizer
+from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, load_tokenizer, pad_rows
 
 PADDING_SIDES: tuple[PaddingSide, ...] = ("left", "right")
 PADDING_CHECKS = ("probe", "full")
@@ -85,13 +86,15 @@ class VerifyOptions:
     gates: Mapping[str, Gate] | None = None  # per-precision overrides (recipes); the tol_* options win
     ndcg_k: int = 10
     ndcg_gains: str = "auto"  # labels | reference | auto (labels when every pair has one)
-    # Batch pairs in order of length: about half the padded tokens of the probe set's given order, and
-    # batches still mix lengths (the last one pairs ~150- with ~650-token prompts), so padding stays exercised.
+    # Batch pairs in order of length, cut where a longer prompt would pad the batch past 1.25x its real
+    # tokens (scoring.length_batches): 0.45x the padded tokens of the built-in probes' given order.
+    # Off: batches of batch_size in the given order.
     sort_by_length: bool = True
     tol_reference_padding: float = REFERENCE_PADDING_TOL
-    # "probe": every pair on the first padding side, and on each other side one batch of the shortest and
-    # the longest prompt. A padding bug shows on any padded row, and that batch pads the most; the
-    # parity and ranking gates keep every pair. It scores ~0.66x the tokens of "full" (every pair on
+    # "probe": every pair on the first padding side, and on each other side one batch (padding_probe):
+    # the shortest prompt and the next longer one, padded to twice the shortest. A padding bug shows on
+    # any padded row (that batch is at least half padding, and its rows end at different tokens); the
+    # parity and ranking gates keep every pair. It scores 0.52x the tokens of "full" (every pair on
     # every side) on the built-in probes. The reference's own padding invariance is checked on the probe.
     padding_check: str = "probe"
     pairs: tuple[LabeledPair, ...] | None = None  # in-memory pairs (library callers); beats pairs_file
@@ -380,22 +383,47 @@ def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: Pro
     return failures
 
 
-def padding_probe(by_length: np.ndarray) -> np.ndarray:
-    """Pair indices of the shortest and the longest prompt (`by_length`: scoring.length_order): one
-    batch with the most padding the pairs allow."""
-    return np.unique(by_length[[0, -1]]) if len(by_length) else by_length
+def padding_probe(lengths: np.ndarray, by_length: np.ndarray) -> tuple[np.ndarray, int]:
+    """(pair indices, batch width) of the one batch each other padding side scores: the shortest prompt
+    and the next longer one (rows that end at different tokens, so a pooling index taken from the wrong
+    row shows), padded to twice the shortest's length or to the longest prompt if that is shorter. At
+    least half of the shortest row is padding, or the most the pairs allow, at a fraction of the cost
+    of padding it to the longest prompt (2 x 204 tokens instead of 2 x 512 on the bench's probes)."""
+    if not len(by_length):
+        return by_length, 0
+    shortest = int(by_length[0])
+    longer = [int(i) for i in by_length if lengths[i] > lengths[shortest]][:1]
+    rows = np.array([shortest, *longer])
+    width = int(max(lengths[rows].max(), min(2 * lengths[shortest], lengths.max())))
+    return rows, width
 
 
 def plan_batches(encoder: PromptEncoder, pairs: Sequence[LabeledPair], options: VerifyOptions) -> tuple[dict[str, list], dict[str, np.ndarray]]:
     """(side -> padded batches, side -> the pair index of each of their rows): every pair on the first
-    side (in length order unless sort_by_length is off), then each other side per padding_check."""
-    from .scoring import encode_batches, length_order
+    side, in length order (unless sort_by_length is off) and in batches cut where a longer prompt
+    would pad the others past scoring.MAX_PADDED_RATIO; each other side per padding_check."""
+    from .scoring import length_batches
 
-    by_length = length_order(encoder, pairs)
+    ids = encoder.batch_ids(pairs)  # one tokenizer call for every prompt
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    by_length = np.argsort(lengths, kind="stable")
     order = by_length if options.sort_by_length else np.arange(len(pairs))
+    size = options.batch_size
+    bounds = (length_batches(lengths[order], size) if options.sort_by_length
+              else [(i, min(i + size, len(order))) for i in range(0, len(order), size)])
+    pad = encoder.tokens.pad_id
+
+    def batched(side: str) -> list:
+        return [pad_rows([ids[i] for i in order[a:b]], pad, side) for a, b in bounds]
+
     first, *others = options.padding_sides
-    orders = {first: order, **{side: order if options.padding_check == "full" else padding_probe(by_length) for side in others}}
-    batches = {side: encode_batches(encoder, [pairs[i] for i in rows], options.batch_size, side) for side, rows in orders.items()}
+    batches, orders = {first: batched(first)}, {first: order}
+    probe, width = padding_probe(lengths, by_length)
+    for side in others:
+        if options.padding_check == "full":
+            batches[side], orders[side] = batched(side), order
+        else:
+            batches[side], orders[side] = [pad_rows([ids[i] for i in probe], pad, side, width)] if len(probe) else [], probe
     return batches, orders
 
 
@@ -416,7 +444,6 @@ def _candidate_engine(path: Path, kind, options: VerifyOptions, batches: Mapping
     config = load_config(path)
     total, largest = padded_tokens(batches)
     tokens = largest if options.engine == "transformers" else total
-    gc.collect()
     return choose_engine(path, kind, options.engine, "float32", options.memory_limit,
                          activation_bytes(tokens, int(config.get("hidden_size", 0)), int(config.get("intermediate_size", 0))))
 
@@ -432,7 +459,6 @@ def _variant_fit(scorer, choice, options: VerifyOptions, batches: Mapping[str, l
         return choice
     from .onnx_scoring import external_data_files
 
-    gc.collect()
     estimate = onnx_estimate(Path(scorer.path), scorer.precision, external_data_files(Path(scorer.path)))
     budget = options.memory_limit if options.memory_limit is not None else available_bytes()
     return EngineChoice("onnxruntime", estimate.needed, budget, estimate.what)
@@ -628,50 +654,57 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
         return found, material
 
     results: list[CandidateResult] = []
-    for path, kind in kinds:
-        if kind is ArtifactKind.SERVER:
-            results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter, orders))
-            continue
-        tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
-        choice = _candidate_engine(path, kind, options, batches)
-        if kind is not ArtifactKind.ONNX:  # a torch model: nothing is loaded when its scores are cached
-            found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
-            if found is not None and found.scores is not None:
-                reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
-                result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
-                finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
+    # Memory is freed and measured between candidates. Everything alive now (modules, tokenizers, the
+    # reference's scores) is frozen out of the collector, so those collections scan only what a
+    # candidate made: 0.2 s each otherwise once transformers is imported, 3 s of a 5-variant verify.
+    gc.collect()
+    gc.freeze()
+    try:
+        for path, kind in kinds:
+            if kind is ArtifactKind.SERVER:
+                results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter, orders))
                 continue
-        if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
-            results.append(_not_verified(path, kind.value, kind.value, "fp32", gates, choice))
-            continue
-        scorers = load_scorers(path, options.variants, "float32", kind, engine=choice.engine, reporter=reporter)
-        while scorers:
-            scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
-            started = time.perf_counter()
-            if kind is ArtifactKind.ONNX:  # sessions start on first use: none is made for cached scores
-                found = material = None
-            if kind is ArtifactKind.ONNX and getattr(scorer, "path", None) is not None:
-                found, material = cached(path, scorer.name, scorer.precision, Path(scorer.path),
-                                         getattr(scorer, "threads", None), "onnxruntime")
+            tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
+            choice = _candidate_engine(path, kind, options, batches)
+            if kind is not ArtifactKind.ONNX:  # a torch model: nothing is loaded when its scores are cached
+                found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
                 if found is not None and found.scores is not None:
-                    reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
-                    result = _compare(path, scorer, ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k,
-                                      gates, tokenizer_failures, orders)
-                    finish(result, found.scores, started, "onnxruntime", None, None, found, material)
+                    reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
+                    result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
+                    finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
                     continue
-            fit = _variant_fit(scorer, choice, options, batches)
-            if not fit.fits:
-                results.append(_not_verified(path, scorer.name, kind.value, scorer.precision, gates, fit))
+            if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
+                results.append(_not_verified(path, kind.value, kind.value, "fp32", gates, choice))
                 continue
-            reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
-            gc.collect()
-            reset_peak()
-            started = time.perf_counter()
-            cand = _score_sides(scorer, batches, orders, reporter, f"{path.name} [{scorer.name}]")
-            result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
-            finish(result, cand, started, getattr(scorer, "engine", "onnxruntime"), peak_rss(), fit.needed, found, material)
-            del scorer
-            gc.collect()
+            scorers = load_scorers(path, options.variants, "float32", kind, engine=choice.engine, reporter=reporter)
+            while scorers:
+                scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
+                started = time.perf_counter()
+                if kind is ArtifactKind.ONNX:  # sessions start on first use: none is made for cached scores
+                    found = material = None
+                if kind is ArtifactKind.ONNX and getattr(scorer, "path", None) is not None:
+                    found, material = cached(path, scorer.name, scorer.precision, Path(scorer.path),
+                                             getattr(scorer, "threads", None), "onnxruntime")
+                    if found is not None and found.scores is not None:
+                        reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
+                        result = _compare(path, scorer, ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k,
+                                          gates, tokenizer_failures, orders)
+                        finish(result, found.scores, started, "onnxruntime", None, None, found, material)
+                        continue
+                fit = _variant_fit(scorer, choice, options, batches)
+                if not fit.fits:
+                    results.append(_not_verified(path, scorer.name, kind.value, scorer.precision, gates, fit))
+                    continue
+                reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
+                reset_peak()
+                started = time.perf_counter()
+                cand = _score_sides(scorer, batches, orders, reporter, f"{path.name} [{scorer.name}]")
+                result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
+                finish(result, cand, started, getattr(scorer, "engine", "onnxruntime"), peak_rss(), fit.needed, found, material)
+                del scorer
+                gc.collect()
+    finally:
+        gc.unfreeze()
 
     return VerifyReport(
         reference=reference_result, candidates=results, pairs_source=pairs_source, num_pairs=len(pairs),

@@ -161,3 +161,28 @@ def test_real_onnx_export_scores_like_the_reference(tiny_models, tmp_path):
     assert data["scorer"] == "onnx/int8" and data["precision"] == "int8" and len(data["queries"][0]["results"]) == 2
     r = CliRunner().invoke(app, ["score", str(out), "--variant", "q3", "--query", QUERY, "--doc", DOCS[0]])
     assert r.exit_code == 1 and "unknown ONNX variant 'q3'" in r.stderr
+
+
+def test_length_batches_cut_before_a_prompt_that_would_pad_the_batch_past_the_ratio(tiny_models):
+    from qwen_convert.scoring import MAX_PADDED_RATIO, encode_batches, length_batches
+
+    # verify's first three probe queries on the 0.6B tokenizer: batches of 8 pad 3,128 tokens for 2,307 real
+    lengths = [102, 108, 123, 126, 130, 131, 133, 135, 138, 157, 512, 512]
+    bounds = length_batches(lengths, 8)
+    assert bounds == [(0, 8), (8, 10), (10, 12)]
+    assert sum((b - a) * lengths[b - 1] for a, b in bounds) == 2418 and MAX_PADDED_RATIO == 1.25
+    for a, b in bounds:  # each batch within the ratio, and no cut that the ratio did not force
+        assert (b - a) * lengths[b - 1] <= MAX_PADDED_RATIO * sum(lengths[a:b])
+        if b < len(lengths) and b - a < 8:
+            assert (b - a + 1) * lengths[b] > MAX_PADDED_RATIO * sum(lengths[a:b + 1])
+    assert length_batches([], 8) == [] and length_batches([5, 5, 5], 2) == [(0, 2), (2, 3)]
+    assert length_batches([10, 100], 8, ratio=100.0) == [(0, 2)]
+
+    encoder = prompt_encoder(tiny_models["tied_fp32"], None, 8192)
+    pairs = sorted([*PROBE_PAIRS[:3], PROBE_PAIRS[9]], key=lambda p: len(encoder.ids(p)))
+    rows = [len(encoder.ids(p)) for p in pairs]
+    assert rows[-1] > 3 * rows[-2]  # PROBE_PAIRS[9] has the long document
+    split = encode_batches(encoder, pairs, 4, "left", by_length=True)
+    assert [b.attention_mask.sum(axis=1).tolist() for b in split] == [rows[:3], rows[3:]]
+    assert [b.input_ids.shape[0] for b in encode_batches(encoder, pairs, 4, "left")] == [4]
+

@@ -194,22 +194,38 @@ def test_non_finite_candidate_scores_fail_and_json_stays_strict(tiny_models, can
     assert data["candidates"][0]["max_abs_logit"] is None and data["passed"] is False
 
 
-def test_padding_probe_is_the_shortest_and_longest_prompt_in_one_batch(tiny_models):
+def test_plan_cuts_batches_at_long_prompts_and_the_probe_pads_the_shortest_to_twice_its_length(tiny_models):
     from qwen_convert.verify import plan_batches
 
     encoder = prompt_encoder(tiny_models["tied_fp32"], None, 8192)
     lengths = [len(encoder.ids(p)) for p in SUBSET]
     batches, orders = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4))
-    assert sorted(orders["left"]) == list(range(len(SUBSET))) and len(batches["left"]) == 3
-    shortest, longest = int(np.argmin(lengths)), int(np.argmax(lengths))
-    assert list(orders["right"]) == sorted([shortest, longest]) and lengths[longest] - lengths[shortest] > 300
+    assert sorted(orders["left"]) == list(range(len(SUBSET)))
+    by_length = sorted(lengths)
+    # the one long document (523 tokens) gets a batch of its own instead of padding three others to it
+    assert by_length[-1] > 3 * by_length[-2]
+    assert [b.input_ids.shape for b in batches["left"]] == [(4, by_length[3]), (4, by_length[7]), (1, by_length[8])]
+    for batch, rows in zip(batches["left"], np.split(orders["left"], [4, 8])):
+        assert batch.attention_mask.sum(axis=1).tolist() == [lengths[i] for i in rows] and batch.attention_mask[:, -1].all()
+    # the other side: the shortest prompt and the next longer one, padded to twice the shortest
+    shortest, second = int(np.argsort(lengths, kind="stable")[0]), int(np.argsort(lengths, kind="stable")[1])
+    assert list(orders["right"]) == [shortest, second] and lengths[second] > lengths[shortest]
     [probe] = batches["right"]
     mask = probe.attention_mask
-    assert mask.shape == (2, lengths[longest]) and mask.sum(axis=1).tolist() == [lengths[i] for i in orders["right"]]
-    assert mask[:, 0].all() and not mask[:, -1].all()  # right-padded, by the whole length difference
-    full = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4, padding_check="full"))[1]
-    assert [list(v) for v in full.values()] == [list(orders["left"])] * 2
-    assert list(plan_batches(encoder, SUBSET[:1], VerifyOptions())[1]["right"]) == [0]
+    assert mask.shape == (2, 2 * lengths[shortest]) and mask.sum(axis=1).tolist() == [lengths[shortest], lengths[second]]
+    assert mask[:, 0].all() and not mask[:, lengths[second]:].any()  # right-padded, half the shortest row is padding
+    # capped at the longest prompt when that is shorter than twice the shortest
+    few = plan_batches(encoder, SUBSET[:3], VerifyOptions(pairs=SUBSET[:3]))[0]["right"][0]
+    assert few.attention_mask.shape == (2, max(lengths[:3])) < (2, 2 * min(lengths[:3]))
+    full = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4, padding_check="full"))
+    assert [list(v) for v in full[1].values()] == [list(orders["left"])] * 2
+    assert [b.input_ids.shape for b in full[0]["right"]] == [b.input_ids.shape for b in batches["left"]]
+    # one pair (or prompts all of one length): one unpadded row
+    one_b, one = plan_batches(encoder, SUBSET[:1], VerifyOptions())
+    assert list(one["right"]) == [0] and one_b["right"][0].attention_mask.all()
+    # sort_by_length off: fixed batches in the given order
+    given = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4, sort_by_length=False))
+    assert list(given[1]["left"]) == list(range(len(SUBSET))) and [len(b.input_ids) for b in given[0]["left"]] == [4, 4, 1]
     with pytest.raises(QconvError, match="padding check"):
         verify(tiny_models["tied_fp32"], [], VerifyOptions(pairs=SHORT, padding_check="some"))
 
