@@ -109,19 +109,34 @@ class SeqClsScorer:
         return out.logits[:, 0].double().numpy()
 
 
+_STORED = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def _from_pretrained(auto_class, path: Path, dtype: str, checkpoint):
+    """auto_class.from_pretrained in `dtype`. A float32 load of a checkpoint stored wholly in bf16 or
+    fp16 loads it as stored and widens it after: the same fp32 weights bit for bit (widening is
+    exact), without transformers' per-tensor conversion on load (0.6B: 1.4-1.7 s instead of 2.2-3.6 s)."""
+    stored = {t.dtype for t in checkpoint.tensors.values()}
+    load_as = _STORED.get(next(iter(stored))) if dtype == "float32" and len(stored) == 1 else None
+    model = auto_class.from_pretrained(str(path), dtype=_torch_dtype(load_as or dtype))
+    return (model.float() if load_as else model).eval()
+
+
 def _load_causal(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
     from transformers import AutoModelForCausalLM
 
-    open_checkpoint(path)  # headers only: refuses pickle-only, truncated or incomplete weights up front
+    checkpoint = open_checkpoint(path)  # headers only: refuses pickle-only, truncated or incomplete weights up front
     tokens = reranker_tokens(load_tokenizer(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype)).eval()
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype, checkpoint)
     return [CausalScorer(model, tokens.yes_id, tokens.no_id, precision=_PRECISION[dtype])]
 
 
-def _check_seqcls(path: Path) -> None:
+def _check_seqcls(path: Path):
+    """The checkpoint's headers, once its head and config are fit to score."""
     from transformers import AutoConfig
 
-    if "score.weight" not in open_checkpoint(path).tensors:
+    checkpoint = open_checkpoint(path)
+    if "score.weight" not in checkpoint.tensors:
         # transformers would silently initialise a random head and every score would be noise.
         raise SourceError(f"{path} declares a sequence classifier but its weights have no score.weight",
                           "re-run `qconv seqcls` on the original reranker")
@@ -132,13 +147,13 @@ def _check_seqcls(path: Path) -> None:
     if config.pad_token_id is None:
         # Qwen3ForSequenceClassification finds the last real token by pad id; without one it cannot pool batches.
         raise SourceError(f"{path}/config.json has no pad_token_id", "set it to the tokenizer's pad id, or re-run `qconv seqcls`")
+    return checkpoint
 
 
 def _load_seqcls(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer]:
     from transformers import AutoModelForSequenceClassification
 
-    _check_seqcls(path)
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=_torch_dtype(dtype)).eval()
+    model = _from_pretrained(AutoModelForSequenceClassification, path, dtype, _check_seqcls(path))
     return [SeqClsScorer(model, precision=_PRECISION[dtype])]
 
 

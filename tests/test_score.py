@@ -186,3 +186,17 @@ def test_length_batches_cut_before_a_prompt_that_would_pad_the_batch_past_the_ra
     assert [b.attention_mask.sum(axis=1).tolist() for b in split] == [rows[:3], rows[3:]]
     assert [b.input_ids.shape[0] for b in encode_batches(encoder, pairs, 4, "left")] == [4]
 
+
+def test_fp32_load_of_a_bf16_checkpoint_widens_the_stored_weights_bit_for_bit(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models["untied_bf16_sharded"]
+    checkpoint = scoring.open_checkpoint(path)
+    assert {t.dtype for t in checkpoint.tensors.values()} == {"BF16"}
+    ours = scoring._from_pretrained(AutoModelForCausalLM, path, "float32", checkpoint)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    mine, ref = dict(ours.state_dict()), dict(theirs.state_dict())
+    assert mine.keys() == ref.keys() and all(v.dtype == torch.float32 for v in mine.values())
+    assert all(torch.equal(mine[k], ref[k]) for k in ref) and not ours.training
+    assert [b.dtype for b in ours.buffers()] == [b.dtype for b in theirs.buffers()]
