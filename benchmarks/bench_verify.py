@@ -197,7 +197,24 @@ def part_onnx(a) -> dict:
         rounds.append(row)
         for d in (cold, ref_only):
             shutil.rmtree(d, ignore_errors=True)
-    return {"rounds": rounds, "queries": a.queries}
+    return {"rounds": rounds, "queries": a.queries, "tokens": planned_tokens(ref, pairs, a.max_length)}
+
+
+def planned_tokens(ref: Path, pairs_file: Path, max_length: int) -> dict:
+    """Padded tokens each model scores: the pre-#9 plan (batches of 8 in length order, every pair on
+    both sides) and today's (verify.plan_batches: batches cut at long prompts, then the padding probe)."""
+    sys.path.insert(0, str(ROOT))
+    from qwen_convert.probes import load_pairs
+    from qwen_convert.scoring import encode_batches, length_order, prompt_encoder
+    from qwen_convert.verify import VerifyOptions, plan_batches
+
+    pairs = load_pairs(pairs_file)
+    encoder = prompt_encoder(ref, None, max_length)
+    order = length_order(encoder, pairs)
+    before = 2 * sum(b.input_ids.size for b in encode_batches(encoder, [pairs[i] for i in order], 8, "left"))
+    batches = plan_batches(encoder, pairs, VerifyOptions(pairs=tuple(pairs), max_length=max_length))[0]
+    return {"before": int(before), "now": int(sum(b.input_ids.size for side in batches.values() for b in side)),
+            "real": int(sum(len(encoder.ids(p)) for p in pairs))}
 
 
 def wide_or_full(a, name: str, onnx_from_lead: bool) -> dict:
@@ -380,11 +397,14 @@ def _render(results: dict) -> str:
                          + f" | {ratio:.2f} | {mib(_peak(r))} | {_ref(r)} | {_cands(r)} |")
         ratio = [_median([rd[i]["wall"] / rd[0]["wall"] for rd in rounds]) for i in range(4)]
         cand = sum(c["seconds"] for c in r0["candidates"])
+        tok = p.get("tokens")
         lines += ["", f"Targets: cold cache {_verdict(ratio[1], 0.5)}; warm cache: a re-verify {_verdict(ratio[3], 0.3)}, "
                   f"new variants with the reference cached {_verdict(ratio[2], 0.3)}. Before #9 the reference took "
                   f"{r0['reference']['seconds']:.0f} s of {r0['wall']:.0f} s and the five candidates' onnxruntime scoring "
-                  f"{cand:.0f} s: the streamed engine and the cache remove only the reference's share, and the padding probe "
-                  "about a third of the candidates' tokens; the rest is the same onnxruntime kernels on 2 cores. A warm cache "
+                  f"{cand:.0f} s: the streamed engine and the cache remove only the reference's share, and the plan of "
+                  "batches the tokens each model scores" + (f" ({tok['before']:,} padded tokens before #9, {tok['now']:,} now, for "
+                  f"{tok['real']:,} real tokens on the first side)" if tok else "") + "; the rest is the same onnxruntime "
+                  "kernels on 2 cores. A warm cache "
                   "holds each candidate's scores too (keyed by its files' names, sizes and mtimes, the token ids and "
                   "onnxruntime's version), so a re-verify of unchanged variants creates no session; the gates are re-applied "
                   "to the stored numbers.", ""]
