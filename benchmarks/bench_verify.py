@@ -16,9 +16,10 @@ Parts (`--parts`, comma-separated; each row is a fresh process under GNU `time`,
 
 Results accumulate in benchmarks/.work/bench_verify.json (one entry per part, with its date), and the
 section of BENCHMARKS.md is rewritten from all parts measured so far, so running one part keeps the
-others' rows. Run under the heavy-job lock:
+others' rows. Each measured process takes the heavy-job lock itself (--lock), so run the script
+itself without it (an outer `flock` on the same file deadlocks):
 
-    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_verify.py --parts onnx,8b-wide
+    .venv/bin/python benchmarks/bench_verify.py --parts onnx,8b-wide
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ SrcArg = Annotated[str, typer.Argument(help="Local model directory, hub id (e.g.
 OutArg = Annotated[Path, typer.Argument(help="Output directory (written atomically).")]
 InstructionOpt = Annotated[Optional[str], typer.Option("--instruction", help="Task instruction for the prompt template.")]
 MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Truncate prompts to this many tokens (only the query/document body is cut).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Pairs per padded batch.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Most pairs per padded batch (pairs go in order of length; a batch ends early before a prompt that would pad it past 1.25x its tokens).")]
 PairsOpt = Annotated[Optional[Path], typer.Option("--pairs", help='JSONL file, one {"query": ..., "document": ..., "label": optional graded relevance} per line.')]
 
 
