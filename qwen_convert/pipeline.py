@@ -466,6 +466,8 @@ def _reranker_metrics(report: dict) -> tuple[list[Metric], list[str]]:
         add("ndcg", c["ndcg"], None, "", "")
         add("retention", c["retention"], gate.get("min_retention"), ">=", "retention")
         add("min_kendall_tau", c["ranking"]["min_kendall_tau"], None, "", "")
+        for side in (s for s in c.get("per_side", {}).values() if "padding_delta" in s):  # a padding probe side
+            add("padding_delta", side["padding_delta"], side.get("padding_limit"), "<=", "padding")
         failures += [f"{name}: {f['detail']}" for f in c["failures"]]
     return metrics, failures
 

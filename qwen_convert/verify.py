@@ -498,10 +498,40 @@ def _ranking(groups: list[list[int]], ref: np.ndarray, cand: np.ndarray) -> tupl
     return identical, top1, taus
 
 
+def _padding_failures(cand: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray], per_side: dict[str, dict], n: int,
+                      gate: Gate | None, tol: float) -> list[Failure]:
+    """The candidate's own padding invariance on each side that scored only the padding probe (its
+    `padding_delta` in per_side). Gated where the precision is gated by ranking alone (int8, q4, ...):
+    a probe of two pairs has no ranking, and without this a graph broken only on that side would
+    pass. Each row carries its own quantization error, which may change with the batch, so the limit
+    is twice the worst |Δlogit| on the first side plus the reference's padding tolerance; a padding
+    bug (pooling a pad token, an ignored mask over half a row) moves a score far more."""
+    first = next(iter(cand))
+    failures = []
+    for side, idx in rows.items():
+        if side == first or len(idx) == n or not len(idx):
+            continue
+        with np.errstate(invalid="ignore"):
+            delta = np.abs(cand[side][idx] - cand[first][idx])
+        delta = np.where(np.isnan(delta), np.inf, delta)
+        j = int(np.argmax(delta))
+        per_side[side]["padding_delta"] = float(delta[j])
+        if gate is None or gate.max_abs_logit is not None or gate.max_abs_prob is not None:
+            continue  # gated pair by pair against the reference already
+        limit = 2 * per_side[first]["max_abs_logit"] + tol
+        per_side[side]["padding_limit"] = limit
+        if not delta[j] <= limit:
+            failures.append(Failure("padding", float(delta[j]), limit,
+                                    f"{side} padding moves its own score by {delta[j]:.3e} > {limit:.1e} (pair {int(idx[j])}; "
+                                    f"limit: twice its worst |Δlogit| with {first} padding + {tol:g})"))
+    return failures
+
+
 def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], pairs: Sequence[LabeledPair],
              groups: list[list[int]], gains: np.ndarray, ndcg_ref: float | None, k: int, gates: Mapping[str, Gate],
-             extra_failures: list[Failure], rows: Mapping[str, np.ndarray]) -> CandidateResult:
-    """Differences on every pair each side scored (`rows`); ranking and NDCG on the sides that scored all."""
+             extra_failures: list[Failure], rows: Mapping[str, np.ndarray], padding_tol: float = REFERENCE_PADDING_TOL) -> CandidateResult:
+    """Differences on every pair each side scored (`rows`); ranking and NDCG on the sides that scored all;
+    a side that scored only the padding probe against the candidate's own first side too (_padding_failure)."""
     per_side: dict[str, dict] = {}
     worst = {"max_abs_logit": -1.0}
     max_prob = 0.0
@@ -539,6 +569,7 @@ def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.
 
     gate = gates.get(scorer.precision)
     failures = list(extra_failures)
+    failures += _padding_failures(cand, rows, per_side, len(pairs), gate, padding_tol)
     non_finite = sum(int(np.count_nonzero(~np.isfinite(cand[side][rows[side]]))) for side in ref)
     if non_finite:
         failures.append(Failure("finite", float(non_finite), 0.0, f"{non_finite} scores are NaN or infinite"))
@@ -670,7 +701,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
                 found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
                 if found is not None and found.scores is not None:
                     reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
-                    result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
+                    result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders, options.tol_reference_padding)
                     finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
                     continue
             if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
@@ -688,7 +719,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
                     if found is not None and found.scores is not None:
                         reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
                         result = _compare(path, scorer, ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k,
-                                          gates, tokenizer_failures, orders)
+                                          gates, tokenizer_failures, orders, options.tol_reference_padding)
                         finish(result, found.scores, started, "onnxruntime", None, None, found, material)
                         continue
                 fit = _variant_fit(scorer, choice, options, batches)
@@ -699,7 +730,8 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
                 reset_peak()
                 started = time.perf_counter()
                 cand = _score_sides(scorer, batches, orders, reporter, f"{path.name} [{scorer.name}]")
-                result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders)
+                result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders,
+                                  options.tol_reference_padding)
                 finish(result, cand, started, getattr(scorer, "engine", "onnxruntime"), peak_rss(), fit.needed, found, material)
                 del scorer
                 gc.collect()

@@ -172,6 +172,11 @@ def test_recipe_without_fp32_writes_no_fp32_graph_and_gates_against_the_causal_r
         m = gated[(f"onnx/{mode}", "retention")]
         assert m["gate"] == ">= 0.97" and m["passed"] is True and m["value"] == c["retention"]
         assert 0 < c["max_abs_logit"] < 1  # scored for real, not a copy of the reference
+        # the real quantized graph's own padding invariance on the right-padded probe, gated
+        p = gated[(f"onnx/{mode}", "padding_delta")]
+        side = c["per_side"]["right"]
+        assert p["passed"] is True and p["value"] == side["padding_delta"] <= side["padding_limit"]
+        assert p["gate"] == f"<= {side['padding_limit']:g}" and side["padding_limit"] == 2 * c["per_side"]["left"]["max_abs_logit"] + 1e-4
     assert manifest["passed"] and not manifest["failures"]
     assert runner.invoke(app, ["run", str(out), "--check"]).exit_code == 0
 

@@ -257,6 +257,29 @@ def test_the_padding_probe_catches_a_candidate_broken_only_on_the_other_side(tin
     assert data["padding_check"] == "probe" and data["padding_rows"] == {"left": len(SUBSET), "right": 2}
 
 
+def test_the_probe_gates_a_quantized_candidate_by_its_own_padding_invariance(tiny_models, candidates, monkeypatch, tmp_path):
+    """q4/int8 are gated by ranking, which a two-pair probe cannot give: their probe rows must agree
+    with their own first-side scores within twice their worst first-side error."""
+    onnx_dir = tmp_path / "export"
+    shutil.copytree(candidates["tied_fp32/converted"], onnx_dir)
+    (onnx_dir / "onnx").mkdir()
+    base = load_scorers(candidates["tied_fp32/converted"])[0]
+    noisy = _Shifted(base, "int8", lambda s: 0.01 * np.cos(7 * s))  # quantization-like error, batch independent
+    broken = _RightPaddingBug(base, "q4", None)
+    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [noisy, broken])
+    report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SUBSET, batch_size=4))
+    ok, bad = report.candidates
+    assert ok.passed and ok.per_side["right"]["padding_delta"] < 1e-5 and "padding_delta" not in ok.per_side["left"]
+    # the broken one ranks perfectly on the left (retention 1.0): only the padding check catches it
+    assert bad.retention == pytest.approx(1.0) and [f.check for f in bad.failures] == ["padding"]
+    [f] = bad.failures
+    assert f.value == pytest.approx(0.5, abs=1e-5) and f.tolerance == pytest.approx(2 * bad.per_side["left"]["max_abs_logit"] + 1e-4)
+    assert "right padding moves its own score by 5.000e-01" in f.detail and f"FAIL {bad.label}: right padding" in report.render()
+    # with every pair on both sides the right side's own ranking is gated instead
+    full = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SUBSET, batch_size=4, padding_check="full"))
+    assert "padding_delta" not in full.candidates[1].per_side["right"] and full.candidates[0].passed
+
+
 def test_reference_that_depends_on_padding_is_flagged(tiny_models, candidates, monkeypatch):
     original = scoring.CausalScorer.score
 
