@@ -184,8 +184,8 @@ class PromptEncoder:
     def truncated(self, pair: Pair) -> bool:
         return len(self.body_ids(pair)) > self.body_budget
 
-    def encode(self, pairs: Sequence[Pair], padding_side: PaddingSide = "left", width: int = 0) -> EncodedBatch:
-        return pad_rows([self.ids(p) for p in pairs], self.tokens.pad_id, padding_side, width)
+    def encode(self, pairs: Sequence[Pair], padding_side: PaddingSide = "left") -> EncodedBatch:
+        return pad_rows([self.ids(p) for p in pairs], self.tokens.pad_id, padding_side)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: PaddingSide = "left", width: int = 0) -> EncodedBatch:

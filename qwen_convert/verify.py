@@ -531,7 +531,7 @@ def _compare(path: Path, scorer, ref: dict[str, np.ndarray], cand: dict[str, np.
              groups: list[list[int]], gains: np.ndarray, ndcg_ref: float | None, k: int, gates: Mapping[str, Gate],
              extra_failures: list[Failure], rows: Mapping[str, np.ndarray], padding_tol: float = REFERENCE_PADDING_TOL) -> CandidateResult:
     """Differences on every pair each side scored (`rows`); ranking and NDCG on the sides that scored all;
-    a side that scored only the padding probe against the candidate's own first side too (_padding_failure)."""
+    a side that scored only the padding probe against the candidate's own first side too (_padding_failures)."""
     per_side: dict[str, dict] = {}
     worst = {"max_abs_logit": -1.0}
     max_prob = 0.0

@@ -216,7 +216,7 @@ def test_plan_cuts_batches_at_long_prompts_and_the_probe_pads_the_shortest_to_tw
     assert mask[:, 0].all() and not mask[:, lengths[second]:].any()  # right-padded, half the shortest row is padding
     # capped at the longest prompt when that is shorter than twice the shortest
     few = plan_batches(encoder, SUBSET[:3], VerifyOptions(pairs=SUBSET[:3]))[0]["right"][0]
-    assert few.attention_mask.shape == (2, max(lengths[:3])) < (2, 2 * min(lengths[:3]))
+    assert max(lengths[:3]) < 2 * min(lengths[:3]) and few.attention_mask.shape == (2, max(lengths[:3]))
     full = plan_batches(encoder, SUBSET, VerifyOptions(pairs=SUBSET, batch_size=4, padding_check="full"))
     assert [list(v) for v in full[1].values()] == [list(orders["left"])] * 2
     assert [b.input_ids.shape for b in full[0]["right"]] == [b.input_ids.shape for b in batches["left"]]
