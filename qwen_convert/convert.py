@@ -20,7 +20,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
 from .errors import SourceError, TokenizerError, WeightsError
 from .fsutil import atomic_output_dir, check_output_dir
 from .progress import NULL, Reporter
-from .reranker import RerankerTokens, reranker_tokens
+from .reranker import RerankerTokens, open_tokenizer, reranker_tokens
 from .resolve import resolve_model
 from .safetensors_io import DTYPE_CODES, OutTensor, SafetensorsFile, TensorInfo, encode, read_rows, write_safetensors
 from .scoring import check_qwen3
@@ -90,47 +90,11 @@ def check_causal_qwen3(ckpt: Checkpoint) -> None:
         raise SourceError(f"{ckpt.root} has architectures {archs}", "expected Qwen3ForCausalLM")
 
 
-class _TokenizerJson:
-    """Just enough of a tokenizer for `reranker_tokens`, read from tokenizer.json with `tokenizers`.
-
-    transformers' AutoTokenizer imports torch (~400 MB resident), which alone would break the
-    conversion's memory bound; the ids are the same (tests compare both on every fixture).
-    """
-
-    def __init__(self, root: Path):
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-        cfg_path = root / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        self.unk_token_id = self._token_id(cfg.get("unk_token"))
-        self.pad_token_id = self._token_id(cfg.get("pad_token"))
-
-    def _token_id(self, token) -> int | None:
-        if isinstance(token, dict):
-            token = token.get("content")
-        return self._tok.token_to_id(token) if isinstance(token, str) else None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def convert_tokens_to_ids(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-
 def read_reranker_tokens(root: Path) -> RerankerTokens:
-    """yes/no/pad ids of a model directory, validated as single real tokens."""
-    root = Path(root)
-    if (root / "tokenizer.json").is_file():
-        try:
-            tokenizer = _TokenizerJson(root)
-        except Exception as exc:  # tokenizers raises plain Exceptions for a malformed file
-            raise TokenizerError(f"cannot load {root / 'tokenizer.json'}: {exc}", "use the tokenizer shipped with the model") from exc
-    else:
-        from .reranker import load_tokenizer
-
-        tokenizer = load_tokenizer(root)
-    return reranker_tokens(tokenizer)
+    """yes/no/pad ids of a model directory, validated as single real tokens (from tokenizer.json
+    alone where there is one: transformers' AutoTokenizer imports torch, ~400 MB resident, which
+    would break the conversion's memory bound)."""
+    return reranker_tokens(open_tokenizer(root))
 
 
 def head_tensor(ckpt: Checkpoint) -> tuple[TensorInfo, bool]:

@@ -63,9 +63,9 @@ def load_tokenizer(path: Path | str):
 class FastTokenizer:
     """A `tokenizers.Tokenizer` (tokenizer.json) with the few methods PromptEncoder calls.
 
-    The serving path uses it instead of load_tokenizer: `import transformers` can import torch, and
-    a serving install has neither. Special tokens come from tokenizer_config.json /
-    special_tokens_map.json, as transformers reads them.
+    open_tokenizer picks it wherever tokenizer.json exists, and the serving path always uses it:
+    `import transformers` imports torch, and a serving install has neither. Special tokens come
+    from tokenizer_config.json / special_tokens_map.json, as transformers reads them.
     """
 
     def __init__(self, tokenizer, pad_token: str | None = None, unk_token: str | None = None):
@@ -106,6 +106,16 @@ def load_fast_tokenizer(path: Path | str) -> FastTokenizer:
         return FastTokenizer(backend, _special_token(path, "pad_token"), _special_token(path, "unk_token"))
     except Exception as exc:  # tokenizers raises a bare Exception for a bad file; json a ValueError
         raise TokenizerError(f"cannot load {path}/tokenizer.json: {exc}", "the model directory needs tokenizer.json (a fast tokenizer)") from exc
+
+
+def open_tokenizer(path: Path | str):
+    """The tokenizer qconv scores with: PATH/tokenizer.json through `tokenizers` where the directory
+    has one (the file transformers' fast tokenizer runs and TEI and transformers.js read; the ids are
+    the same, tests compare them on every fixture), else transformers' AutoTokenizer. Not importing
+    transformers (and with it torch) saves ~5 s of a verify whose reference scores are cached."""
+    if (Path(path) / "tokenizer.json").is_file():
+        return load_fast_tokenizer(path)
+    return load_tokenizer(path)
 
 
 def _single_token_id(tokenizer, word: str) -> int:

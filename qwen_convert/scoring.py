@@ -22,7 +22,7 @@ import numpy as np
 
 from .checkpoint import load_config, open_checkpoint
 from .errors import QconvError, SourceError
-from .reranker import DEFAULT_INSTRUCTION, EncodedBatch, PaddingSide, Pair, PromptEncoder, load_tokenizer, pad_rows, reranker_tokens
+from .reranker import DEFAULT_INSTRUCTION, EncodedBatch, PaddingSide, Pair, PromptEncoder, open_tokenizer, pad_rows, reranker_tokens
 
 
 class ArtifactKind(str, Enum):
@@ -126,7 +126,7 @@ def _load_causal(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer
     from transformers import AutoModelForCausalLM
 
     checkpoint = open_checkpoint(path)  # headers only: refuses pickle-only, truncated or incomplete weights up front
-    tokens = reranker_tokens(load_tokenizer(path))
+    tokens = reranker_tokens(open_tokenizer(path))
     model = _from_pretrained(AutoModelForCausalLM, path, dtype, checkpoint)
     return [CausalScorer(model, tokens.yes_id, tokens.no_id, precision=_PRECISION[dtype])]
 
@@ -184,7 +184,7 @@ def _load_streamed(path: Path, kind: ArtifactKind, dtype: str, reporter) -> list
         raise QconvError(f"the streamed engine computes in fp32, not {dtype}", "use --dtype float32, or --engine transformers")
     if kind is ArtifactKind.CAUSAL:
         open_checkpoint(path)
-        tokens = reranker_tokens(load_tokenizer(path))
+        tokens = reranker_tokens(open_tokenizer(path))
         return [StreamedScorer(path, "causal", tokens.yes_id, tokens.no_id, reporter=reporter)]
     _check_seqcls(path)
     return [StreamedScorer(path, "seqcls", name="seqcls", kind=ArtifactKind.SEQCLS, reporter=reporter)]
@@ -298,4 +298,4 @@ def length_order(encoder: PromptEncoder, pairs: Sequence[Pair]) -> np.ndarray:
 
 
 def prompt_encoder(path: Path, instruction: str | None, max_length: int) -> PromptEncoder:
-    return PromptEncoder(load_tokenizer(path), instruction or DEFAULT_INSTRUCTION, max_length)
+    return PromptEncoder(open_tokenizer(path), instruction or DEFAULT_INSTRUCTION, max_length)

@@ -30,7 +30,7 @@ from .metrics import kendall_tau, mean_ndcg, ranking, sigmoid
 from .probes import LabeledPair, group_by_query, has_labels, resolve_pairs
 from .progress import NULL, Reporter
 from .remote import ServerOptions
-from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, load_tokenizer, pad_rows
+from .reranker import DEFAULT_MAX_LENGTH, PaddingSide, PromptEncoder, open_tokenizer, pad_rows
 
 PADDING_SIDES: tuple[PaddingSide, ...] = ("left", "right")
 PADDING_CHECKS = ("probe", "full")
@@ -371,7 +371,7 @@ def _check_candidate(path: Path):
 def _tokenizer_failures(path: Path, pairs: Sequence[LabeledPair], reference: PromptEncoder) -> list[Failure]:
     """A candidate is served with its own tokenizer: it must turn every prompt into the reference's ids."""
     try:
-        encoder = PromptEncoder(load_tokenizer(path), reference.instruction, reference.max_length)
+        encoder = PromptEncoder(open_tokenizer(path), reference.instruction, reference.max_length)
     except QconvError as exc:
         return [Failure("tokenizer", None, None, f"tokenizer unusable: {exc}")]
     failures = []

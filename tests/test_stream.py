@@ -342,3 +342,30 @@ def test_candidate_scores_are_cached_and_any_change_rescores(tiny_models, tmp_pa
     assert verify(src, [onnx], options).candidates[1].cache == "corrupt"
     assert verify(src, [onnx], replace(options, max_length=120)).candidates[1].cache == "miss"
     assert [c.cache for c in verify(src, [onnx], replace(options, cache_dir=None)).candidates] == ["off", "off"]
+
+
+def test_onnx_verify_with_a_cached_reference_imports_neither_transformers_nor_torch(tiny_models, tmp_path):
+    """With the reference scores cached, checking an ONNX export needs tokenizer.json (read with
+    `tokenizers`) and onnxruntime only: importing transformers, and through it torch, cost ~5 s of
+    such a verify on the 0.6B. A fresh interpreter, so nothing the test session imported counts."""
+    import subprocess
+    import sys
+
+    from qwen_convert.export import ExportOptions, export_onnx
+
+    src = tiny_models["untied_fp32"]
+    onnx = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
+    cache = tmp_path / "cache"
+    assert verify(src, [], VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache)).reference.cache == "miss"
+    script = (
+        "import json, sys; from pathlib import Path\n"
+        "from qwen_convert.probes import PROBE_PAIRS\n"
+        "from qwen_convert.verify import VerifyOptions, verify\n"
+        "pairs = tuple(PROBE_PAIRS[i] for i in (0, 1, 22, 23))\n"
+        f"r = verify(Path({str(src)!r}), [Path({str(onnx)!r})], VerifyOptions(pairs=pairs, batch_size=2, cache_dir=Path({str(cache)!r})))\n"
+        "print(json.dumps({'passed': r.passed, 'reference': r.reference.cache, 'candidates': [c.cache for c in r.candidates],\n"
+        "                  'imported': sorted(m for m in ('torch', 'transformers') if m in sys.modules)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"passed": True, "reference": "hit", "candidates": ["miss", "miss"], "imported": []}
