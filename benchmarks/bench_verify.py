@@ -8,7 +8,8 @@ Parts (`--parts`, comma-separated; each row is a fresh process under GNU `time`,
 - `onnx`: `qconv verify` of the five ONNX variants of the 0.6B shape (benchmarks/.work/onnx-0.6b-builder),
   the pre-#9 code (commit 346e154^, from a git worktree in benchmarks/.work/pre9) vs today's defaults
   with a fresh cache dir (cold), a cache holding only the reference (warm reference) and the cold
-  run's dir again (warm), interleaved over `--rounds`.
+  run's dir again (warm), interleaved over `--rounds`; then, per round, onnxruntime alone on the same
+  batches (the floor under the warm-reference row).
 - `8b-wide`: `qconv seqcls` of benchmarks/.work/8b-wide, `qconv verify` of it (streamed, cold cache),
   `qconv export-onnx --quantize q4f16 --no-fp32` and `qconv verify` of that (same cache: warm).
 - `8b`: the same for the full 8B shape (benchmarks/.work/8b); the q4f16 export is the one the ONNX
@@ -60,6 +61,32 @@ started = time.perf_counter()
 run = reference_scores(path, batches, {s: order for s in batches}, {"n": n}, engine, Path(cache) if cache != "-" else None)
 print("RESULT " + json.dumps({"engine": run.engine, "cache": run.cache, "seconds": time.perf_counter() - started,
                               "peak": run.peak_rss, "left0": float(run.scores["left"][0])}))
+"""
+
+# The floor under a verify whose reference is cached: onnxruntime alone, in one fresh process, creating
+# each variant's session as verify does (onnx_scoring.OnnxScorer) and scoring the batches verify plans.
+ORT_ALONE = r"""
+import gc, json, sys, time
+from pathlib import Path
+from qwen_convert.onnx_scoring import load_onnx_scorers
+from qwen_convert.probes import load_pairs
+from qwen_convert.scoring import prompt_encoder
+from qwen_convert.verify import VerifyOptions, plan_batches
+ref, onnx, pairs_file, max_length = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+pairs = load_pairs(pairs_file)
+options = VerifyOptions(pairs=tuple(pairs), max_length=max_length)
+batches = [b for side in plan_batches(prompt_encoder(ref, None, max_length), pairs, options)[0].values() for b in side]
+out = {}
+for scorer in load_onnx_scorers(onnx):
+    started = time.perf_counter()
+    scorer.session
+    made = time.perf_counter()
+    for b in batches:
+        scorer.score(b)
+    out[scorer.name] = {"session": made - started, "runs": time.perf_counter() - made}
+    scorer._session = None
+    gc.collect()
+print("RESULT " + json.dumps(out))
 """
 
 ENV = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -184,6 +211,7 @@ def part_onnx(a) -> dict:
     labels = ["before #9 (commit 346e154^, its defaults)", "now, cold cache (defaults, fresh --cache-dir)",
               "now, warm reference (cache holds the reference only)", "now, warm (the cold run's --cache-dir again)"]
     rounds: list[list[dict]] = []
+    floors: list[dict] = []
     for k in range(a.rounds):
         log(f"round {k + 1}/{a.rounds}")
         cold, ref_only = (Path(tempfile.mkdtemp(prefix="bench-verify-cache-")) for _ in range(2))
@@ -196,9 +224,14 @@ def part_onnx(a) -> dict:
         row.append(verify_row(labels[2], qconv(*common, "--cache-dir", str(ref_only), ok=(0, 1, 3))))
         row.append(verify_row(labels[3], qconv(*common, "--cache-dir", str(cold), ok=(0, 1, 3))))
         rounds.append(row)
+        r = measure([str(ROOT / ".venv/bin/python"), "-c", ORT_ALONE, str(ref), str(onnx), str(pairs), str(a.max_length)])
+        split = json.loads(next(x for x in r["stdout"].splitlines() if x.startswith("RESULT "))[7:])
+        floors.append({"wall": r["wall"], "rss": r["rss"], "variants": split})
+        log(f"  onnxruntime alone: {r['wall']:.1f} s (sessions {sum(v['session'] for v in split.values()):.1f} s, "
+            f"run() {sum(v['runs'] for v in split.values()):.1f} s)")
         for d in (cold, ref_only):
             shutil.rmtree(d, ignore_errors=True)
-    return {"rounds": rounds, "queries": a.queries, "tokens": planned_tokens(ref, pairs, a.max_length)}
+    return {"rounds": rounds, "floors": floors, "queries": a.queries, "tokens": planned_tokens(ref, pairs, a.max_length)}
 
 
 def planned_tokens(ref: Path, pairs_file: Path, max_length: int) -> dict:
@@ -313,6 +346,11 @@ def _median(values: list[float]) -> float:
     return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
 
+def _total(floor: dict, key: str) -> float:
+    """Seconds of `key` (session / runs) over the variants of one onnxruntime-alone run."""
+    return sum(v[key] for v in floor["variants"].values())
+
+
 def _padding(row: dict) -> str:
     return " + ".join(f"{n} {side}-padded" for side, n in row.get("padding", {}).items())
 
@@ -409,6 +447,20 @@ def _render(results: dict) -> str:
                   "holds each candidate's scores too (keyed by its files' names, sizes and mtimes, the token ids and "
                   "onnxruntime's version), so a re-verify of unchanged variants creates no session; the gates are re-applied "
                   "to the stored numbers.", ""]
+        floors = p.get("floors")
+        if floors and len(floors) == len(rounds):
+            both = [_total(f, "session") + _total(f, "runs") for f in floors]
+            both_ratio = _median([b / rd[0]["wall"] for b, rd in zip(both, rounds)])
+            run_ratio = _median([_total(f, "runs") / rd[0]["wall"] for f, rd in zip(floors, rounds)])
+            above = _median([rd[2]["wall"] - b for b, rd in zip(both, rounds)])
+            per = ", ".join(f"{name.split('/')[-1]} {_median([f['variants'][name]['session'] for f in floors]):.1f} + "
+                            f"{_median([f['variants'][name]['runs'] for f in floors]):.1f} s" for name in floors[0]["variants"])
+            lines += [f"Floor of the warm-reference row, measured in each round after the verify rows: onnxruntime alone in a "
+                      f"fresh process, creating the five sessions as verify does and scoring the batches verify plans, took "
+                      f"{_median(both):.0f} s = {both_ratio:.2f}× before (session + run() calls: {per}); the run() calls alone "
+                      f"{run_ratio:.2f}×. The warm-reference verify spends {above:.0f} s more than that (interpreter, imports, "
+                      "tokenizer, cache keys, gates): a ratio under "
+                      f"{both_ratio:.2f}× needs faster onnxruntime kernels on these graphs or fewer tokens, not less verify.", ""]
         if p.get("note"):
             lines += [p["note"], ""]
     for name, title in (("8b-wide", "8b-wide (hidden 4096, intermediate 12288, 32/8 heads, 4 layers, untied, 4 GB bf16)"),
