@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from qwen_convert.cli import app
 from qwen_convert.convert import ConvertOptions, convert_to_seqcls, read_reranker_tokens
-from qwen_convert.reranker import format_prompt, load_tokenizer, reranker_tokens
+from qwen_convert.probes import PROBE_PAIRS
+from qwen_convert.reranker import PromptEncoder, format_prompt, load_tokenizer, open_tokenizer, reranker_tokens
 from qwen_convert.safetensors_io import read_header
 
 PAIRS = [
@@ -146,6 +147,19 @@ def test_output_contract(tiny_models, converted):
 def test_light_token_reader_agrees_with_transformers(tiny_models):
     for src in tiny_models.values():
         assert read_reranker_tokens(src) == reranker_tokens(load_tokenizer(src))
+
+
+def test_scoring_tokenizer_gives_transformers_prompt_ids(tiny_models):
+    """verify and score tokenize with tokenizer.json alone (open_tokenizer): every built-in probe, in
+    both of its languages, truncated or not, must get the ids of transformers' AutoTokenizer."""
+    for src in tiny_models.values():
+        fast = open_tokenizer(src)
+        assert type(fast).__name__ == "FastTokenizer"
+        for max_length in (4096, 160):
+            ours, theirs = PromptEncoder(fast, max_length=max_length), PromptEncoder(load_tokenizer(src), max_length=max_length)
+            assert ours.tokens == theirs.tokens
+            assert ours.batch_ids(PROBE_PAIRS) == [theirs.ids(p) for p in PROBE_PAIRS]
+        assert any(theirs.truncated(p) for p in PROBE_PAIRS) and not all(theirs.truncated(p) for p in PROBE_PAIRS)
 
 
 def _raw(info) -> bytes:
