@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
-from .errors import SourceError, TokenizerError, WeightsError
+from .errors import SourceError, WeightsError
 from .fsutil import atomic_output_dir, check_output_dir
 from .progress import NULL, Reporter
 from .reranker import RerankerTokens, open_tokenizer, reranker_tokens

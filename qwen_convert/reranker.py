@@ -105,7 +105,7 @@ def load_fast_tokenizer(path: Path | str) -> FastTokenizer:
         backend = Tokenizer.from_file(str(path / "tokenizer.json"))
         return FastTokenizer(backend, _special_token(path, "pad_token"), _special_token(path, "unk_token"))
     except Exception as exc:  # tokenizers raises a bare Exception for a bad file; json a ValueError
-        raise TokenizerError(f"cannot load {path}/tokenizer.json: {exc}", "the model directory needs tokenizer.json (a fast tokenizer)") from exc
+        raise TokenizerError(f"cannot load {path}/tokenizer.json: {exc}", "use the tokenizer.json shipped with the model (a fast tokenizer)") from exc
 
 
 def open_tokenizer(path: Path | str):
