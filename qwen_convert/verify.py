@@ -684,6 +684,54 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
             reporter.log(f"score cache entry {found.path} is {found.status} ({found.reason}); recomputing")
         return found, material
 
+    def compare(path: Path, scorer, scores: dict[str, np.ndarray], tokenizer_failures: list[Failure]) -> CandidateResult:
+        return _compare(path, scorer, ref, scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures,
+                        orders, options.tol_reference_padding)
+
+    def check(path, kind) -> None:
+        """Every result of one candidate (a server, a torch model, or each variant of an ONNX export)."""
+        if kind is ArtifactKind.SERVER:
+            results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter, orders))
+            return
+        tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
+        choice = _candidate_engine(path, kind, options, batches)
+        if kind is not ArtifactKind.ONNX:  # a torch model: nothing is loaded when its scores are cached
+            found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
+            if found is not None and found.scores is not None:
+                reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
+                result = compare(path, _Cached(kind.value, "fp32", kind), found.scores, tokenizer_failures)
+                finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
+                return
+        if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
+            results.append(_not_verified(path, kind.value, kind.value, "fp32", gates, choice))
+            return
+        scorers = load_scorers(path, options.variants, "float32", kind, engine=choice.engine, reporter=reporter)
+        while scorers:
+            scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
+            started = time.perf_counter()
+            if kind is ArtifactKind.ONNX:  # sessions start on first use: none is made for cached scores
+                found = material = None
+            if kind is ArtifactKind.ONNX and getattr(scorer, "path", None) is not None:
+                found, material = cached(path, scorer.name, scorer.precision, Path(scorer.path),
+                                         getattr(scorer, "threads", None), "onnxruntime")
+                if found is not None and found.scores is not None:
+                    reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
+                    finish(compare(path, scorer, found.scores, tokenizer_failures), found.scores, started, "onnxruntime",
+                           None, None, found, material)
+                    continue
+            fit = _variant_fit(scorer, choice, options, batches)
+            if not fit.fits:
+                results.append(_not_verified(path, scorer.name, kind.value, scorer.precision, gates, fit))
+                continue
+            reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
+            reset_peak()
+            started = time.perf_counter()
+            cand = _score_sides(scorer, batches, orders, reporter, f"{path.name} [{scorer.name}]")
+            finish(compare(path, scorer, cand, tokenizer_failures), cand, started, getattr(scorer, "engine", "onnxruntime"),
+                   peak_rss(), fit.needed, found, material)
+            del scorer
+            gc.collect()
+
     results: list[CandidateResult] = []
     # Memory is freed and measured between candidates. Everything alive now (modules, tokenizers, the
     # reference's scores) is frozen out of the collector, so those collections scan only what a
@@ -692,49 +740,7 @@ def verify(reference: str | Path, candidates: Sequence[Path | str], options: Ver
     gc.freeze()
     try:
         for path, kind in kinds:
-            if kind is ArtifactKind.SERVER:
-                results.append(_verify_server(servers[path], options, pairs, ref, groups, gains, ndcg_ref, resolved.path, encoder, reporter, orders))
-                continue
-            tokenizer_failures = _tokenizer_failures(path, pairs, encoder)
-            choice = _candidate_engine(path, kind, options, batches)
-            if kind is not ArtifactKind.ONNX:  # a torch model: nothing is loaded when its scores are cached
-                found, material = cached(path, kind.value, "fp32", None, None, choice.engine)
-                if found is not None and found.scores is not None:
-                    reporter.log(f"candidate: {path} [{kind.value}]: cached scores {found.path}")
-                    result = _compare(path, _Cached(kind.value, "fp32", kind), ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders, options.tol_reference_padding)
-                    finish(result, found.scores, time.perf_counter(), choice.engine, None, choice.needed, found, material)
-                    continue
-            if not choice.fits:  # a torch candidate too big even streamed: reported, never loaded
-                results.append(_not_verified(path, kind.value, kind.value, "fp32", gates, choice))
-                continue
-            scorers = load_scorers(path, options.variants, "float32", kind, engine=choice.engine, reporter=reporter)
-            while scorers:
-                scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
-                started = time.perf_counter()
-                if kind is ArtifactKind.ONNX:  # sessions start on first use: none is made for cached scores
-                    found = material = None
-                if kind is ArtifactKind.ONNX and getattr(scorer, "path", None) is not None:
-                    found, material = cached(path, scorer.name, scorer.precision, Path(scorer.path),
-                                             getattr(scorer, "threads", None), "onnxruntime")
-                    if found is not None and found.scores is not None:
-                        reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
-                        result = _compare(path, scorer, ref, found.scores, pairs, groups, gains, ndcg_ref, options.ndcg_k,
-                                          gates, tokenizer_failures, orders, options.tol_reference_padding)
-                        finish(result, found.scores, started, "onnxruntime", None, None, found, material)
-                        continue
-                fit = _variant_fit(scorer, choice, options, batches)
-                if not fit.fits:
-                    results.append(_not_verified(path, scorer.name, kind.value, scorer.precision, gates, fit))
-                    continue
-                reporter.log(f"candidate: {path} [{scorer.name}, {scorer.precision}]")
-                reset_peak()
-                started = time.perf_counter()
-                cand = _score_sides(scorer, batches, orders, reporter, f"{path.name} [{scorer.name}]")
-                result = _compare(path, scorer, ref, cand, pairs, groups, gains, ndcg_ref, options.ndcg_k, gates, tokenizer_failures, orders,
-                                  options.tol_reference_padding)
-                finish(result, cand, started, getattr(scorer, "engine", "onnxruntime"), peak_rss(), fit.needed, found, material)
-                del scorer
-                gc.collect()
+            check(path, kind)
     finally:
         gc.unfreeze()
 
