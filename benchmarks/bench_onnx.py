@@ -57,10 +57,10 @@ if kind == "torch":
     import torch
     torch.set_num_threads(%(threads)d)
     torch.set_num_interop_threads(1)
-    from qwen_convert.scoring import load_scorers
+    from qwen_convert.scoring.registry import load_scorers
     scorer = load_scorers(path, (), which)[0]
 else:
-    from qwen_convert.onnx_scoring import load_onnx_scorers
+    from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
     scorer = load_onnx_scorers(path, [which], threads=%(threads)d)[0]
 scorer.score(batch)
 n, started = 0, time.perf_counter()
@@ -126,7 +126,7 @@ def unlabeled_probes() -> Path:
     """verify's built-in probes without their labels: NDCG gains then come from the reference's own
     P(yes), so retention measures agreement with the reference's ranking. With random weights the
     hand labels only measure noise (the reference itself ranks at random with respect to them)."""
-    from qwen_convert.probes import resolve_pairs
+    from qwen_convert.scoring.probes import resolve_pairs
 
     path = WORK / "probes-unlabeled.jsonl"
     pairs, _ = resolve_pairs(None)
@@ -198,7 +198,7 @@ def bench(min_batches: int, min_seconds: float) -> dict:
     target = r["fastest_passing"] or max(MODES, key=lambda m: r["scoring"][f"onnx {m}"]["pairs_per_s"])
     log(f"profile: onnx {target} ...")
     out = WORK / "profile.json"
-    from qwen_convert.quantize import QuantMode
+    from qwen_convert.formats import QuantMode
 
     measure([py, "-c", PROFILE, str(full), str(full / "onnx" / QuantMode(target).file_name), str(out)])
     r["profile"] = {"variant": target, "by_op_us": json.loads(out.read_text())}

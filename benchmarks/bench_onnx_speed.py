@@ -53,10 +53,10 @@ if kind == "torch":
     import torch
     torch.set_num_threads(%(threads)d)
     torch.set_num_interop_threads(1)
-    from qwen_convert.scoring import load_scorers
+    from qwen_convert.scoring.registry import load_scorers
     scorer = load_scorers(path, (), which)[0]
 else:
-    from qwen_convert.onnx_scoring import load_onnx_scorers
+    from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
     scorer = load_onnx_scorers(path, [which], threads=%(threads)d)[0]
     scorer.session
 load = time.perf_counter() - started
@@ -78,7 +78,7 @@ import numpy as np, onnxruntime as ort
 from onnx import TensorProto
 from qwen_convert.onnx.precision import MS, PRECISIONS, LinearWeight, quantize_int8
 from qwen_convert.onnx.weights import GraphWriter
-from qwen_convert.quantize import QuantizeOptions, QuantMode
+from qwen_convert.onnx.quantize import QuantizeOptions; from qwen_convert.formats import QuantMode
 out, rounds = sys.argv[1], int(sys.argv[2])
 B, S, H, Q, KV, I = %(batch)d, %(seq)d, 1024, 2048, 1024, 3072
 rng = np.random.default_rng(0)
@@ -199,7 +199,7 @@ def scoring(rounds: int, min_batches: int, min_seconds: float, modes=MODES) -> d
 
 
 def profile(label: str, root: Path, mode: str) -> dict[str, float]:
-    from qwen_convert.quantize import QuantMode
+    from qwen_convert.formats import QuantMode
 
     log(f"profile: {label} ...")
     out = WORK / "speed-profile.json"

@@ -54,7 +54,7 @@ tok.save_pretrained(out)
 IN_PROCESS = r"""
 import sys, time
 started = time.perf_counter()
-from qwen_convert.convert import convert_to_seqcls
+from qwen_convert.seqcls.convert import convert_to_seqcls
 convert_to_seqcls(sys.argv[1], sys.argv[2])
 print(f"ELAPSED {time.perf_counter() - started}")
 """
@@ -244,7 +244,7 @@ keeps the source's offset within a page. What is
 left on the 0.6B checkpoint: one `copy_file_range` of its data took {raw[0]:.2f} s from offset 0 but
 {raw[1]:.2f} s from the mid-block offset where safetensors data starts (measured in this run), plus interpreter and
 CLI start-up (Python, typer, rich, numpy, tokenizers) and the sidecar files, a fixed cost that weighs
-most on the smaller checkpoint (the 2.2 GiB one converts faster than `cp -r` copies it). The "in-process" row times the import of `qwen_convert.convert` (numpy,
+most on the smaller checkpoint (the 2.2 GiB one converts faster than `cp -r` copies it). The "in-process" row times the import of `qwen_convert.seqcls.convert` (numpy,
 tokenizers) plus `convert_to_seqcls` inside the process, without the interpreter and CLI start-up.
 
 Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_mem_gib():.0f} GiB RAM, load average {os.getloadavg()[0]:.1f} at the end of the run;

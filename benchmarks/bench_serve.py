@@ -2,7 +2,7 @@
 
 The real server (`qconv serve`, one process, default batching knobs) serves an int8 ONNX export of
 the real-shaped random 0.6B; 64 concurrent asyncio+httpx clients send N `/rerank` requests of 10
-short documents each (20-40 words, real sentences from qwen_convert/probes.py). Reported: errors,
+short documents each (20-40 words, real sentences from qwen_convert/scoring/probes.py). Reported: errors,
 served pairs/s (pairs answered / wall time of the whole load), p50/p99 request latency, and the
 server's peak RSS (VmHWM of its /proc status). The same artifact is then scored offline, in this
 process, by the scorer `qconv score` runs (onnx_scoring.OnnxScorer, same tokens, input order) at
@@ -65,7 +65,7 @@ STARTUP = {"qconv": 300, "vllm": 900}
 
 def documents() -> tuple[list[str], list[str]]:
     """Queries, and documents of 20-40 words packed from consecutive probe sentences."""
-    from qwen_convert.probes import resolve_pairs
+    from qwen_convert.scoring.probes import resolve_pairs
 
     pairs, _ = resolve_pairs(None)
     sentences = []
@@ -158,7 +158,8 @@ def tree_hwm(pid: int) -> int:
 
 
 sys.path.insert(0, str(ROOT / "tests"))
-from servers import stop, wait_for_health as _wait  # noqa: E402  (the tests' server helpers, one copy)
+from servers import stop  # noqa: E402  (the tests' server helpers, one copy)
+from servers import wait_for_health as _wait
 
 
 def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, seconds: float) -> None:
@@ -201,7 +202,7 @@ def served_qconv(reqs) -> dict:
 
 
 def served_vllm(reqs) -> dict:
-    from qwen_convert.sidecars import TEMPLATE_FILE
+    from qwen_convert.seqcls.sidecars import TEMPLATE_FILE
 
     # The model card's CPU line, as tests/test_vllm.py runs it (cwd = the directory above the model).
     line = (f"VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model {SEQCLS.name} "
@@ -218,8 +219,8 @@ def served_vllm(reqs) -> dict:
 
 def offline(reqs) -> dict[int, float]:
     """pairs/s of `qconv score`'s ONNX scorer on the load's first pairs, batches in input order."""
-    from qwen_convert.onnx_scoring import load_onnx_scorers
     from qwen_convert.reranker import DEFAULT_INSTRUCTION, Pair, PromptEncoder, load_fast_tokenizer, pad_rows
+    from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
 
     (scorer,) = load_onnx_scorers(EXPORT, ["int8"])
     encoder = PromptEncoder(load_fast_tokenizer(EXPORT), DEFAULT_INSTRUCTION, 2048)  # qconv serve's defaults

@@ -2,7 +2,7 @@
 
 Parts (`--parts`, comma-separated; each row is a fresh process under GNU `time`, peak RSS = %M):
 
-- `reference`: the reference pass alone on the 0.6B shape and 8b-wide, streamed (qwen_convert/stream,
+- `reference`: the reference pass alone on the 0.6B shape and 8b-wide, streamed (qwen_convert/scoring/streamed,
   our own per-layer loop over transformers' Qwen3DecoderLayer) vs transformers' whole Qwen3ForCausalLM,
   then cold vs warm cache.
 - `onnx`: `qconv verify` of the five ONNX variants of the 0.6B shape (benchmarks/.work/onnx-0.6b-builder),
@@ -49,9 +49,9 @@ REFERENCE = r"""
 import json, sys, time
 import numpy as np
 from pathlib import Path
-from qwen_convert.probes import PROBE_PAIRS
-from qwen_convert.scoring import encode_batches, length_order, prompt_encoder
-from qwen_convert.stream.reference import reference_scores
+from qwen_convert.scoring.probes import PROBE_PAIRS
+from qwen_convert.scoring.batches import encode_batches, length_order, prompt_encoder
+from qwen_convert.verify.reference import reference_scores
 path, engine, n, max_length, cache = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 pairs = list(PROBE_PAIRS[:n])
 enc = prompt_encoder(path, None, max_length)
@@ -68,9 +68,9 @@ print("RESULT " + json.dumps({"engine": run.engine, "cache": run.cache, "seconds
 ORT_ALONE = r"""
 import gc, json, sys, time
 from pathlib import Path
-from qwen_convert.onnx_scoring import load_onnx_scorers
-from qwen_convert.probes import load_pairs
-from qwen_convert.scoring import prompt_encoder
+from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+from qwen_convert.scoring.probes import load_pairs
+from qwen_convert.scoring.batches import prompt_encoder
 from qwen_convert.verify import VerifyOptions, plan_batches
 ref, onnx, pairs_file, max_length = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 pairs = load_pairs(pairs_file)
@@ -127,7 +127,7 @@ def probe_file(queries: int) -> Path:
     """The first `queries` query groups of verify's built-in probes, without labels: NDCG gains then
     come from the reference's own P(yes) (with random weights the hand labels only measure noise)."""
     sys.path.insert(0, str(ROOT))
-    from qwen_convert.probes import PROBE_PAIRS
+    from qwen_convert.scoring.probes import PROBE_PAIRS
 
     keep: list[str] = []
     for p in PROBE_PAIRS:
@@ -238,8 +238,8 @@ def planned_tokens(ref: Path, pairs_file: Path, max_length: int) -> dict:
     """Padded tokens each model scores: the pre-#9 plan (batches of 8 in length order, every pair on
     both sides) and today's (verify.plan_batches: batches cut at long prompts, then the padding probe)."""
     sys.path.insert(0, str(ROOT))
-    from qwen_convert.probes import load_pairs
-    from qwen_convert.scoring import encode_batches, length_order, prompt_encoder
+    from qwen_convert.scoring.batches import encode_batches, length_order, prompt_encoder
+    from qwen_convert.scoring.probes import load_pairs
     from qwen_convert.verify import VerifyOptions, plan_batches
 
     pairs = load_pairs(pairs_file)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -135,7 +134,7 @@ def seqcls(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert a causal Qwen3-Reranker into a one-logit Qwen3ForSequenceClassification (streaming)."""
-    from .convert import ConvertOptions, convert_to_seqcls
+    from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
 
     with _reporter(quiet) as rep:
         result = convert_to_seqcls(src, out, ConvertOptions(score_dtype=score_dtype.value, force=force), reporter=rep)
@@ -167,7 +166,7 @@ def score(
     as_json: JsonOpt = False,
 ) -> None:
     """Score and rank documents for a query with a causal reranker, a seq-cls model or an ONNX export."""
-    from .score import ScoreOptions, score_documents
+    from qwen_convert.scoring.score import ScoreOptions, score_documents
 
     options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size, variant=variant,
                            dtype=dtype.value, engine=engine.value)
@@ -203,10 +202,11 @@ def verify(
 
     Exit 0: every candidate passed; 1: a gate failed (or the reference depends on padding);
     3: nothing failed, but a candidate was not verified (it would not fit in memory)."""
-    from .remote import ServerOptions, is_server_url, parse_api
-    from .stream.cache import default_cache_dir
-    from .stream.memory import parse_size
-    from .verify import VerifyOptions, verify as run_verify
+    from qwen_convert.scoring.memory import parse_size
+    from qwen_convert.scoring.remote import ServerOptions, is_server_url, parse_api
+    from qwen_convert.verify import VerifyOptions
+    from qwen_convert.verify import verify as run_verify
+    from qwen_convert.verify.cache import default_cache_dir
 
     options = VerifyOptions(
         pairs_file=pairs, variants=tuple(variant or ()), tol_logit=tol_logit, tol_fp16=tol_fp16,
@@ -241,7 +241,8 @@ def export_onnx(
     quiet: QuietOpt = False,
 ) -> None:
     """Export a one-logit ONNX graph (+ fp16/int8/q4/q4f16 variants) and verify it."""
-    from .export import ExportOptions, export_onnx as run_export
+    from qwen_convert.onnx.export import ExportOptions
+    from qwen_convert.onnx.export import export_onnx as run_export
 
     options = ExportOptions(
         modes=tuple(quantize or ()), block_size=block_size, quantize_embedding=quantize_embedding,
@@ -267,7 +268,7 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Download a reranker (ModelScope first, then Hugging Face / HF_ENDPOINT) and check its integrity."""
-    from .download import DownloadOptions, download_model
+    from qwen_convert.hub.download import DownloadOptions, download_model
 
     options = DownloadOptions(source=source.value if source else None, revision=revision, local_dir=local_dir, offline=offline)
     with _reporter(quiet) as rep:
@@ -287,7 +288,7 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Run a recipe: resolve/download, seq-cls, ONNX + quantize, verify, manifest.json + REPORT.md; exit 1 if a gate fails."""
-    from . import pipeline
+    from qwen_convert.pipeline import run as pipeline
 
     if check:
         result = pipeline.check_manifest(Path(recipe))
@@ -329,8 +330,8 @@ def serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve rerankers over HTTP: /rerank, /v1/rerank, /v2/rerank, /score, /metrics, a try-it page at /."""
-    from .serve.options import ModelSpec, ServeOptions
-    from .serve.server import serve as run_server
+    from qwen_convert.serve.options import ModelSpec, ServeOptions
+    from qwen_convert.serve.server import serve as run_server
 
     names = list(name or [])
     if len(names) > len(models):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -200,3 +201,13 @@ def atomic_output_file(path: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
 
+
+HASH_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

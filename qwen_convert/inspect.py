@@ -10,11 +10,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import INDEX_FILE, load_config, open_checkpoint
+from qwen_convert.checkpoint.files import INDEX_FILE, load_config, open_checkpoint
+from qwen_convert.checkpoint.validate import checkpoint_problems
+from qwen_convert.hub.resolve import resolve_model
+
 from .errors import QconvError
-from .quantize import ONNX_DIR
-from .resolve import resolve_model
-from .validate import checkpoint_problems
+from .formats import ONNX_DIR
 
 ONNX_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data", ".data")
 
@@ -106,7 +107,7 @@ def _files(root: Path) -> tuple[FileInfo, ...]:
 
 def inspect_model(src: str | Path) -> ModelInfo:
     """Describe a model directory (or hub id / qconv:NAME, resolved first)."""
-    from .convert import EMBED, LM_HEAD, SCORE, read_reranker_tokens
+    from qwen_convert.checkpoint.heads import EMBED, LM_HEAD, SCORE, read_reranker_tokens
 
     resolved = resolve_model(src)
     root = Path(resolved.path)

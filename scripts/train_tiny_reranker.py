@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import itertools
+import json
 import math
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -459,10 +458,10 @@ def train(cfg: TrainConfig, log=None, on_checkpoint=None):
 
 
 def ndcg_at_k(rows: Sequence[dict], scores: Sequence[float], k: int = 10) -> float:
-    """Mean NDCG@k over queries (rows grouped by query text), gain 2**label - 1, via qwen_convert.metrics."""
+    """Mean NDCG@k over queries (rows grouped by query text), gain 2**label - 1, via qwen_convert.scoring.metrics."""
     import numpy as np
 
-    from qwen_convert.metrics import mean_ndcg
+    from qwen_convert.scoring.metrics import mean_ndcg
 
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
@@ -608,7 +607,7 @@ def save(model, out: Path, rows: Sequence[dict], record: dict) -> None:
 def report(model, rows: Sequence[dict], log) -> dict:
     from qwen_convert.fixtures import tokenizer_path
     from qwen_convert.reranker import PromptEncoder, load_tokenizer
-    from qwen_convert.scoring import CausalScorer
+    from qwen_convert.scoring.torch_scorers import CausalScorer
 
     encoder = PromptEncoder(load_tokenizer(tokenizer_path()))
     yes, no = encoder.tokens.yes_id, encoder.tokens.no_id

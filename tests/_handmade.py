@@ -1,6 +1,6 @@
 """Seq-cls candidates built the slow, obvious way (two torch models, head copied by hand).
 
-Independent of qwen_convert.convert: a cross-check that the streaming converter and verify agree
+Independent of qwen_convert.seqcls.convert: a cross-check that the streaming converter and verify agree
 with what anyone would write with transformers alone.
 """
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_convert.causal_lm import (
-    CausalExportOptions, CausalGates, build_tiny_causal_lm, export_causal_lm, load_ort_causal_lm, verify_causal_lm,
+from qwen_convert.onnx.causal_lm import (
+    CausalExportOptions,
+    CausalGates,
+    build_tiny_causal_lm,
+    export_causal_lm,
+    load_ort_causal_lm,
+    verify_causal_lm,
 )
 
 PROMPTS = ["cheap flights to tokyo", "how to fix a leaking tap", "symptoms of vitamin d deficiency in adults"]

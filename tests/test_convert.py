@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from qwen_convert.checkpoint.heads import read_reranker_tokens
+from qwen_convert.checkpoint.safetensors_io import read_header
 from qwen_convert.cli import app
-from qwen_convert.convert import ConvertOptions, convert_to_seqcls, read_reranker_tokens
-from qwen_convert.probes import PROBE_PAIRS
 from qwen_convert.reranker import PromptEncoder, format_prompt, load_tokenizer, open_tokenizer, reranker_tokens
-from qwen_convert.safetensors_io import read_header
+from qwen_convert.scoring.probes import PROBE_PAIRS
+from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
 
 PAIRS = [
     ("What is the capital of China?", "The capital of China is Beijing."),
@@ -334,7 +335,7 @@ def test_keyboard_interrupt_mid_copy_leaves_no_output(tiny_models, tmp_path):
 
 SLOW_CHILD = r"""
 import sys, time
-from qwen_convert.convert import convert_to_seqcls
+from qwen_convert.seqcls.convert import convert_to_seqcls
 class R:
     def task(self, d, total=None):
         class T:

@@ -14,11 +14,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+import tomllib
 from servers import QCONV, export, free_port, wait_for_health  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,15 @@ import threading
 from pathlib import Path
 
 import pytest
+from hubserver import MODEL, HubRepo, HubServer, hubs, local_network_only, repo, source_model  # noqa: F401
 from typer.testing import CliRunner
 
-from hubserver import MODEL, HubRepo, HubServer, hubs, local_network_only, repo, source_model  # noqa: F401
-from qwen_convert.checkpoint import open_checkpoint
+from qwen_convert.checkpoint.files import open_checkpoint
 from qwen_convert.cli import app
-from qwen_convert.download import DownloadOptions, download_model, map_revision, select_files, source_order, RemoteFile
 from qwen_convert.errors import DownloadError
-from qwen_convert.resolve import resolve_model
+from qwen_convert.hub.download import DownloadOptions, download_model, map_revision, select_files, source_order
+from qwen_convert.hub.hubs import RemoteFile
+from qwen_convert.hub.resolve import resolve_model
 
 
 def _closed_port() -> int:
@@ -354,7 +355,7 @@ def test_cli_download_json_fields(hubs, source_model, tmp_path):
 
 
 def test_cli_seqcls_from_a_hub_id(hubs, source_model, tmp_path):
-    pytest.importorskip("qwen_convert.convert")
+    pytest.importorskip("qwen_convert.seqcls.convert")
     out = tmp_path / "seqcls"
     res = CliRunner().invoke(app, ["seqcls", MODEL, str(out), "--json", "--quiet"])
     assert res.exit_code == 0, res.output

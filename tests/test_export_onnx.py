@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 
 from qwen_convert.cli import app
 from qwen_convert.errors import ExportError, SourceError
-from qwen_convert.export import ExportOptions, export_onnx
-from qwen_convert.onnx_scoring import load_onnx_scorers
-from qwen_convert.quantize import QuantizeOptions, QuantMode, quantize_file
+from qwen_convert.formats import QuantMode
+from qwen_convert.onnx.export import ExportOptions, export_onnx
+from qwen_convert.onnx.quantize import QuantizeOptions, quantize_file
 from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer
-from qwen_convert.scoring import load_scorers
+from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+from qwen_convert.scoring.registry import load_scorers
 
 ALL_MODES = [m.value for m in QuantMode]
 PAIRS = [
@@ -160,7 +161,7 @@ def test_quantized_variants_stay_close_on_random_weights(case, causal_scores):
 
 
 def test_seqcls_source_exports_the_same_graph(tiny_models, tmp_path, causal_scores):
-    from qwen_convert.convert import convert_to_seqcls
+    from qwen_convert.seqcls.convert import convert_to_seqcls
 
     seqcls = convert_to_seqcls(tiny_models["untied_fp32"], tmp_path / "seqcls").out
     result = export_onnx(seqcls, tmp_path / "onnx", ExportOptions(verify=False))
@@ -187,7 +188,7 @@ def test_export_verifies_every_variant_it_wrote(results):
 
 def test_failing_variant_fails_the_export(tiny_models, tmp_path, monkeypatch):
     """A variant that misses its gate is reported FAIL and the command exits 1 (the files stay, to be inspected)."""
-    from qwen_convert import quantize
+    from qwen_convert.onnx import quantize
 
     def wrong_fp16(model, options):
         model = quantize.to_fp16(model, options)
@@ -205,7 +206,7 @@ def test_failing_variant_fails_the_export(tiny_models, tmp_path, monkeypatch):
 
 
 def test_seqcls_source_needs_a_causal_reference_to_verify(tiny_models, tmp_path):
-    from qwen_convert.convert import convert_to_seqcls
+    from qwen_convert.seqcls.convert import convert_to_seqcls
 
     seqcls = convert_to_seqcls(tiny_models["tied_fp32"], tmp_path / "seqcls").out
     code, _, err = _cli("export-onnx", seqcls, tmp_path / "a")
@@ -395,7 +396,7 @@ def test_unknown_variant_and_missing_file(exports, tmp_path):
 
 
 def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-    from qwen_convert import quantize
+    from qwen_convert.onnx import quantize
 
     def broken(model, options):
         raise ValueError("boom\nsecond line")
@@ -413,7 +414,7 @@ def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monk
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """qconv:tiny-reranker exported in every mode and verified on its held-out eval set."""
-    from qwen_convert.resolve import builtin_path
+    from qwen_convert.hub.resolve import builtin_path
 
     try:
         src = builtin_path("tiny-reranker")

@@ -6,20 +6,18 @@ import json
 import struct
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qwen_convert.checkpoint import open_checkpoint
+from qwen_convert.checkpoint.files import open_checkpoint
+from qwen_convert.checkpoint.safetensors_io import OutTensor, encode, read_header, read_rows, write_safetensors
 from qwen_convert.cli import app
 from qwen_convert.errors import OutputError, WeightsError
 from qwen_convert.fixtures import tokenizer_path
 from qwen_convert.fsutil import atomic_output_dir
 from qwen_convert.reranker import PREFIX, SUFFIX, Pair, PromptEncoder, load_tokenizer
-from qwen_convert.safetensors_io import OutTensor, encode, read_header, read_rows, write_safetensors
 
 
 def test_safetensors_roundtrip_matches_reference_reader(tmp_path):

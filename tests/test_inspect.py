@@ -8,8 +8,8 @@ import shutil
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
-from qwen_convert.convert import convert_to_seqcls
 from qwen_convert.reranker import load_tokenizer, reranker_tokens
+from qwen_convert.seqcls.convert import convert_to_seqcls
 
 
 def _inspect_json(path) -> dict:

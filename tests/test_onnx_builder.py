@@ -20,12 +20,12 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from qwen_convert.checkpoint import open_checkpoint
+from qwen_convert.checkpoint.files import open_checkpoint
 from qwen_convert.cli import app
-from qwen_convert.export import ExportOptions, export_onnx
+from qwen_convert.formats import QuantMode
 from qwen_convert.onnx.build import build_onnx
+from qwen_convert.onnx.export import ExportOptions, export_onnx
 from qwen_convert.onnx.weights import ALIGNMENT, GraphWriter
-from qwen_convert.quantize import QuantizeOptions, QuantMode
 from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer
 
 PAIRS = [
@@ -194,8 +194,8 @@ def test_build_never_imports_torch(tiny_models, tmp_path):
             "sys.meta_path.insert(0, Hide())\n"
             "real = importlib.util.find_spec\n"
             "importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] in ('torch', 'transformers') else real(name, *a)\n")
-    code = hide + ("from qwen_convert.checkpoint import open_checkpoint; from qwen_convert.onnx.build import build_onnx; "
-            "from qwen_convert.quantize import QuantMode; "
+    code = hide + ("from qwen_convert.checkpoint.files import open_checkpoint; from qwen_convert.onnx.build import build_onnx; "
+            "from qwen_convert.formats import QuantMode; "
             f"[build_onnx(open_checkpoint({str(tiny_models['untied_bf16_sharded'])!r}), __import__('pathlib').Path({str(tmp_path)!r}) / m.file_name, m) for m in QuantMode]; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

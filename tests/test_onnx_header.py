@@ -1,4 +1,4 @@
-"""qwen_convert/onnx/header.py against onnx's own parser: opsets and external data files, for
+"""qwen_convert/checkpoint/onnx_header.py against onnx's own parser: opsets and external data files, for
 inline graphs, external-data graphs and the builder's streamed inline layout (repeated graph
 records), and one-line errors for files that are not ONNX."""
 
@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qwen_convert.checkpoint.onnx_header import read_header
 from qwen_convert.errors import SourceError
-from qwen_convert.onnx.header import read_header
+from qwen_convert.onnx.quantize import external_locations
 from qwen_convert.onnx.weights import GraphWriter
-from qwen_convert.quantize import external_locations
 
 
 def small_model(n_weights: int = 3):

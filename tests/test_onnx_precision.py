@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qwen_convert.errors import ExportError
+from qwen_convert.formats import QuantMode
 from qwen_convert.onnx.precision import (
     PRECISIONS,
     LinearWeight,
@@ -23,8 +24,8 @@ from qwen_convert.onnx.precision import (
     quantize_q4_matmul,
     quantize_q4_rows,
 )
+from qwen_convert.onnx.quantize import QuantizeOptions
 from qwen_convert.onnx.weights import GraphWriter
-from qwen_convert.quantize import QuantizeOptions, QuantMode
 
 ort = pytest.importorskip("onnxruntime")
 

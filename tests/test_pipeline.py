@@ -13,16 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 # The local hub servers of the download tests (hubs needs repo and source_model; local_network_only is autouse).
 from hubserver import MODEL, hubs, local_network_only, repo, source_model  # noqa: F401
-from qwen_convert import pipeline
+from typer.testing import CliRunner
+
 from qwen_convert.cli import app
 from qwen_convert.errors import RecipeError
-from qwen_convert.manifest import MANIFEST, REPORT, SCHEMA_VERSION, STATE, check_manifest
-from qwen_convert.recipe import load_recipe
-from qwen_convert.resolve import builtin_path
+from qwen_convert.hub.resolve import builtin_path
+from qwen_convert.pipeline import run as pipeline
+from qwen_convert.pipeline.manifest import MANIFEST, REPORT, SCHEMA_VERSION, STATE, check_manifest
+from qwen_convert.pipeline.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny.toml"
@@ -275,7 +276,7 @@ def test_output_directory_of_another_recipe_is_refused(small, tmp_path):
 # --- the causal-LM recipe kind --------------------------------------------------------------------------
 
 def test_causal_lm_recipe_runs_end_to_end(tmp_path):
-    from qwen_convert.causal_lm import build_tiny_causal_lm
+    from qwen_convert.onnx.causal_lm import build_tiny_causal_lm
 
     src = build_tiny_causal_lm(tmp_path / "lm", seed=3)
     out = tmp_path / "out"

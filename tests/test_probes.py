@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -10,9 +9,9 @@ import pytest
 
 from qwen_convert.errors import InputFileError
 from qwen_convert.fixtures import tokenizer_path
-from qwen_convert.metrics import kendall_tau, mean_ndcg, ndcg_at_k, sigmoid
-from qwen_convert.probes import PROBE_PAIRS, LabeledPair, group_by_query, has_labels, load_pairs
 from qwen_convert.reranker import Pair, PromptEncoder, format_prompt, load_tokenizer
+from qwen_convert.scoring.metrics import kendall_tau, mean_ndcg, ndcg_at_k, sigmoid
+from qwen_convert.scoring.probes import PROBE_PAIRS, LabeledPair, group_by_query, has_labels, load_pairs
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

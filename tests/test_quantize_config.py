@@ -12,9 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from qwen_convert.export import ExportOptions, export_onnx
+from qwen_convert.formats import QuantMode
+from qwen_convert.onnx.export import ExportOptions, export_onnx
 from qwen_convert.onnx.precision import precision_settings
-from qwen_convert.quantize import QuantizeOptions, QuantMode, quantize_settings
+from qwen_convert.onnx.quantize import QuantizeOptions, quantize_settings
 
 MODES = ("fp16", "int8", "q4", "q4f16")
 

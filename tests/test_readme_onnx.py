@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import qwen_convert.export as export_module
 from qwen_convert.cli import app
-from qwen_convert.export import ExportOptions
-from qwen_convert.quantize import QuantMode
-from qwen_convert.recipe import load_recipe
+from qwen_convert.formats import QuantMode
+from qwen_convert.onnx import export as export_module
+from qwen_convert.onnx.export import ExportOptions
+from qwen_convert.pipeline.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
 from qwen_convert.errors import RecipeError
-from qwen_convert.recipe import Recipe, load_recipe, recipe_from_dict
+from qwen_convert.pipeline.recipe import Recipe, load_recipe, recipe_from_dict
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 runner = CliRunner()

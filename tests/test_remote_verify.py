@@ -16,7 +16,7 @@ from servers import export  # noqa: F401  (session fixture: the embedded model e
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
-from qwen_convert.convert import ConvertOptions, convert_to_seqcls
+from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
 
 PAIRS = [
     {"query": "what is the capital of china", "document": "the capital of china is beijing", "label": 1},

@@ -10,13 +10,16 @@ import pytest
 from _handmade import one_torch_thread, reference_logit
 from typer.testing import CliRunner
 
-from qwen_convert import scoring
+from qwen_convert.checkpoint.files import open_checkpoint
 from qwen_convert.cli import app
-from qwen_convert.convert import convert_to_seqcls
 from qwen_convert.errors import QconvError
-from qwen_convert.probes import PROBE_PAIRS
-from qwen_convert.score import ScoreOptions, score_documents
-from qwen_convert.scoring import ArtifactKind, load_scorers, prompt_encoder
+from qwen_convert.formats import ArtifactKind
+from qwen_convert.scoring import registry, torch_scorers
+from qwen_convert.scoring.batches import prompt_encoder
+from qwen_convert.scoring.probes import PROBE_PAIRS
+from qwen_convert.scoring.registry import load_scorers
+from qwen_convert.scoring.score import ScoreOptions, score_documents
+from qwen_convert.seqcls.convert import convert_to_seqcls
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -40,7 +43,7 @@ def _expected_logits(src, docs):
 
 
 def _pairs(docs):
-    from qwen_convert.probes import LabeledPair
+    from qwen_convert.scoring.probes import LabeledPair
 
     return [LabeledPair(QUERY, d) for d in docs]
 
@@ -108,7 +111,7 @@ def test_onnx_export_scores_with_fp32_unless_told(tiny_models, seqcls_dir, monke
         scorer.name, scorer.kind, scorer.precision = f"onnx/{variants[0]}", ArtifactKind.ONNX, variants[0]
         return [scorer]
 
-    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, fake_onnx_loader)
+    monkeypatch.setitem(registry.LOADERS, ArtifactKind.ONNX, fake_onnx_loader)
     result = score_documents(export, QUERY, DOCS[:2])
     assert result.kind == "onnx" and result.scorer == "onnx/fp32"
     assert score_documents(export, QUERY, DOCS[:2], options=ScoreOptions(variant="q4f16")).precision == "q4f16"
@@ -147,7 +150,7 @@ def test_cli_score_bad_pairs_line_and_missing_model(tiny_models, tmp_path):
 
 def test_real_onnx_export_scores_like_the_reference(tiny_models, tmp_path):
     """End to end through onnxruntime: fp32 graph by default, a named variant on request."""
-    from qwen_convert.export import ExportOptions, export_onnx
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
 
     src = tiny_models["untied_fp32"]
     out = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
@@ -164,7 +167,7 @@ def test_real_onnx_export_scores_like_the_reference(tiny_models, tmp_path):
 
 
 def test_length_batches_cut_before_a_prompt_that_would_pad_the_batch_past_the_ratio(tiny_models):
-    from qwen_convert.scoring import MAX_PADDED_RATIO, encode_batches, length_batches
+    from qwen_convert.scoring.batches import MAX_PADDED_RATIO, encode_batches, length_batches
 
     # verify's first three probe queries on the 0.6B tokenizer: batches of 8 pad 3,128 tokens for 2,307 real
     lengths = [102, 108, 123, 126, 130, 131, 133, 135, 138, 157, 512, 512]
@@ -192,9 +195,9 @@ def test_fp32_load_of_a_bf16_checkpoint_widens_the_stored_weights_bit_for_bit(ti
     from transformers import AutoModelForCausalLM
 
     path = tiny_models["untied_bf16_sharded"]
-    checkpoint = scoring.open_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     assert {t.dtype for t in checkpoint.tensors.values()} == {"BF16"}
-    ours = scoring._from_pretrained(AutoModelForCausalLM, path, "float32", checkpoint)
+    ours = torch_scorers._from_pretrained(AutoModelForCausalLM, path, "float32", checkpoint)
     theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     mine, ref = dict(ours.state_dict()), dict(theirs.state_dict())
     assert mine.keys() == ref.keys() and all(v.dtype == torch.float32 for v in mine.values())

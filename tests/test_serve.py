@@ -42,7 +42,7 @@ def qconv_score(model: Path, query: str, docs: list[str], variant: str) -> dict[
     """What `qconv score MODEL --query Q --doc D... --variant V` computes (its library function, in
     process): document -> P(yes). One batch, as the server batches one request alone: int8 quantizes
     activations per batch tensor, so its scores depend on a pair's batch companions."""
-    from qwen_convert.score import ScoreOptions, score_documents
+    from qwen_convert.scoring.score import ScoreOptions, score_documents
 
     result = score_documents(model, query, docs, options=ScoreOptions(variant=variant, batch_size=64, max_length=2048))
     return {d.document: d.p_yes for d in result.queries[0].documents}

@@ -14,8 +14,8 @@ import pytest
 from servers import serving
 from test_serve import QUERIES
 
-from qwen_convert.convert import ConvertOptions, convert_to_seqcls
-from qwen_convert.resolve import resolve_model
+from qwen_convert.hub.resolve import resolve_model
+from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def seqcls(tmp_path_factory) -> Path:
 
 def qconv_score(model: Path, query: str, docs: list[str], dtype: str) -> dict[str, float]:
     """What `qconv score MODEL --query Q --doc D... --dtype DTYPE` computes (its library function)."""
-    from qwen_convert.score import ScoreOptions, score_documents
+    from qwen_convert.scoring.score import ScoreOptions, score_documents
 
     result = score_documents(model, query, docs, options=ScoreOptions(dtype=dtype, batch_size=64, max_length=2048))
     return {d.document: d.p_yes for d in result.queries[0].documents}

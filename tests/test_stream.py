@@ -1,4 +1,4 @@
-"""The streamed forward (qwen_convert/stream) against transformers, its cache, and verify's memory checks.
+"""The streamed forward (qwen_convert/scoring/streamed) against transformers, its cache, and verify's memory checks.
 
 The independent reference is transformers itself: Qwen3ForCausalLM's full-vocabulary logits at the
 last real token (logit(yes) - logit(no)) and Qwen3ForSequenceClassification's pooled logit, both
@@ -9,9 +9,9 @@ two-layer checkpoint with the real 8B attention widths (head_dim 128, 32 query /
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +19,18 @@ import pytest
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
-from qwen_convert.convert import convert_to_seqcls
 from qwen_convert.errors import QconvError, WeightsError
 from qwen_convert.fixtures import TinySpec, build_tiny_reranker
-from qwen_convert.probes import PROBE_PAIRS
-from qwen_convert.scoring import ArtifactKind, choose_engine, encode_batches, prompt_encoder
-from qwen_convert.stream.engine import stream_forward
-from qwen_convert.stream.memory import activation_bytes, parse_size
-from qwen_convert.stream.reference import padded_tokens
+from qwen_convert.formats import ArtifactKind
+from qwen_convert.scoring import registry
+from qwen_convert.scoring.batches import encode_batches, prompt_encoder
+from qwen_convert.scoring.memory import activation_bytes, parse_size
+from qwen_convert.scoring.probes import PROBE_PAIRS
+from qwen_convert.scoring.registry import choose_engine
+from qwen_convert.scoring.streamed.engine import stream_forward
+from qwen_convert.seqcls.convert import convert_to_seqcls
 from qwen_convert.verify import VerifyOptions, plan_batches, verify
+from qwen_convert.verify.reference import padded_tokens
 
 PAIRS = tuple(PROBE_PAIRS[i] for i in (0, 1, 2, 3, 9, 22, 23, 24, 25))  # 102 to 523 tokens, two languages
 SHORT = tuple(PROBE_PAIRS[i] for i in (0, 1, 22, 23))
@@ -306,7 +309,7 @@ def test_candidate_scores_are_cached_and_any_change_rescores(tiny_models, tmp_pa
     touching a data file, other inputs or a broken entry rescores; the gates are re-applied either way."""
     import onnxruntime
 
-    from qwen_convert.export import ExportOptions, export_onnx
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
 
     src = tiny_models["untied_fp32"]
     onnx = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
@@ -323,7 +326,7 @@ def test_candidate_scores_are_cached_and_any_change_rescores(tiny_models, tmp_pa
         raise AssertionError("a cached candidate created an onnxruntime session")
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
-    monkeypatch.setattr("qwen_convert.scoring._load_seqcls", no_session)
+    monkeypatch.setitem(registry.LOADERS, ArtifactKind.SEQCLS, no_session)
     second = verify(src, [onnx, seqcls], options)
     assert [c.cache for c in second.candidates] == ["hit", "hit", "hit"] and second.passed
     assert [c.max_abs_logit for c in second.candidates] == [c.max_abs_logit for c in first.candidates]
@@ -351,7 +354,7 @@ def test_onnx_verify_with_a_cached_reference_imports_neither_transformers_nor_to
     import subprocess
     import sys
 
-    from qwen_convert.export import ExportOptions, export_onnx
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
 
     src = tiny_models["untied_fp32"]
     onnx = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
@@ -359,7 +362,7 @@ def test_onnx_verify_with_a_cached_reference_imports_neither_transformers_nor_to
     assert verify(src, [], VerifyOptions(pairs=SHORT, batch_size=2, cache_dir=cache)).reference.cache == "miss"
     script = (
         "import json, sys; from pathlib import Path\n"
-        "from qwen_convert.probes import PROBE_PAIRS\n"
+        "from qwen_convert.scoring.probes import PROBE_PAIRS\n"
         "from qwen_convert.verify import VerifyOptions, verify\n"
         "pairs = tuple(PROBE_PAIRS[i] for i in (0, 1, 22, 23))\n"
         f"r = verify(Path({str(src)!r}), [Path({str(onnx)!r})], VerifyOptions(pairs=pairs, batch_size=2, cache_dir=Path({str(cache)!r})))\n"

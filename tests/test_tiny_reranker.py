@@ -1,7 +1,7 @@
 """qconv:tiny-reranker: the trained tiny model shipped in the package ranks well, and its training is
 reproducible bit for bit.
 
-NDCG is computed here from scratch (not through qwen_convert.metrics) so the gate does not depend on
+NDCG is computed here from scratch (not through qwen_convert.scoring.metrics) so the gate does not depend on
 the code it helps to check.
 """
 
@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_convert.metrics import mean_ndcg
+from qwen_convert.formats import ArtifactKind
+from qwen_convert.hub.resolve import resolve_model
 from qwen_convert.reranker import Pair
-from qwen_convert.resolve import resolve_model
-from qwen_convert.scoring import ArtifactKind, load_scorers, prompt_encoder
+from qwen_convert.scoring.batches import prompt_encoder
+from qwen_convert.scoring.metrics import mean_ndcg
+from qwen_convert.scoring.registry import load_scorers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_tiny_reranker.py"

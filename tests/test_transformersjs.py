@@ -146,7 +146,7 @@ def test_model_card_snippet_runs_verbatim(export_dir, tmp_path):
 
 def test_readme_shows_the_card_snippet():
     """README.md's transformers.js block is the tested card snippet for an export named `out`."""
-    from qwen_convert.export import _TRANSFORMERSJS_SNIPPET
+    from qwen_convert.onnx.card import _TRANSFORMERSJS_SNIPPET
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert re.findall(r"```js\n(.*?)```", readme, flags=re.S) == [_TRANSFORMERSJS_SNIPPET.replace("NAME", "out")]

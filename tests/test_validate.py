@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qwen_convert.checkpoint import open_checkpoint
+from qwen_convert.checkpoint.files import open_checkpoint
+from qwen_convert.checkpoint.validate import checkpoint_problems
 from qwen_convert.cli import app
 from qwen_convert.fixtures import TinySpec, build_tiny_reranker
-from qwen_convert.validate import checkpoint_problems
 
 SPEC = TinySpec(tied=False, dtype="float32", seed=7)  # untied, so the lm_head can be broken too
 H, LAYERS, HEADS, KV, HD, INTER = SPEC.hidden_size, SPEC.num_hidden_layers, SPEC.num_attention_heads, SPEC.num_key_value_heads, SPEC.head_dim, SPEC.intermediate_size

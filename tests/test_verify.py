@@ -11,13 +11,15 @@ import pytest
 from _handmade import one_torch_thread, reference_logit, seqcls_by_hand
 from typer.testing import CliRunner
 
-from qwen_convert import scoring
 from qwen_convert.cli import app
-from qwen_convert.convert import ConvertOptions, convert_to_seqcls
 from qwen_convert.errors import QconvError, SourceError
-from qwen_convert.probes import PROBE_PAIRS
+from qwen_convert.formats import ArtifactKind
 from qwen_convert.reranker import load_tokenizer, reranker_tokens
-from qwen_convert.scoring import ArtifactKind, encode_batches, load_scorers, prompt_encoder, score_pairs
+from qwen_convert.scoring import registry, torch_scorers
+from qwen_convert.scoring.batches import encode_batches, prompt_encoder, score_pairs
+from qwen_convert.scoring.probes import PROBE_PAIRS
+from qwen_convert.scoring.registry import load_scorers
+from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
 from qwen_convert.verify import DEFAULT_GATES, Gate, VerifyOptions, gate_table, verify
 
 # Mixed lengths (102 to 523 tokens), English and Chinese, three queries: enough to exercise padding
@@ -147,7 +149,7 @@ def test_gate_table_chooses_by_precision(tiny_models, candidates, monkeypatch, t
             _Shifted(base, "q2", lambda s: 0 * s),  # no gate for this precision: fails, says so
         ]
 
-    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, fake_onnx_loader)
+    monkeypatch.setitem(registry.LOADERS, ArtifactKind.ONNX, fake_onnx_loader)
     options = VerifyOptions(pairs=SHORT, batch_size=len(SHORT), variants=("fp32", "q4"), padding_sides=("left",))
     report = verify(tiny_models["tied_fp32"], [onnx_dir], options)
     assert seen["variants"] == ("fp32", "q4")
@@ -183,7 +185,7 @@ def test_non_finite_candidate_scores_fail_and_json_stays_strict(tiny_models, can
     (onnx_dir / "onnx").mkdir()
     base = load_scorers(candidates["tied_fp32/converted"])[0]
     nan_first = _Shifted(base, "fp16", lambda s: np.where(np.arange(s.size) == 0, np.nan, 0.0))
-    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [nan_first])
+    monkeypatch.setitem(registry.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [nan_first])
     report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SHORT, batch_size=4))
     [c] = report.candidates
     assert {f.check for f in c.failures} == {"finite", "max_abs_logit"}
@@ -242,7 +244,7 @@ def test_the_padding_probe_catches_a_candidate_broken_only_on_the_other_side(tin
     shutil.copytree(candidates["tied_fp32/converted"], onnx_dir)
     (onnx_dir / "onnx").mkdir()
     base = load_scorers(candidates["tied_fp32/converted"])[0]
-    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [_RightPaddingBug(base, "fp32", None)])
+    monkeypatch.setitem(registry.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [_RightPaddingBug(base, "fp32", None)])
     report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SUBSET, batch_size=4))
     [c] = report.candidates
     assert report.padding_check == "probe" and report.padding_rows == {"left": len(SUBSET), "right": 2}
@@ -266,7 +268,7 @@ def test_the_probe_gates_a_quantized_candidate_by_its_own_padding_invariance(tin
     base = load_scorers(candidates["tied_fp32/converted"])[0]
     noisy = _Shifted(base, "int8", lambda s: 0.01 * np.cos(7 * s))  # quantization-like error, batch independent
     broken = _RightPaddingBug(base, "q4", None)
-    monkeypatch.setitem(scoring.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [noisy, broken])
+    monkeypatch.setitem(registry.LOADERS, ArtifactKind.ONNX, lambda path, variants, dtype: [noisy, broken])
     report = verify(tiny_models["tied_fp32"], [onnx_dir], VerifyOptions(pairs=SUBSET, batch_size=4))
     ok, bad = report.candidates
     assert ok.passed and ok.per_side["right"]["padding_delta"] < 1e-5 and "padding_delta" not in ok.per_side["left"]
@@ -281,12 +283,12 @@ def test_the_probe_gates_a_quantized_candidate_by_its_own_padding_invariance(tin
 
 
 def test_reference_that_depends_on_padding_is_flagged(tiny_models, candidates, monkeypatch):
-    original = scoring.CausalScorer.score
+    original = torch_scorers.CausalScorer.score
 
     def left_padding_bug(self, batch):  # left-padded rows drift: what a forgotten attention mask does
         return original(self, batch) + 1e-3 * (batch.attention_mask[:, 0] == 0)
 
-    monkeypatch.setattr(scoring.CausalScorer, "score", left_padding_bug)
+    monkeypatch.setattr(torch_scorers.CausalScorer, "score", left_padding_bug)
     report = verify(tiny_models["tied_fp32"], [candidates["tied_fp32/converted"]], VerifyOptions(pairs=SHORT, batch_size=4))
     assert not report.reference.padding_invariant and not report.passed
     assert report.reference.max_padding_delta == pytest.approx(1e-3, rel=1e-3)
@@ -422,7 +424,7 @@ def test_cli_pairs_file_and_tolerance(tiny_models, candidates, tmp_path):
 
 def test_cli_real_onnx_export_with_variant(tiny_models, candidates, tmp_path):
     """A real export through onnxruntime next to a seq-cls candidate; --variant picks the graphs."""
-    from qwen_convert.export import ExportOptions, export_onnx
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
 
     src = tiny_models["untied_fp32"]
     out = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("fp16", "int8"), verify=False)).out

@@ -26,11 +26,12 @@ from servers import stop, wait_for_health
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
-from qwen_convert.convert import ConvertOptions, convert_to_seqcls
 from qwen_convert.fixtures import TinySpec, build_tiny_reranker
-from qwen_convert.metrics import sigmoid
 from qwen_convert.reranker import Pair
-from qwen_convert.scoring import load_scorers, prompt_encoder
+from qwen_convert.scoring.batches import prompt_encoder
+from qwen_convert.scoring.metrics import sigmoid
+from qwen_convert.scoring.registry import load_scorers
+from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
 
 VLLM_PY = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 STARTUP_SECONDS = 400

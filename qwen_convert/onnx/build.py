@@ -31,14 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..errors import SourceError, WeightsError
-from ..quantize import EXTERNAL_DATA_THRESHOLD, QuantizeOptions, QuantMode
+from qwen_convert.checkpoint.files import Checkpoint
+from qwen_convert.checkpoint.heads import SCORE, head_tensor, read_reranker_tokens, score_row
+from qwen_convert.errors import SourceError, WeightsError
+from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, QuantMode
+
+from .quantize import QuantizeOptions
 from .weights import MS_DOMAIN, GraphWriter, WeightReader
 
 INT64, INT32, FLOAT, FLOAT16 = 7, 6, 1, 10  # onnx TensorProto data types
 ROPE_TYPES = (None, "default")
-SCORE = "score.weight"
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,7 @@ class BuildResult:
 def score_vector(ckpt: Checkpoint, root: Path) -> np.ndarray:
     """float32 [hidden]: score.weight of a seq-cls source, W[yes] - W[no] of a causal one (the rows
     and the tied/untied choice are convert.py's, the one place that knows them)."""
-    from ..convert import head_tensor, read_reranker_tokens, score_row
-    from ..safetensors_io import read_tensor
+    from qwen_convert.checkpoint.safetensors_io import read_tensor
 
     if SCORE in ckpt.tensors:
         info = ckpt.tensors[SCORE]
@@ -284,7 +285,8 @@ class Qwen3RerankerBuilder:
 def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
                threshold: int = EXTERNAL_DATA_THRESHOLD) -> BuildResult:
     """Write `mode`'s graph of the reranker in `ckpt` to `path` (+ `<name>_data` above `threshold`)."""
-    from ..validate import check_checkpoint
+    from qwen_convert.checkpoint.validate import check_checkpoint
+
     from .precision import PRECISIONS
 
     started = time.perf_counter()

@@ -24,8 +24,10 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import ExportError
-from ..quantize import QuantizeOptions, QuantMode
+from qwen_convert.errors import ExportError
+from qwen_convert.formats import QuantMode
+
+from .quantize import QuantizeOptions
 
 MS = "com.microsoft"
 RowChunks = Callable[[], Iterable[np.ndarray]]  # a fresh iterator of float32 row chunks per call
@@ -350,7 +352,6 @@ PRECISIONS: dict[QuantMode, Precision] = {
 }
 
 
-
 # --- quantize_config.json -------------------------------------------------------------------------
 
 _FUSED: list[str] = []  # products the builder fuses: none (q/k/v, gate/up fused measured slower, build.py)
@@ -367,7 +368,7 @@ _FP16_NUMERICS = {
 def precision_settings(options: QuantizeOptions) -> dict:
     """quantize_config.json for the builder: quantize_settings' keys (readers may rely on them) with
     the builder's values, and under `encoders` each variant's per-tensor encoding as PRECISIONS does it."""
-    from ..quantize import quantize_settings
+    from .quantize import quantize_settings
 
     settings = quantize_settings(options)
     q4_embedding = (f"com.microsoft GatherBlockQuantized (int4{'' if options.symmetric else ' + zero points'}, "

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..errors import ExportError, WeightsError
-from ..quantize import EXTERNAL_DATA_THRESHOLD
-from ..safetensors_io import TensorInfo, iter_row_chunks, read_row_range, read_tensor
+from qwen_convert.checkpoint.files import Checkpoint
+from qwen_convert.checkpoint.safetensors_io import TensorInfo, iter_row_chunks, read_row_range, read_tensor
+from qwen_convert.errors import ExportError, WeightsError
+from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD
 
 INLINE_BYTES = 1024  # tensors this small stay in the graph proto (onnx's size_threshold)
 ALIGN_BYTES = 1 << 20  # tensors from this size on start at an ALIGNMENT boundary in the data file

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from importlib import resources
 
@@ -19,13 +18,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen_convert.errors import QconvError
+from qwen_convert.serve import serving_rerank, serving_score
+
 from .. import __version__
-from ..errors import QconvError
-from . import serving_rerank, serving_score
 from .metrics import ServerMetrics
 from .options import ModelSpec, ServeOptions
-from .protocol import (ApiError, ErrorResponse, Health, LoadRequest, ModelCard, ModelList, RerankRequest, RerankResponse,
-                       RequestTooLarge, ScoreRequest, ScoreResponse, UnloadRequest)
+from .protocol import (
+    ApiError,
+    ErrorResponse,
+    Health,
+    LoadRequest,
+    ModelCard,
+    ModelList,
+    RequestTooLarge,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
+    UnloadRequest,
+)
 from .registry import ModelRegistry, Served
 
 RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")

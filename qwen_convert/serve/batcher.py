@@ -19,11 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..reranker import pad_rows
+from qwen_convert.reranker import pad_rows
+
 from .metrics import ServerMetrics
 from .options import ServeOptions
 from .protocol import Overloaded
-
 
 WINDOW = 4  # a batch's candidates: this many batches' worth of the oldest waiting pairs
 

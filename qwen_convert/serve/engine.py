@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SourceError
-from ..quantize import ONNX_DIR, QuantMode
-from ..reranker import DEFAULT_INSTRUCTION, EncodedBatch, PromptEncoder, load_fast_tokenizer
-from ..scoring import ArtifactKind, detect_kind
+from qwen_convert.checkpoint.kind import detect_kind
+from qwen_convert.errors import SourceError
+from qwen_convert.formats import ONNX_DIR, ArtifactKind, QuantMode
+from qwen_convert.reranker import DEFAULT_INSTRUCTION, EncodedBatch, PromptEncoder, load_fast_tokenizer
+
 from .options import ModelSpec, ServeOptions
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -139,7 +140,7 @@ def choose_variant(export: Path, requested: str | None, provider: str) -> QuantM
     if not present:
         raise SourceError(f"{export / ONNX_DIR} holds no ONNX variant", "export one with qconv export-onnx")
     if requested:
-        from ..onnx_scoring import _mode
+        from qwen_convert.scoring.onnx_scorers import _mode
 
         mode = _mode(requested)
         if mode not in present:
@@ -169,7 +170,7 @@ def onnx_providers(options: ServeOptions) -> list[str]:
 
 
 def _load_onnx(path: Path, spec: ModelSpec, options: ServeOptions) -> Engine:
-    from ..onnx_scoring import check_variant_files
+    from qwen_convert.scoring.onnx_scorers import check_variant_files
 
     providers = onnx_providers(options)
     mode = choose_variant(path, spec.variant, providers[0] if providers[0] in SPEED_ORDER else CPU)
@@ -179,7 +180,7 @@ def _load_onnx(path: Path, spec: ModelSpec, options: ServeOptions) -> Engine:
 
 
 def _load_seqcls(path: Path, spec: ModelSpec, options: ServeOptions) -> Engine:
-    from ..scoring import load_scorers
+    from qwen_convert.scoring.registry import load_scorers
 
     dtype = spec.variant or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):

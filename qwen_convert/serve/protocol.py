@@ -14,8 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import QconvError
-
+from qwen_convert.errors import QconvError
 
 # --- errors -------------------------------------------------------------------------------------
 

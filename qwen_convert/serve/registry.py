@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..metrics import sigmoid
-from ..reranker import Pair
+from qwen_convert.reranker import Pair
+from qwen_convert.scoring.metrics import sigmoid
+
 from .batcher import Batcher, Retired
 from .engine import LoadedModel, load_model
 from .metrics import ServerMetrics

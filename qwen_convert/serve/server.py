@@ -53,7 +53,8 @@ def serve(models: Sequence[ModelSpec], options: ServeOptions = ServeOptions(), a
     """Serve MODELS at options.host:port until stopped; returns what was served."""
     import uvicorn
 
-    from ..errors import QconvError
+    from qwen_convert.errors import QconvError
+
     from .app import build_app
     from .metrics import ServerMetrics
     from .registry import ModelRegistry

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..reranker import Pair
+from qwen_convert.reranker import Pair
+
 from .options import ServeOptions
 from .protocol import InvalidRequest, ScoreData, ScoreRequest, ScoreResponse, Usage
 from .registry import ModelRegistry

@@ -3,7 +3,7 @@
 //   node score.mjs request.json        (request: {"model": DIR, "dtypes": [...], "pairs": [{query, document}], "instruction": str|null})
 //
 // Prints {"versions", "ids": per pair, "results": {dtype: {"single": [logit per pair], "batch": [...]} | {"error"}}}.
-// The loading and prompt code below is what the export's README.md shows (qwen_convert/export.py
+// The loading and prompt code below is what the export's README.md shows (qwen_convert/onnx/export.py
 // onnx_card); keep the two identical.
 import { readFile } from "node:fs/promises";
 import path from "node:path";

@@ -1,0 +1,97 @@
+"""Scorers for an ONNX export directory: one onnxruntime session per variant file.
+
+`load_onnx_scorers(OUT)` returns every variant present under OUT/onnx/ (or only the requested
+ones), named "onnx/<mode>" with precision = mode, so `verify` picks each variant's gate. Files are
+checked up front (the .onnx and any external data it names); sessions are created on first use,
+so listing five variants of a large model does not load five models at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qwen_convert.errors import SourceError
+from qwen_convert.formats import ONNX_DIR, ArtifactKind, QuantMode
+from qwen_convert.reranker import EncodedBatch
+
+from .base import Scorer
+
+
+def _mode(name: str) -> QuantMode:
+    """'q4', 'onnx/q4' or 'model_q4.onnx' -> QuantMode.Q4."""
+    key = name.strip().lower().removeprefix(f"{ONNX_DIR}/")
+    for mode in QuantMode:
+        if key in (mode.value, mode.file_name):
+            return mode
+    valid = ", ".join(m.value for m in QuantMode)
+    raise SourceError(f"unknown ONNX variant {name!r}", f"valid variants: {valid}")
+
+
+def external_data_files(onnx_path: Path) -> list[Path]:
+    """The external data files an .onnx file refers to (read from its header: weights, inline ones
+    included, are never loaded)."""
+    from qwen_convert.checkpoint.onnx_header import read_header
+
+    return [onnx_path.parent / n for n in sorted(read_header(onnx_path).external_locations)]
+
+
+def check_variant_files(onnx_path: Path) -> None:
+    if not onnx_path.is_file():
+        raise SourceError(f"{onnx_path} is missing", "re-export with qconv export-onnx, or pick a variant that exists")
+    for data in external_data_files(onnx_path):
+        if not data.is_file():
+            raise SourceError(f"{data} is missing (external data of {onnx_path.name})", "copy it next to the .onnx file, or re-export")
+
+
+@dataclass
+class OnnxScorer:
+    path: Path
+    name: str
+    precision: str
+    threads: int | None = None
+    kind: ArtifactKind = ArtifactKind.ONNX
+    _session: object = field(default=None, repr=False)
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            try:
+                self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SourceError(f"onnxruntime cannot load {self.path}: {first}", "re-export it with qconv export-onnx") from exc
+        return self._session
+
+    def score(self, batch: EncodedBatch) -> np.ndarray:
+        feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64)}
+        (logits,) = self.session.run(["logits"], feeds)
+        return np.asarray(logits, dtype=np.float64)[:, 0]
+
+
+def load_onnx_scorers(path: Path | str, variants: Sequence[str] = (), threads: int | None = None) -> list[Scorer]:
+    """Scorers for the variants in PATH/onnx (all present, or exactly `variants`)."""
+    root = Path(path) / ONNX_DIR
+    if variants:
+        modes = list(dict.fromkeys(_mode(v) for v in variants))
+    else:
+        modes = [m for m in QuantMode if (root / m.file_name).is_file()]
+        if not modes:
+            expected = ", ".join(m.file_name for m in QuantMode)
+            raise SourceError(f"{root} holds no ONNX variant", f"expected one of {expected}")
+    scorers = []
+    for mode in modes:
+        file = root / mode.file_name
+        check_variant_files(file)
+        scorers.append(OnnxScorer(file, f"{ONNX_DIR}/{mode.value}", mode.value, threads))
+    return scorers

@@ -1,0 +1,134 @@
+"""The streamed forward: embed -> every prompt through layer 1, free it, layer 2, ... -> norm -> head.
+
+One place loads and frees a layer's weights (`_layers`); the math of a layer is layer.run_layer.
+The hidden states of every batch stay in memory between layers (the probe set's activations), the
+weights never do: peak memory is about one layer in fp32, the gathered embedding rows, and those
+activations, whatever the model size.
+
+Two heads, matching the two transformers classes this stands in for:
+  causal : logit(yes) - logit(no) at the last real token, positions counting real tokens only
+           (exactly what scoring.CausalScorer asks of Qwen3ForCausalLM);
+  seqcls : the score row at the last non-pad token, default positions (what
+           Qwen3ForSequenceClassification does when called with input_ids and attention_mask).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qwen_convert.formats import ArtifactKind
+from qwen_convert.progress import NULL, Reporter
+from qwen_convert.reranker import EncodedBatch
+
+HEADS = ("causal", "seqcls")
+# Rows of a batch that go through a layer together: bounds the MLP's [tokens, intermediate]
+# activations (three of them live at once) to ~3 x 64 MiB whatever the width. Rows are independent,
+# so splitting a batch changes nothing but the peak.
+MLP_ACTIVATION_BYTES = 64 << 20
+
+
+@dataclass
+class StreamedScorer:
+    """A Scorer (scoring.Scorer) that streams the checkpoint at PATH layer by layer, in fp32."""
+
+    path: Path
+    head: str  # causal | seqcls
+    yes_id: int = -1  # causal head only
+    no_id: int = -1
+    name: str = "causal"
+    kind: ArtifactKind = ArtifactKind.CAUSAL
+    precision: str = "fp32"
+    engine: str = "streamed"
+    reporter: Reporter = field(default=NULL, repr=False)
+
+    def score(self, batch: EncodedBatch) -> np.ndarray:
+        return self.score_batches([batch])[0]
+
+    def score_batches(self, batches: Sequence[EncodedBatch], label: str | None = None) -> list[np.ndarray]:
+        """One logit per row of every batch, streaming the weights once for all of them."""
+        return stream_forward(self.path, batches, self.head, (self.yes_id, self.no_id), self.reporter,
+                              label or f"{self.name} (streamed)")
+
+
+def _positions(batch: EncodedBatch, head: str):
+    import torch
+
+    mask = torch.from_numpy(batch.attention_mask)
+    if head == "causal":
+        return (mask.cumsum(-1) - 1).clamp(min=0)  # RoPE counts real tokens, so left padding shifts nothing
+    return torch.arange(mask.shape[1]).unsqueeze(0)  # transformers' default: cache_position
+
+
+def _last_token(batch: EncodedBatch, head: str, pad_id: int | None) -> np.ndarray:
+    if head == "causal":
+        return batch.last_index
+    # Qwen3ForSequenceClassification's pooling: the rightmost token that is not the pad id.
+    ids = batch.input_ids
+    return (np.arange(ids.shape[1])[None, :] * (ids != pad_id)).argmax(-1)
+
+
+def _row_steps(batch: EncodedBatch, intermediate: int) -> list[slice]:
+    rows, width = batch.input_ids.shape
+    per_step = max(1, MLP_ACTIVATION_BYTES // (4 * intermediate * width))
+    return [slice(i, min(rows, i + per_step)) for i in range(0, rows, per_step)]
+
+
+def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str, yes_no: tuple[int, int] = (-1, -1),
+                   reporter: Reporter = NULL, label: str = "streamed") -> list[np.ndarray]:
+    """The streamed fp32 forward of the checkpoint at PATH over `batches`: one logit per row."""
+    import torch
+
+    from .layer import BatchInputs, batch_inputs, build_layer, build_norm, build_rotary, load_layer, prepare_config, run_layer
+    from .weights import open_weights
+
+    if head not in HEADS:
+        raise ValueError(f"head {head!r} is not one of {HEADS}")
+    weights = open_weights(path, head)
+    config = prepare_config(weights.config)
+    pad_id = getattr(config, "pad_token_id", None)
+    if not batches:
+        return []
+    with torch.inference_mode():
+        # Embedding: only the rows the prompts use (a few thousand of 151669).
+        vocab = np.unique(np.concatenate([b.input_ids.reshape(-1) for b in batches]))
+        if vocab[0] < 0 or vocab[-1] >= config.vocab_size:
+            from qwen_convert.errors import TokenizerError
+
+            raise TokenizerError(f"token id {int(vocab[-1] if vocab[-1] >= config.vocab_size else vocab[0])} is outside the "
+                                 f"model's vocabulary ({config.vocab_size})", "use the tokenizer shipped with the model")
+        rows = weights.embedding_rows(vocab)
+        hidden = [rows[torch.from_numpy(np.searchsorted(vocab, b.input_ids))] for b in batches]
+        del rows
+        rotary = build_rotary(config)
+        steps = [_row_steps(b, config.intermediate_size) for b in batches]
+        inputs: list[list[BatchInputs]] = []
+        for b, h, batch_steps in zip(batches, hidden, steps):
+            mask, positions = torch.from_numpy(b.attention_mask), _positions(b, head)
+            inputs.append([batch_inputs(config, rotary, h[s], mask[s], positions[s] if positions.shape[0] > 1 else positions)
+                           for s in batch_steps])
+
+        task = reporter.task(f"{label}: {config.num_hidden_layers} layers x {len(batches)} batches",
+                             total=config.num_hidden_layers * len(batches))
+        for index in range(config.num_hidden_layers):
+            layer = build_layer(config)
+            load_layer(layer, weights.layer(index), index, config)
+            for b, batch_steps in enumerate(steps):
+                hidden[b] = torch.cat([run_layer(layer, hidden[b][s], x) for s, x in zip(batch_steps, inputs[b])])
+                task.advance(1)
+            del layer  # the only reference to this layer's tensors: freed before the next is read
+            gc.collect()
+
+        norm = build_norm(config, weights.norm())
+        last = [h[torch.arange(h.shape[0]), torch.from_numpy(_last_token(b, head, pad_id))] for h, b in zip(hidden, batches)]
+        del hidden
+        if head == "causal":
+            w = weights.head_rows(yes_no)  # [2, hidden]: logit(yes), logit(no) and nothing else of the vocabulary
+            out = [(norm(x) @ w.T) for x in last]
+            return [(o[:, 0] - o[:, 1]).double().numpy() for o in out]
+        w = weights.score_row()
+        return [(norm(x) @ w.T)[:, 0].double().numpy() for x in last]

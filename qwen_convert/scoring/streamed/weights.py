@@ -1,0 +1,124 @@
+"""Safetensors in, fp32 torch tensors out: only what one step of the streamed forward needs.
+
+Every tensor is read with safetensors_io (any stored dtype, sharded or not) and decoded to fp32, so
+a bf16 checkpoint gives the same numbers transformers gets after `from_pretrained(dtype=float32)`.
+Shapes are checked against the config for every layer before any compute starts: a checkpoint whose
+config disagrees with its tensors fails in one line instead of after an hour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qwen_convert.checkpoint.files import Checkpoint, open_checkpoint
+from qwen_convert.checkpoint.heads import EMBED, LM_HEAD, NORM, SCORE
+from qwen_convert.checkpoint.safetensors_io import TensorInfo, read_rows, read_tensor
+from qwen_convert.errors import WeightsError
+
+PREFIX = "model."
+
+
+def layer_prefix(index: int) -> str:
+    return f"{PREFIX}layers.{index}."
+
+
+@dataclass(frozen=True)
+class StreamedWeights:
+    """A checkpoint opened for streaming: headers only until a stage asks for tensors."""
+
+    checkpoint: Checkpoint
+    config: object  # transformers Qwen3Config
+
+    @property
+    def root(self) -> Path:
+        return self.checkpoint.root
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.checkpoint.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise WeightsError(f"{self.root} has no tensor {name}", "the checkpoint is incomplete; re-download or re-convert it")
+        return info
+
+    def embedding_rows(self, token_ids: np.ndarray):
+        """The embedding rows of `token_ids` (unique, sorted) as one fp32 tensor: never the whole table."""
+        import torch
+
+        return torch.from_numpy(read_rows(self.info(EMBED), [int(t) for t in token_ids]))
+
+    def layer(self, index: int) -> dict:
+        """One decoder layer's tensors (names relative to the layer), fp32."""
+        import torch
+
+        prefix = layer_prefix(index)
+        return {name[len(prefix):]: torch.from_numpy(read_tensor(info))
+                for name, info in self.tensors.items() if name.startswith(prefix)}
+
+    def norm(self):
+        import torch
+
+        return torch.from_numpy(read_tensor(self.info(NORM)))
+
+    def head_rows(self, rows: Iterable[int]):
+        """Rows of the output projection: lm_head, or the embedding when the head is tied (as transformers does)."""
+        import torch
+
+        name = EMBED if getattr(self.config, "tie_word_embeddings", False) else LM_HEAD
+        return torch.from_numpy(read_rows(self.info(name), list(rows)))
+
+    def score_row(self):
+        import torch
+
+        info = self.info(SCORE)
+        if len(info.shape) != 2 or info.shape[0] != 1:
+            raise WeightsError(f"{self.root}: score.weight has shape {list(info.shape)}, not [1, hidden]",
+                               "qconv scores one-logit rerankers; re-run `qconv seqcls`")
+        return torch.from_numpy(read_tensor(info))
+
+
+def open_weights(path: Path | str, head: str) -> StreamedWeights:
+    """Open PATH, load its config, and check every tensor the forward will read against it.
+
+    `head`: "causal" (lm_head, or the embedding when tied) or "seqcls" (the score row)."""
+    from transformers import AutoConfig
+
+    from .layer import layer_shapes, prepare_config
+
+    checkpoint = open_checkpoint(path)
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint.root))
+    except (ValueError, KeyError, TypeError) as exc:  # transformers' own config validation
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{checkpoint.root}/config.json is not a valid Qwen3 config ({first})",
+                           "the config disagrees with the tensors; re-download or re-convert the model") from exc
+    expected_layer = layer_shapes(prepare_config(config))
+    weights = StreamedWeights(checkpoint, config)
+    tensors = weights.tensors
+    hidden, vocab = config.hidden_size, config.vocab_size
+    expected: dict[str, tuple[int, ...]] = {EMBED: (vocab, hidden), NORM: (hidden,)}
+    for i in range(config.num_hidden_layers):
+        expected.update({layer_prefix(i) + name: shape for name, shape in expected_layer.items()})
+    if head == "causal" and not getattr(config, "tie_word_embeddings", False):
+        expected[LM_HEAD] = (vocab, hidden)
+    if head == "seqcls":
+        expected[SCORE] = (1, hidden)
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise WeightsError(f"{checkpoint.root}: config.json implies tensor {name}, which the weights lack",
+                               "the config disagrees with the tensors; re-download or re-convert the model")
+        if tuple(info.shape) != tuple(shape):
+            raise WeightsError(f"{checkpoint.root}: {name} has shape {list(info.shape)}, config.json implies {list(shape)}",
+                               "the config disagrees with the tensors; re-download or re-convert the model")
+    extra = sorted(n for n in tensors if n.startswith(f"{PREFIX}layers.") and n not in expected)
+    if extra:
+        raise WeightsError(f"{checkpoint.root}: {len(extra)} layer tensors the config does not describe (first: {extra[0]})",
+                           "the config disagrees with the tensors (num_hidden_layers?); re-download or re-convert the model")
+    return weights
