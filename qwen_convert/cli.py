@@ -183,6 +183,9 @@ def verify(
     tol_logit: Annotated[Optional[float], typer.Option("--tol-logit", help="Max |Δlogit| for fp32 candidates (default 1e-4).")] = None,
     tol_fp16: Annotated[Optional[float], typer.Option("--tol-fp16", help="Max |Δlogit| for fp16 candidates (default 2e-2).")] = None,
     min_retention: Annotated[Optional[float], typer.Option("--min-retention", help="Min NDCG@10 retention for quantized candidates (default 0.97).")] = None,
+    max_prob_drift: Annotated[Optional[float], typer.Option("--max-prob-drift", help="Max |ΔP(yes)| for quantized candidates (default: int8 0.1, q4/q4f16 0.2).")] = None,
+    p95_prob_drift: Annotated[Optional[float], typer.Option("--p95-prob-drift", help="Max 95th percentile of |ΔP(yes)| for quantized candidates (default 0.05).")] = None,
+    min_kendall_tau: Annotated[Optional[float], typer.Option("--min-kendall-tau", help="Min mean per-query Kendall τ with the reference's ranking, quantized candidates (default 0.8).")] = None,
     instruction: InstructionOpt = None,
     max_length: MaxLenOpt = 8192,
     batch_size: BatchOpt = 8,
@@ -210,7 +213,8 @@ def verify(
 
     options = VerifyOptions(
         pairs_file=pairs, variants=tuple(variant or ()), tol_logit=tol_logit, tol_fp16=tol_fp16,
-        min_retention=min_retention, instruction=instruction, max_length=max_length, batch_size=batch_size,
+        min_retention=min_retention, max_prob_drift=max_prob_drift, p95_prob_drift=p95_prob_drift,
+        min_kendall_tau=min_kendall_tau, instruction=instruction, max_length=max_length, batch_size=batch_size,
         engine=engine.value, padding_check=padding_check.value, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         memory_limit=parse_size(memory_limit) if memory_limit else None,
         server=ServerOptions(api=parse_api(api).value, precision=precision, timeout=timeout, model=model),

@@ -144,7 +144,8 @@ def test_gate_table_chooses_by_precision(tiny_models, candidates, monkeypatch, t
         return [
             _Shifted(base, "fp32", lambda s: np.full_like(s, 5e-3)),  # fails 1e-4
             _Shifted(base, "fp16", lambda s: np.full_like(s, 5e-3)),  # passes 2e-2
-            _Shifted(base, "int8", lambda s: np.full_like(s, 0.5)),  # ranking intact: passes retention
+            _Shifted(base, "int8", lambda s: np.full_like(s, 0.5)),  # ranking intact, but P(yes) moved: fails |ΔP|
+            _Shifted(base, "bf16", lambda s: np.full_like(s, 0.05)),  # ranking intact, P within 0.0125: passes
             _Shifted(base, "q4", lambda s: -2 * s),  # ranking reversed: fails retention
             _Shifted(base, "q2", lambda s: 0 * s),  # no gate for this precision: fails, says so
         ]
@@ -154,17 +155,27 @@ def test_gate_table_chooses_by_precision(tiny_models, candidates, monkeypatch, t
     report = verify(tiny_models["tied_fp32"], [onnx_dir], options)
     assert seen["variants"] == ("fp32", "q4")
     by = {c.precision: c for c in report.candidates}
-    assert [c.kind for c in report.candidates] == ["onnx"] * 5
+    assert [c.kind for c in report.candidates] == ["onnx"] * 6
     for precision in ("fp32", "fp16", "int8", "q4"):
         assert by[precision].gate == DEFAULT_GATES[precision]
     assert [f.check for f in by["fp32"].failures] == ["max_abs_logit"]
     # the shift plus the conversion's own fp32 noise (~5e-7 on this fixture)
     assert by["fp32"].max_abs_logit == pytest.approx(5e-3, abs=2e-6)
     assert by["fp16"].passed and by["fp16"].max_abs_logit == pytest.approx(5e-3, abs=2e-6)
-    assert by["int8"].passed and by["int8"].retention == pytest.approx(1.0) and by["int8"].max_abs_logit == pytest.approx(0.5, abs=2e-6)
-    assert by["int8"].max_abs_prob > 0.05  # reported even though not gated
-    [q4_failure] = by["q4"].failures
-    assert q4_failure.check == "retention" and q4_failure.tolerance == 0.97 and q4_failure.value < 0.97
+    # NDCG retention alone would pass it: the ranking is intact, but every P(yes) moved by up to 0.125
+    assert by["int8"].retention == pytest.approx(1.0) and by["int8"].max_abs_logit == pytest.approx(0.5, abs=2e-6)
+    assert by["int8"].ranking.mean_kendall_tau == pytest.approx(1.0)
+    expected = np.tanh(0.5 / 4)  # the largest |ΔP| a shift of 0.5 makes: σ(0.25) - σ(-0.25)
+    assert 0.1 < by["int8"].max_abs_prob <= expected + 1e-6
+    failed = {f.check: f for f in by["int8"].failures}
+    assert "max_abs_prob" in failed and failed["max_abs_prob"].tolerance == 0.1
+    assert failed["max_abs_prob"].value == pytest.approx(by["int8"].max_abs_prob)
+    assert "max |ΔP(yes)|" in failed["max_abs_prob"].detail
+    assert by["bf16"].passed and by["bf16"].gate == DEFAULT_GATES["bf16"]
+    q4_failed = {f.check: f for f in by["q4"].failures}
+    assert {"retention", "kendall_tau", "max_abs_prob", "p95_abs_prob"} <= q4_failed.keys()
+    assert q4_failed["retention"].tolerance == 0.97 and q4_failed["retention"].value < 0.97
+    assert q4_failed["kendall_tau"].value == pytest.approx(-1.0) and q4_failed["kendall_tau"].tolerance == 0.8
     assert by["q4"].retention == pytest.approx(by["q4"].ndcg / by["q4"].ndcg_reference)
     assert by["q4"].ranking.identical == 0 and by["q4"].ranking.min_kendall_tau == -1.0
     assert by["fp32"].per_side.keys() == {"left"} and report.reference.max_padding_delta is None

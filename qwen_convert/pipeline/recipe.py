@@ -72,6 +72,11 @@ class Gates:
     tol_logit: float = 1e-4  # max |Δlogit| of fp32 artifacts against the torch reference
     tol_fp16: float = 2e-2  # reranker: max |Δlogit| of fp16 artifacts
     min_retention: float = 0.97  # reranker: NDCG@10 retention of quantized artifacts
+    # reranker, quantized artifacts: how far P(yes) may move and how well rankings must hold; unset =
+    # verify's per-precision defaults (int8 max |ΔP| 0.1, q4/q4f16 0.2, p95 |ΔP| 0.05, mean τ 0.8).
+    max_prob_drift: float | None = None
+    p95_prob_drift: float | None = None
+    min_kendall_tau: float | None = None
     min_token_agreement: float = 0.9  # causal-lm: teacher-forced top-1 agreement of quantized graphs
 
 
@@ -125,6 +130,9 @@ KIND_ONLY = {
     "quantization.per_channel": "reranker",
     "gates.tol_fp16": "reranker",
     "gates.min_retention": "reranker",
+    "gates.max_prob_drift": "reranker",
+    "gates.p95_prob_drift": "reranker",
+    "gates.min_kendall_tau": "reranker",
     "verify.pairs": "reranker",
     "verify.max_length": "reranker",
     "verify.batch_size": "reranker",
@@ -140,6 +148,7 @@ TYPES: dict[str, Any] = {
     "artifacts.seqcls": bool, "artifacts.score_dtype": str, "artifacts.onnx": ("list", str),
     "quantization.block_size": int, "quantization.quantize_embedding": bool, "quantization.per_channel": bool,
     "gates.tol_logit": float, "gates.tol_fp16": float, "gates.min_retention": float, "gates.min_token_agreement": float,
+    "gates.max_prob_drift": float, "gates.p95_prob_drift": float, "gates.min_kendall_tau": float,
     "verify.pairs": str, "verify.max_length": int, "verify.batch_size": int, "verify.padding_check": str,
     "verify.prompts": ("list", str), "verify.max_new_tokens": int,
 }
@@ -360,8 +369,8 @@ def _check_values(r: Recipe, where: str) -> None:
     for name in ("tol_logit", "tol_fp16"):
         if getattr(g, name) <= 0:
             raise RecipeError(f"{where}: gates.{name} must be > 0, got {getattr(g, name)}", "a tolerance is a positive |Δlogit|")
-    for name in ("min_retention", "min_token_agreement"):
-        if not 0 <= getattr(g, name) <= 1:
+    for name in ("min_retention", "min_token_agreement", "max_prob_drift", "p95_prob_drift", "min_kendall_tau"):
+        if getattr(g, name) is not None and not 0 <= getattr(g, name) <= 1:
             raise RecipeError(f"{where}: gates.{name} must be between 0 and 1, got {getattr(g, name)}", "it is a fraction")
     v = r.verify
     if v.max_length < 64 or v.batch_size < 1 or v.max_new_tokens < 1:

@@ -57,8 +57,10 @@ def _reranker_metrics(report: dict) -> tuple[list[Metric], list[str]]:
 
         add("max_abs_logit", c["max_abs_logit"], gate.get("max_abs_logit"), "<=", "max_abs_logit")
         add("max_abs_prob", c["max_abs_prob"], gate.get("max_abs_prob"), "<=", "max_abs_prob")
+        add("p95_abs_prob", c.get("p95_abs_prob"), gate.get("p95_abs_prob"), "<=", "p95_abs_prob")
         add("ndcg", c["ndcg"], None, "", "")
         add("retention", c["retention"], gate.get("min_retention"), ">=", "retention")
+        add("mean_kendall_tau", c["ranking"]["mean_kendall_tau"], gate.get("min_mean_kendall_tau"), ">=", "kendall_tau")
         add("min_kendall_tau", c["ranking"]["min_kendall_tau"], None, "", "")
         for side in (s for s in c.get("per_side", {}).values() if "padding_delta" in s):  # a padding probe side
             add("padding_delta", side["padding_delta"], side.get("padding_limit"), "<=", "padding")

@@ -198,7 +198,8 @@ def step_verify(ctx: Context) -> Outcome:
         candidates.append(ctx.out / ONNX_OUT)
     options = VerifyOptions(
         pairs_file=_pairs_file(r.verify.pairs), variants=r.artifacts.onnx, tol_logit=r.gates.tol_logit,
-        tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, instruction=r.instruction,
+        tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, max_prob_drift=r.gates.max_prob_drift,
+        p95_prob_drift=r.gates.p95_prob_drift, min_kendall_tau=r.gates.min_kendall_tau, instruction=r.instruction,
         max_length=r.verify.max_length, batch_size=r.verify.batch_size, padding_check=r.verify.padding_check,
         cache_dir=ctx.out / REFERENCE_CACHE,
     )

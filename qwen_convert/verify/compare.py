@@ -118,9 +118,9 @@ def measure(base: Baseline, cand: Mapping[str, np.ndarray]) -> Drift:
 def _padding_failures(cand: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray], per_side: dict[str, dict], n: int,
                       gate: Gate | None, tol: float) -> list[Failure]:
     """The candidate's own padding invariance on each side that scored only the padding probe (its
-    `padding_delta` in per_side). Gated where the precision is gated by ranking alone (int8, q4, ...):
-    a probe of two pairs has no ranking, and without this a graph broken only on that side would
-    pass. Each row carries its own quantization error, which may change with the batch, so the limit
+    `padding_delta` in per_side). Gated where the precision is not gated in logits (int8, q4, ...):
+    a probe of two pairs has no ranking, and a |ΔP| gate of 0.1-0.2 lets a row move by 0.5 in logit,
+    so without this a graph broken only on that side would pass. Each row carries its own quantization error, which may change with the batch, so the limit
     is twice the worst |Δlogit| on the first side plus the reference's padding tolerance; a padding
     bug (pooling a pad token, an ignored mask over half a row) moves a score far more."""
     first = next(iter(cand))
@@ -133,8 +133,8 @@ def _padding_failures(cand: Mapping[str, np.ndarray], rows: Mapping[str, np.ndar
         delta = np.where(np.isnan(delta), np.inf, delta)
         j = int(np.argmax(delta))
         per_side[side]["padding_delta"] = float(delta[j])
-        if gate is None or gate.max_abs_logit is not None or gate.max_abs_prob is not None:
-            continue  # gated pair by pair against the reference already
+        if gate is None or gate.max_abs_logit is not None:
+            continue  # gated pair by pair against the reference, in logits, already
         limit = 2 * per_side[first]["max_abs_logit"] + tol
         per_side[side]["padding_limit"] = limit
         if not delta[j] <= limit:

@@ -13,7 +13,7 @@ from qwen_convert.reranker import DEFAULT_MAX_LENGTH, PaddingSide
 from qwen_convert.scoring.probes import LabeledPair
 from qwen_convert.scoring.remote import ServerOptions
 
-from .gates import DEFAULT_GATES, GATE_CHECKS, QUANTIZED, Gate
+from .gates import DEFAULT_GATES, DRIFT_GATED, GATE_CHECKS, Gate
 
 PADDING_SIDES: tuple[PaddingSide, ...] = ("left", "right")
 
@@ -31,6 +31,9 @@ class VerifyOptions:
     tol_logit: float | None = None  # fp32 gate: max |Δlogit|
     tol_fp16: float | None = None  # fp16 gate: max |Δlogit|
     min_retention: float | None = None  # bf16 and quantized gates: min NDCG retention
+    max_prob_drift: float | None = None  # bf16 and quantized gates: max |ΔP(yes)|
+    p95_prob_drift: float | None = None  # bf16 and quantized gates: 95th percentile of |ΔP(yes)|
+    min_kendall_tau: float | None = None  # bf16 and quantized gates: mean per-query Kendall τ
     instruction: str | None = None
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = 8
@@ -80,12 +83,17 @@ def gate_table(options: VerifyOptions) -> dict[str, Gate]:
         table["fp32"] = replace(table["fp32"], max_abs_logit=options.tol_logit)
     if options.tol_fp16 is not None:
         table["fp16"] = replace(table["fp16"], max_abs_logit=options.tol_fp16)
-    if options.min_retention is not None:
-        for precision in ("bf16", *QUANTIZED):
-            table[precision] = replace(table[precision], min_retention=options.min_retention)
+    table.update({p: replace(table[p], **drift_overrides(options)) for p in DRIFT_GATED if p in table})
     for precision, gate in table.items():
         for name in GATE_CHECKS:
             value = getattr(gate, name)
             if value is not None and not (np.isfinite(value) and value >= 0):
                 raise QconvError(f"the {precision} gate's {name} is {value}", "tolerances must be finite and not negative")
     return table
+
+
+def drift_overrides(options: VerifyOptions) -> dict[str, float]:
+    """The Gate fields the drift options set (those given), for bf16 and the quantized precisions."""
+    given = {"min_retention": options.min_retention, "max_abs_prob": options.max_prob_drift,
+             "p95_abs_prob": options.p95_prob_drift, "min_mean_kendall_tau": options.min_kendall_tau}
+    return {name: value for name, value in given.items() if value is not None}

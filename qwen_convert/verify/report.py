@@ -174,7 +174,7 @@ class VerifyReport:  # STYLE.md calls it ParityReport; both names work
         for c in self.candidates:
             rows.append((
                 c.label + (" (cached)" if c.cache == "hit" else ""), c.precision, f"{c.max_abs_logit:.2e}", f"{c.max_abs_prob:.2e}",
-                _fmt(c.p95_abs_prob, ".2e"), f"{c.ranking.identical}/{c.ranking.queries} τ≥{c.ranking.min_kendall_tau:.2f}",
+                _fmt(c.p95_abs_prob, ".2e"), f"{c.ranking.identical}/{c.ranking.queries} τ {c.ranking.mean_kendall_tau:.2f} (min {c.ranking.min_kendall_tau:.2f})",
                 f"{_fmt(c.ndcg_reference, '.3f')}→{_fmt(c.ndcg, '.3f')}", _fmt(c.retention, ".3f"),
                 c.gate.describe() if c.gate else "none",
                 "NOT VERIFIED" if c.not_verified and not c.failures else "PASS" if c.passed else "FAIL",

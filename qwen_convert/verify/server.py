@@ -17,25 +17,23 @@ from qwen_convert.scoring.metrics import sigmoid
 from qwen_convert.scoring.probes import LabeledPair
 
 from .compare import Baseline, compare
-from .gates import QUANTIZED, Failure, Gate
-from .options import VerifyOptions
+from .gates import DRIFT_GATES, QUANTIZED, Failure, Gate
+from .options import VerifyOptions, drift_overrides
 from .report import CandidateResult
 
 # A server answers P(yes), in float32 at best, so its gates are in P (a logit recovered from a
-# saturated P is not exact): fp32 ≤ 1e-4, fp16/bf16 ≤ 2e-2; quantized by NDCG retention as above.
+# saturated P is not exact): fp32 ≤ 1e-4, fp16/bf16 ≤ 2e-2; quantized as gates.DRIFT_GATES.
 SERVER_GATES: Mapping[str, Gate] = MappingProxyType({
     "fp32": Gate(max_abs_prob=1e-4),
     "fp16": Gate(max_abs_prob=2e-2),
     "bf16": Gate(max_abs_prob=2e-2),
-    **{mode: Gate(min_retention=0.97) for mode in QUANTIZED},
+    **DRIFT_GATES,
 })
 
 
 def server_gate_table(options: VerifyOptions) -> dict[str, Gate]:
     table = dict(SERVER_GATES)
-    if options.min_retention is not None:
-        for precision in QUANTIZED:
-            table[precision] = replace(table[precision], min_retention=options.min_retention)
+    table.update({p: replace(table[p], **drift_overrides(options)) for p in QUANTIZED})
     return table
 
 
