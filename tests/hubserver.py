@@ -8,7 +8,8 @@ one hub's API for the *real* client library to list and download a repository:
   with Size and Sha256), `GET|HEAD /api/v1/models/{id}/repo?Revision=&FilePath=` (file bytes).
 * Hugging Face (`kind="huggingface"`, point `HF_ENDPOINT` at `url`, optionally under a path prefix
   like a mirror): `GET /api/models/{id}[/revision/{rev}]` (sha + siblings with size and LFS
-  sha256), `HEAD|GET /{id}/resolve/{rev}/{file}` with X-Repo-Commit, ETag, X-Linked-Etag,
+  sha256), `GET /api/models/{id}/tree/{rev}` (the same files as huggingface_hub >= 1.0 lists them),
+  `HEAD|GET /{id}/resolve/{rev}/{file}` with X-Repo-Commit, ETag, X-Linked-Etag,
   X-Linked-Size, Content-Length and Range support.
 
 Faults are switched on by attributes, so a test can break a server, run a download, fix it and
@@ -294,6 +295,19 @@ class _Handler(BaseHTTPRequestHandler):
                 siblings.append(entry)
             self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False, "siblings": siblings}, head)
             return
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+        if m:  # huggingface_hub >= 1.0's snapshot_download lists the files through the tree API
+            repo = self._repo_or_404(m.group(1), unquote(m.group(2)), head, not_found)
+            if repo is None:
+                return
+            tree = []
+            for name, data in sorted(repo.files.items()):
+                entry = {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": name}
+                if name.endswith(LFS_SUFFIXES):
+                    entry["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
+                tree.append(entry)
+            self._json(200, tree, head)
+            return
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if not m:
             self._json(404, {"error": "not found"}, head, not_found)
@@ -369,7 +383,11 @@ def hubs(repo, tmp_path, monkeypatch):
     import huggingface_hub.constants
     import modelscope_hub._download
     import modelscope_hub._legacy_api
-    from huggingface_hub.utils import reset_sessions
+    from huggingface_hub import utils as hf_utils
+
+    # huggingface_hub < 1.0 caches requests sessions per thread (reset_sessions); 1.x and 2.x hold one
+    # httpx client (close_session), recreated on next use.
+    reset_sessions = getattr(hf_utils, "reset_sessions", None) or hf_utils.close_session
 
     ms = HubServer("modelscope", {MODEL: repo}).start()
     hf = HubServer("huggingface", {MODEL: repo}).start()

@@ -96,13 +96,19 @@ def test_seqcls_logits_match_causal_reference_on_padded_batches(tiny_model, tiny
 
 
 def test_cross_encoder_returns_p_yes_by_default(tiny_models, converted):
+    import torch
     from sentence_transformers import CrossEncoder
 
     for name in ("tied_fp32", "untied_bf16_sharded"):
-        ref = reference_logits(tiny_models[name])
-        model = CrossEncoder(str(converted[name]), device="cpu")
+        p_ref = 1 / (1 + np.exp(-reference_logits(tiny_models[name])))
+        # fp32 weights load as fp32 either way; the bf16 checkpoint needs dtype=float32 for exact scores
+        # (the card says so): transformers 5 loads with dtype="auto", the checkpoint's own dtype.
+        model = CrossEncoder(str(converted[name]), device="cpu", model_kwargs={"dtype": torch.float32})
         got = model.predict(PAIRS, batch_size=8, show_progress_bar=False)
-        np.testing.assert_allclose(got, 1 / (1 + np.exp(-ref)), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got, p_ref, atol=1e-5, err_msg=name)
+        default = CrossEncoder(str(converted[name]), device="cpu")
+        got = default.predict(PAIRS, batch_size=8, show_progress_bar=False)
+        np.testing.assert_allclose(got, p_ref, atol=1e-5 if name.endswith("fp32") else 2e-2, err_msg=f"{name} default dtype")
 
 
 def test_template_renders_the_official_prompt(converted):

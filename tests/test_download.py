@@ -178,6 +178,7 @@ def test_index_naming_a_missing_shard_is_refused(hubs, repo):
 
 @pytest.mark.parametrize("source", ["huggingface", "modelscope"])
 def test_transfer_cut_mid_file_then_rerun_completes(hubs, source_model, source):
+    import huggingface_hub
     import huggingface_hub.constants
     import modelscope_hub._download
 
@@ -189,12 +190,22 @@ def test_transfer_cut_mid_file_then_rerun_completes(hubs, source_model, source):
     server.cut.add(shard)
     with pytest.raises(DownloadError, match=shard if source == "modelscope" else "cut off"):
         download_model(MODEL, DownloadOptions(source=source))
+    failed_run = len(server.requests)
+    partial_files = list((hubs.tmp / "hf-home").rglob("*.incomplete"))
     server.cut.clear()
-    before = len(server.requests)
     result = download_model(MODEL, DownloadOptions(source=source))
     _same_bytes(result.path, source_model)
-    resumed = [r for r in server.requests[before:] if "Range" in r.headers or "range" in r.headers]
-    assert resumed, "the re-run should resume the partial file with a Range request"
+
+    def ranged(requests):
+        return [r for r in requests if r.path.endswith(shard) and ("Range" in r.headers or "range" in r.headers)]
+
+    if source == "huggingface" and int(huggingface_hub.__version__.split(".")[0]) >= 1:
+        # huggingface_hub >= 1.0 resumes with Range requests inside the call (each retry asks for the
+        # rest of the file) and deletes the partial file when it gives up, so the re-run starts over.
+        assert len(ranged(server.requests[:failed_run])) >= 2, "the cut transfer should be resumed with Range requests"
+        assert partial_files == []
+    else:
+        assert ranged(server.requests[failed_run:]), "the re-run should resume the partial file with a Range request"
 
 
 def test_pickle_only_repository_is_refused_without_fetching_it(hubs, source_model):

@@ -139,11 +139,14 @@ def _describe(exc: BaseException, endpoint: str, cache: Path) -> str:
         return f"not found at {endpoint} (HTTP 404)"
     if status:
         return f"HTTP {status} from {endpoint}"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError) or "IncompleteRead" in text:
+    # requests (modelscope, huggingface_hub < 1.0) and httpx (huggingface_hub >= 1.0) name a body
+    # that stopped half way differently.
+    if (isinstance(exc, requests.exceptions.ChunkedEncodingError) or kind == "RemoteProtocolError"
+            or "IncompleteRead" in text):
         return f"transfer from {endpoint} was cut off ({text[:120]}); run again to resume it"
     if isinstance(exc, requests.Timeout) or kind == "RequestTimeoutError" or "timed out" in text.lower():
         return f"timed out talking to {endpoint}"
-    if isinstance(exc, requests.ConnectionError) or kind == "NetworkError":
+    if isinstance(exc, requests.ConnectionError) or kind in ("NetworkError", "ConnectError"):
         return f"cannot connect to {endpoint}"
     if len(text) > 200:
         text = text[:197] + "..."

@@ -59,6 +59,9 @@ class Qwen3Shape:
 
     @classmethod
     def from_config(cls, config: dict, root: Path) -> Qwen3Shape:
+        # transformers 5 saves RoPE settings as `rope_parameters` {rope_type, rope_theta} instead of
+        # top-level `rope_theta` + `rope_scaling` (4.x, and the Qwen3 checkpoints on the hubs).
+        rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
@@ -67,15 +70,16 @@ class Qwen3Shape:
                 kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
-                eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 10000.0)),
+                eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SourceError(f"{root}/config.json lacks or garbles {exc}", "pass a complete Qwen3 config.json") from exc
-        rope = config.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type")) not in ROPE_TYPES:
-            raise SourceError(f"{root}: rope_scaling {rope} is not supported by the graph builder", "use --exporter optimum")
+            raise SourceError(f"{root}: rope scaling {rope} is not supported by the graph builder",
+                              "use --exporter optimum (pip install 'qconv[optimum]')")
         if config.get("attention_bias"):
-            raise SourceError(f"{root}: attention_bias=true is not a Qwen3-Reranker layout", "use --exporter optimum")
+            raise SourceError(f"{root}: attention_bias=true is not a Qwen3-Reranker layout",
+                              "use --exporter optimum (pip install 'qconv[optimum]')")
         if shape.heads % shape.kv_heads or shape.head_dim % 2:
             raise SourceError(f"{root}: {shape.heads} heads over {shape.kv_heads} KV heads of dim {shape.head_dim}",
                               "the config is inconsistent")

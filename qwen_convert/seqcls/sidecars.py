@@ -212,6 +212,7 @@ logit = model(**tok(text, return_tensors="pt")).logits[0, 0]  # P(yes) = sigmoid
 ```
 
 Batches may be padded on either side; pass the attention mask. The score head is stored as
-{provenance.score_dtype}; loading with `dtype="auto"` (or vLLM's default) casts it to the model dtype,
-which costs ~1e-3 of logit parity in bf16. Load with `dtype=torch.float32` for exact scores.
+{provenance.score_dtype}; loading with `dtype="auto"` (the default of transformers 5, sentence-transformers
+6 and vLLM) casts it to the model dtype, which costs ~1e-3 of logit parity in bf16. Load with
+`dtype=torch.float32` (CrossEncoder: `model_kwargs={{"dtype": torch.float32}}`) for exact scores.
 """

@@ -66,13 +66,25 @@ def batch_inputs(config, rotary, hidden, attention_mask, position_ids) -> BatchI
     import torch
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    cache_position = torch.arange(hidden.shape[1])
-    kwargs = {"config": config, "input_embeds": hidden, "attention_mask": attention_mask,
-              "cache_position": cache_position, "past_key_values": None, "position_ids": position_ids}
+    kwargs = _mask_kwargs(create_causal_mask, config=config, embeds=hidden, attention_mask=attention_mask,
+                          cache_position=torch.arange(hidden.shape[1]), position_ids=position_ids)
     masks = {"full_attention": create_causal_mask(**kwargs)}
     if "sliding_attention" in config.layer_types:
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return BatchInputs(masks, position_ids, rotary(hidden, position_ids))
+
+
+def _mask_kwargs(create_mask, *, config, embeds, attention_mask, cache_position, position_ids) -> dict:
+    """The mask builder's arguments under the names this transformers uses: 4.5x takes `input_embeds`,
+    `cache_position` and `past_key_values`; 5.x `inputs_embeds` and `cache` (a required argument,
+    with `past_key_values` a deprecated alias of it) and no `cache_position`."""
+    import inspect
+
+    params = inspect.signature(create_mask).parameters
+    cache = "cache" if "cache" in params else "past_key_values"
+    given = {"config": config, "input_embeds": embeds, "inputs_embeds": embeds, "attention_mask": attention_mask,
+             "cache_position": cache_position, cache: None, "position_ids": position_ids}
+    return {name: value for name, value in given.items() if name in params}
 
 
 def run_layer(layer, hidden, inputs: BatchInputs):
