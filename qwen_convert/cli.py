@@ -100,8 +100,9 @@ def handles_errors(fn):
 
 # A missing optional dependency -> how to install it (the core install is torch-free).
 INSTALLS = {
-    **dict.fromkeys(("torch", "transformers", "optimum", "onnx_ir", "huggingface_hub", "modelscope", "sentence_transformers"),
+    **dict.fromkeys(("torch", "transformers", "onnx_ir", "huggingface_hub", "modelscope", "sentence_transformers"),
                     "pip install 'qconv[convert]'"),
+    "optimum": "pip install 'qconv[optimum]'",
     **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "starlette"), "pip install 'qconv[serve]'"),
     **dict.fromkeys(("onnx", "onnxruntime"), "pip install 'qconv[serve]' to serve, 'qconv[convert]' to convert"),
 }

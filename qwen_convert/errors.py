@@ -48,3 +48,7 @@ class DownloadError(QconvError):
 
 class RecipeError(QconvError):
     """A recipe is invalid or inconsistent with the output directory."""
+
+
+class ExtraError(QconvError):
+    """An optional dependency (one of qconv's extras) is missing or cannot be imported."""

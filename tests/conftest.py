@@ -26,6 +26,32 @@ SPECS = {
 }
 
 
+def optimum_installed() -> bool:
+    """optimum-onnx (qconv[optimum]) importable: it lives in .venv-optimum, not in the main venv."""
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("optimum.exporters.onnx", "optimum.onnxruntime"))
+    except ModuleNotFoundError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `optimum` need qconv[optimum], whose optimum-onnx pins transformers < 4.58: they skip
+    in the main venv (transformers 5) and run in .venv-optimum through `make test-optimum`, which CI
+    runs. Selecting them with `-m optimum` where optimum-onnx is missing is an error, not a silent
+    run of skips, so CI cannot pass without running them somewhere."""
+    marked = [item for item in items if item.get_closest_marker("optimum")]
+    if not marked or optimum_installed():
+        return
+    if "optimum" in (config.option.markexpr or "") and "not optimum" not in config.option.markexpr:
+        raise pytest.UsageError("-m optimum selects the tests that need qconv[optimum], and optimum-onnx does not "
+                                "import in this venv: run them with `make test-optimum` (.venv-optimum)")
+    skip = pytest.mark.skip(reason="needs qconv[optimum] (optimum-onnx, transformers < 4.58): runs in .venv-optimum, `make test-optimum`")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """name -> directory of a random tiny causal Qwen3 reranker, one per checkpoint shape."""

@@ -13,6 +13,9 @@ from qwen_convert.onnx.causal_lm import (
     verify_causal_lm,
 )
 
+# optimum-onnx's exporter and ORTModelForCausalLM: qconv[optimum], run in .venv-optimum (make test-optimum).
+pytestmark = pytest.mark.optimum
+
 PROMPTS = ["cheap flights to tokyo", "how to fix a leaking tap", "symptoms of vitamin d deficiency in adults"]
 
 

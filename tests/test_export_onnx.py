@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -186,6 +187,7 @@ def test_export_verifies_every_variant_it_wrote(results):
     assert results["tied"].verification is None and results["tied"].passed  # --no-verify
 
 
+@pytest.mark.optimum
 def test_failing_variant_fails_the_export(tiny_models, tmp_path, monkeypatch):
     """A variant that misses its gate is reported FAIL and the command exits 1 (the files stay, to be inspected)."""
     from qwen_convert.onnx import quantize
@@ -239,6 +241,7 @@ def test_q4_quantizes_matmuls_and_the_embedding(case):
         assert float_bytes < vocab * hidden / 4  # no full-size float embedding left, only scales
 
 
+@pytest.mark.optimum
 def test_q4_keep_embedding_option(traced, tmp_path):
     src = traced / "onnx" / "model.onnx"
     quantize_file(src, tmp_path / "q4.onnx", QuantMode.Q4, QuantizeOptions(quantize_embedding=False))
@@ -246,6 +249,7 @@ def test_q4_keep_embedding_option(traced, tmp_path):
     assert ops["MatMulNBits"] > 0 and ops["GatherBlockQuantized"] == 0
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("mode", [QuantMode.INT8, QuantMode.Q4F16])
 def test_quantizers_say_nothing(traced, tmp_path, capfd, mode):
     """The ORT quantizers log every node (python logging, warnings); none of it reaches the user."""
@@ -254,6 +258,7 @@ def test_quantizers_say_nothing(traced, tmp_path, capfd, mode):
     assert out == "" and err == ""
 
 
+@pytest.mark.optimum
 def test_int8_quantizes_weight_matmuls_only(traced):
     out = traced
     fp32, int8 = _graph(out), _graph(out, "model_quantized.onnx")
@@ -266,6 +271,7 @@ def test_int8_quantizes_weight_matmuls_only(traced):
     assert activation_matmuls(int8) == activation_matmuls(fp32) > 0  # QK^T and AV stay float
 
 
+@pytest.mark.optimum
 def test_fp16_keeps_io_and_norm_statistics_in_fp32(traced):
     out = traced
     model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "onnx" / "model_fp16.onnx")))
@@ -314,6 +320,7 @@ def test_external_data_path(exports):
     assert "transformers.js_config" not in json.loads((untied / "config.json").read_text())
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("which", ["tied", "untied"])
 def test_ortmodel_for_sequence_classification_loads_it(exports, which):
     import torch
@@ -333,6 +340,23 @@ def _cli(*args):
     """exit code, stdout, and stderr without the blank line the progress display leaves."""
     result = CliRunner().invoke(app, list(map(str, args)))
     return result.exit_code, result.stdout, "".join(line + "\n" for line in result.stderr.splitlines() if line.strip())
+
+
+def hide_optimum(monkeypatch):
+    """As in the main venv, where qconv[optimum] is not installed (and also in .venv-optimum)."""
+    for name in ("optimum", "optimum.exporters", "optimum.exporters.onnx", "optimum.onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_missing_optimum_extra_is_one_line_naming_the_install_and_writes_nothing(tiny_models, tmp_path, monkeypatch):
+    hide_optimum(monkeypatch)
+    out = tmp_path / "out"
+    code, _, err = _cli("export-onnx", tiny_models["tied_fp32"], out, "--exporter", "optimum", "--quantize", "int8")
+    assert (code, err) == (1, "error: --exporter optimum needs optimum-onnx, which is not installed (pip install "
+                              "'qconv[optimum]' in a venv of its own: optimum-onnx pins transformers < 4.58)\n")
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = _cli("export-onnx", tiny_models["tied_fp32"], out, "--quantize", "int8", "--no-verify")
+    assert code == 0 and (out / "onnx" / "model_quantized.onnx").is_file(), err  # the builder needs no extra
 
 
 def test_unknown_mode_lists_valid_ones_and_writes_nothing(tiny_models, tmp_path):
@@ -395,6 +419,7 @@ def test_unknown_variant_and_missing_file(exports, tmp_path):
     assert [s.name for s in load_onnx_scorers(partial)] == ["onnx/fp32", "onnx/int8", "onnx/q4", "onnx/q4f16"]
 
 
+@pytest.mark.optimum
 def test_export_error_is_one_line_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     from qwen_convert.onnx import quantize
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qwen_convert"
 
 # Lowest first. A module may import its own package and any package of a lower layer.
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer) for layer in (
-    {"__init__", "errors", "progress", "fsutil", "versions", "formats", "reranker", "fixtures"},
+    {"__init__", "errors", "extras", "progress", "fsutil", "versions", "formats", "reranker", "fixtures"},
     {"checkpoint"},
     {"hub"},
     {"seqcls"},

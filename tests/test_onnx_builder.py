@@ -96,6 +96,7 @@ def test_matches_transformers_on_every_fixture(tiny_models, built, references, m
     assert spread > 10 * tol  # the scores differ enough between pairs for the tolerance to mean something
 
 
+@pytest.mark.optimum
 def test_matches_the_optimum_traced_graph(tiny_models, built, tmp_path):
     """Two independent exporters, one graph each: the same logits to 1e-5 on all four fixtures."""
     for name, src in tiny_models.items():

@@ -275,6 +275,7 @@ def test_output_directory_of_another_recipe_is_refused(small, tmp_path):
 
 # --- the causal-LM recipe kind --------------------------------------------------------------------------
 
+@pytest.mark.optimum
 def test_causal_lm_recipe_runs_end_to_end(tmp_path):
     from qwen_convert.onnx.causal_lm import build_tiny_causal_lm
 
@@ -290,6 +291,17 @@ def test_causal_lm_recipe_runs_end_to_end(tmp_path):
     assert metrics[("onnx/fp32", "greedy_match")]["value"] == 1.0 and metrics[("onnx/fp32", "greedy_match")]["passed"]
     assert metrics[("onnx/fp32", "max_abs_logit")]["value"] < 1e-4
     assert check_manifest(out).passed
+
+
+def test_causal_lm_recipe_without_the_optimum_extra_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    for name in ("optimum", "optimum.exporters", "optimum.exporters.onnx", "optimum.onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # as in the main venv, without qconv[optimum]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(ROOT / "recipes" / "tiny-query-expansion.toml"), "--out", str(out), "--quiet"])
+    assert result.exit_code == 1
+    assert result.stderr == ("error: recipe kind causal-lm (tiny-query-expansion) needs optimum-onnx, which is not installed "
+                             "(pip install 'qconv[optimum]' in a venv of its own: optimum-onnx pins transformers < 4.58)\n")
+    assert not out.exists()
 
 
 # --- a hub recipe, against the local hub servers of the download tests ----------------------------------

@@ -62,6 +62,9 @@ def _modes(names: Sequence[str]) -> list[QuantMode]:
 def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOptions = CausalExportOptions(),
                      reporter: Reporter = NULL) -> CausalExportResult:
     """Export a local Qwen3 causal LM directory to ONNX with KV cache (+ quantized variants), atomically."""
+    from ..extras import require_optimum
+
+    require_optimum("the query-expansion export (causal LM)")
     from optimum.exporters.onnx import main_export
 
     from qwen_convert.checkpoint.files import load_config
@@ -103,6 +106,9 @@ def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOpti
 
 def load_ort_causal_lm(path: str | Path, mode: str = "fp32"):
     """optimum's ORTModelForCausalLM for one variant of an export_causal_lm directory."""
+    from ..extras import require_optimum
+
+    require_optimum("generating with the query-expansion export (ORTModelForCausalLM)")
     from optimum.onnxruntime import ORTModelForCausalLM
 
     with quiet_logs():

@@ -252,6 +252,10 @@ def _exporter(name: str) -> Exporter:
     exporter = EXPORTERS.get(name)
     if exporter is None:
         raise ExportError(f"unknown exporter {name!r}", f"valid exporters: {', '.join(EXPORTERS)}")
+    if name == "optimum":
+        from ..extras import require_optimum
+
+        require_optimum("--exporter optimum")
     return exporter
 
 

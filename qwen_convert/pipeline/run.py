@@ -365,6 +365,10 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
     """Run every step of the recipe into `out`, skipping those whose outputs are intact."""
     recipe = spec if isinstance(spec, Recipe) else load_recipe(spec, overrides)
     out = Path(out) if out is not None else default_out(recipe)
+    if recipe.kind == "causal-lm":  # before OUT is claimed: a missing extra leaves nothing behind
+        from ..extras import require_optimum
+
+        require_optimum(f"recipe kind causal-lm ({recipe.name})")
     state = claim_output(out, recipe)
     previous = dict(state.steps)
     state.steps = {}
