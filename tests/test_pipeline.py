@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 # The local hub servers of the download tests (hubs needs repo and source_model; local_network_only is autouse).
+from conftest import optimum_installed
 from hubserver import MODEL, hubs, local_network_only, repo, source_model  # noqa: F401
 from typer.testing import CliRunner
 
@@ -99,6 +101,10 @@ def test_tiny_recipe_manifest_matches_the_files(tiny_run):
     assert report["pairs"]["source"].endswith("eval.jsonl") and report["ndcg"]["gains"] == "labels"
     text = (tiny_run / REPORT).read_text()
     assert text.startswith("# qconv run: tiny — PASSED") and "| onnx/q4f16 | q4f16 |" in text
+    libs = {n: manifest["tool"]["libraries"][n] for n in ("torch", "transformers", "onnxruntime", "optimum-onnx")}
+    assert libs["transformers"] == version("transformers") and libs["optimum-onnx"] == (
+        version("optimum-onnx") if optimum_installed() else None)
+    assert f"\n- qconv 0.1.0; {', '.join(f'{n} {v}' for n, v in libs.items() if v)}\n" in text
     check = runner.invoke(app, ["run", str(tiny_run), "--check"])
     assert check.exit_code == 0 and "every file matches" in check.stdout
 

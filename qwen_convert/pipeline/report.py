@@ -115,13 +115,14 @@ def render_report(m: Manifest) -> str:
     """REPORT.md: one row per artifact (size, every metric, pass/fail), then the failed gates by name."""
     r, s = m.recipe, m.source
     libs = m.tool["libraries"]
+    # optimum-onnx is an optional extra (qconv[optimum]): named only where it is installed.
+    versions = ", ".join(f"{n} {libs[n]}" for n in ("torch", "transformers", "onnxruntime", "optimum-onnx") if libs.get(n))
     lines = [
         f"# qconv run: {r['name']} — {'PASSED' if m.passed else 'FAILED'}",
         "",
         f"- kind: {r['kind']}",
         f"- source: {s['id']} ({s['hub']}{', revision ' + s['revision'] if s.get('revision') else ''}), {len(s['files'])} files",
-        f"- qconv {m.tool['version']}; torch {libs.get('torch')}, transformers {libs.get('transformers')}, "
-        f"onnxruntime {libs.get('onnxruntime')}, optimum-onnx {libs.get('optimum-onnx')}",
+        f"- qconv {m.tool['version']}; {versions}",
         "",
     ]
     by_artifact: dict[str, dict[str, Metric]] = {}
