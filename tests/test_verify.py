@@ -443,6 +443,7 @@ def test_cli_real_onnx_export_with_variant(tiny_models, candidates, tmp_path):
             "--pairs", str(_write_pairs(tmp_path / "p.jsonl", SHORT)), "--json", "--quiet"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
+    assert r.stderr == ""  # --quiet: not even transformers' own "Loading weights" bar
     data = json.loads(r.stdout)
     assert [(c["name"], c["precision"]) for c in data["candidates"]] == [("onnx/fp32", "fp32"), ("onnx/fp16", "fp16"), ("seqcls", "fp32")]
     fp32, fp16, seqcls = data["candidates"]

@@ -70,9 +70,19 @@ def _from_pretrained(auto_class, path: Path, dtype: str, checkpoint):
     """auto_class.from_pretrained in `dtype`. A float32 load of a checkpoint stored wholly in bf16 or
     fp16 loads it as stored and widens it after: the same fp32 weights bit for bit (widening is
     exact), without transformers' per-tensor conversion on load (0.6B: 1.4-1.7 s instead of 2.2-3.6 s)."""
+    from transformers.utils import logging as hf_logging
+
     stored = {t.dtype for t in checkpoint.tensors.values()}
     load_as = _STORED.get(next(iter(stored))) if dtype == "float32" and len(stored) == 1 else None
-    model = auto_class.from_pretrained(str(path), dtype=_torch_dtype(load_as or dtype))
+    # transformers 5 draws a "Loading weights" bar on stderr for every load, even under --quiet:
+    # progress is the reporter's job.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = auto_class.from_pretrained(str(path), dtype=_torch_dtype(load_as or dtype))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return (model.float() if load_as else model).eval()
 
 
