@@ -332,10 +332,16 @@ def serve(
     max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")] = 4 * 2**20,
     threads: Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: all cores).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (stderr).")] = False,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="QCONV_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY on every route but /health and /. Prefer the environment variable or --api-key-file: a command-line argument shows in ps.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", envvar="QCONV_API_KEY_FILE", show_envvar=True, help="Read the API key from this file (e.g. a container secret).")] = None,
+    allow_model_dir: Annotated[Optional[list[str]], typer.Option("--allow-model-dir", help="Enable POST /v1/models/load and /unload, loading only from inside this directory (repeat for several). Off by default.")] = None,
+    admin_key: Annotated[Optional[str], typer.Option("--admin-key", envvar="QCONV_ADMIN_KEY", show_envvar=True, help="The only key /v1/models/load and /unload accept (it works on every route).")] = None,
+    admin_key_file: Annotated[Optional[Path], typer.Option("--admin-key-file", envvar="QCONV_ADMIN_KEY_FILE", show_envvar=True, help="Read the admin key from this file.")] = None,
+    public_metrics: Annotated[bool, typer.Option("--public-metrics", help="Serve /metrics without the API key (for a scraper that cannot send one).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve rerankers over HTTP: /rerank, /v1/rerank, /v2/rerank, /score, /metrics, a try-it page at /."""
-    from qwen_convert.serve.options import ModelSpec, ServeOptions
+    from qwen_convert.serve.options import AccessOptions, ModelSpec, ServeOptions
     from qwen_convert.serve.server import serve as run_server
 
     names = list(name or [])
@@ -344,7 +350,10 @@ def serve(
     specs = [ModelSpec(m, names[i] if i < len(names) else None, variant) for i, m in enumerate(models)]
     options = ServeOptions(host=host, port=port, max_length=max_length, max_batch_tokens=max_batch_tokens,
                            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                           max_documents=max_documents, max_request_bytes=max_request_bytes, threads=threads)
+                           max_documents=max_documents, max_request_bytes=max_request_bytes, threads=threads,
+                           access=AccessOptions(api_key=api_key, api_key_file=api_key_file, admin_key=admin_key,
+                                                admin_key_file=admin_key_file, model_dirs=tuple(allow_model_dir or ()),
+                                                public_metrics=public_metrics))
     emit(run_server(specs, options, access_log=access_log), as_json)
 
 

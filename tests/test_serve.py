@@ -180,8 +180,12 @@ def test_every_error_has_its_status_and_one_shape(server):
         assert "'nope' is not served" in _error(c.post("/v1/rerank", json={"model": "nope", "query": "q", "documents": ["a"]}), 404, "model_not_found")
         _error(c.get("/no/such/route"), 404, "http_error")
         _error(c.get("/v1/rerank"), 405, "http_error")
-        assert "is not a directory" in _error(c.post("/v1/models/load", json={"model": "/no/such/dir"}), 400, "invalid_model")
-        _error(c.post("/v1/models/unload", json={"name": "nope"}), 404, "model_not_found")
+        # model management is off unless the operator names directories (tests/test_serve_auth.py turns it on)
+        models = c.get("/v1/models").json()
+        off = "model management is off on this server (the operator enables /v1/models/load and /unload with --allow-model-dir DIR)"
+        assert _error(c.post("/v1/models/load", json={"model": str(server.log.parent)}), 403, "forbidden") == off
+        assert _error(c.post("/v1/models/unload", json={"name": "tiny"}), 403, "forbidden") == off
+        assert c.get("/v1/models").json() == models
         # the server is still fine
         assert c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:2]}).status_code == 200
     assert metric(server, "qconv_requests_total", endpoint="/v1/rerank", status="413") == 2
@@ -235,7 +239,8 @@ def test_a_cancelled_request_stops_costing_compute(export, no_torch, tmp_path):
 def test_hot_swap_under_load_drops_nothing(export, fp32_only, no_torch, tmp_path):
     """Concurrent clients keep calling model "a" while it is swapped int8 -> fp32 -> int8 and a
     second model comes and goes: every request is answered 200, by the variant served at the time."""
-    with serving(str(export), "--name", "a", block_torch=no_torch, log_dir=tmp_path) as s:
+    allow = ["--allow-model-dir", str(export.parent), "--allow-model-dir", str(fp32_only.parent)]
+    with serving(str(export), "--name", "a", *allow, block_torch=no_torch, log_dir=tmp_path) as s:
         answers: list[tuple[int, float]] = []
         swapping = True
 

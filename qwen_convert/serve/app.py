@@ -4,13 +4,19 @@
   the request model are 422, an unknown model 404, a full queue 503 with Retry-After; every error
   has the one shape of protocol.ErrorResponse.
 - A client that disconnects cancels its request, and with it its pairs still waiting in the queue.
+- Access (access.py) is checked before any of that: without the key a request is 401 before its body
+  is read, whatever the route; model management answers 403 unless the operator enabled it.
+- Nothing a client is told holds a host path it did not send: internal errors are answered with an
+  id that the log line carrying the details repeats.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import uuid
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -22,8 +28,9 @@ from qwen_convert.errors import QconvError
 from qwen_convert.serve import serving_rerank, serving_score
 
 from .. import __version__
+from .access import Access, bearer, redact, told_as
 from .metrics import ServerMetrics
-from .options import ModelSpec, ServeOptions
+from .options import ServeOptions
 from .protocol import (
     ApiError,
     ErrorResponse,
@@ -43,6 +50,10 @@ from .registry import ModelRegistry, Served
 RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 SCORE_PATHS = ("/score", "/v1/score")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; nobody receives it
+log = logging.getLogger("qconv.serve")
+# The page has a key field: it may not be framed by another site, and it talks to this server only.
+PAGE_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'; connect-src 'self'", "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer"}
 
 
 def error_response(status: int, type_: str, message: str, param: str | None = None,
@@ -93,6 +104,22 @@ class BodyLimit:
     async def _refuse(self, scope, receive, send):
         response = error_response(413, RequestTooLarge.type, f"request body over {self.limit} bytes",
                                   headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+class RequireKey:
+    """401 (or 403) before the app, and before a body is read, for a request the access policy refuses."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refused = self.access.check(scope["path"], bearer(scope["headers"]))
+        if refused is None:
+            return await self.app(scope, receive, send)
+        response = error_response(refused.status, refused.type, str(refused), headers=refused.headers)
         await response(scope, receive, send)
 
 
@@ -164,7 +191,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts[:5]) or "invalid request", param
 
 
-def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOptions) -> FastAPI:
+def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOptions, access: Access = Access()) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         registry.start()
@@ -180,7 +207,8 @@ def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOpt
 
     @app.exception_handler(QconvError)
     async def _qconv_error(request: Request, exc: QconvError):  # e.g. a model that cannot be loaded
-        return error_response(400, "invalid_model", str(exc))
+        log.warning("%s %s: %s", request.method, request.url.path, str(exc))
+        return error_response(400, "invalid_model", redact(str(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -203,7 +231,11 @@ def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOpt
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        # The exception's text may hold host paths (onnxruntime names its files): the log gets it, the client an id.
+        incident = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s: %s: %s", incident, request.method, request.url.path,
+                  type(exc).__name__, exc, exc_info=exc)
+        return error_response(500, "internal_error", f"internal error {incident} (the server's log has the details)")
 
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         return await unless_disconnected(request, serving_rerank.rerank(registry, body, options))
@@ -226,12 +258,17 @@ def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOpt
 
     @app.post("/v1/models/load", response_model=ModelCard)
     async def load(body: LoadRequest) -> ModelCard:
-        served = await registry.load(ModelSpec(body.model, body.name, body.variant))
+        spec = access.load_spec(body.model, body.name, body.variant)
+        with told_as(spec.path, body.model):
+            served = await registry.load(spec)
+        log.info("model %r loaded from %s (%s)", served.model.name, str(served.model.path), served.model.engine.variant)
         return _card(served.model.name, served, registry.default)
 
     @app.post("/v1/models/unload", response_model=ModelList)
     async def unload(body: UnloadRequest) -> ModelList:
+        access.require_management()
         await registry.unload(body.name)
+        log.info("model %r unloaded", body.name)
         return await models()
 
     @app.get("/metrics")
@@ -241,9 +278,10 @@ def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOpt
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     paths = {r.path for r in app.routes}
     app.add_middleware(BodyLimit, limit=options.max_request_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics, paths=paths)  # added last = outermost: counts 413s too
+    app.add_middleware(RequireKey, access=access)  # outside BodyLimit: an anonymous body is never buffered
+    app.add_middleware(RequestMetrics, metrics=metrics, paths=paths)  # added last = outermost: counts 401s and 413s too
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MAX_LENGTH = 2048
@@ -17,6 +17,19 @@ class ModelSpec:
     @property
     def served_name(self) -> str:
         return self.name or Path(self.path).resolve().name
+
+
+@dataclass(frozen=True)
+class AccessOptions:
+    """Who may call the server; serve/access.py resolves these at start-up (keys read, directories resolved)."""
+
+    api_key: str | None = field(default=None, repr=False)  # every route but /health and / needs it
+    api_key_file: Path | None = None  # the same, read from a file (a container secret)
+    admin_key: str | None = field(default=None, repr=False)  # the only key model management accepts
+    admin_key_file: Path | None = None
+    # Model management (/v1/models/load, /unload) is off unless directories are named: loads only from inside them.
+    model_dirs: tuple[str, ...] = ()
+    public_metrics: bool = False  # /metrics without the key (a scraper that cannot send one)
 
 
 @dataclass(frozen=True)
@@ -35,3 +48,4 @@ class ServeOptions:
     providers: tuple[str, ...] = ()  # onnxruntime providers; empty: CUDA when available, then CPU
     drain_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "info"
+    access: AccessOptions = AccessOptions()

@@ -37,8 +37,20 @@ class InvalidRequest(ApiError):
     status, type = 422, "invalid_request"
 
 
+class Unauthorized(ApiError):
+    status, type = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, type = 403, "forbidden"
+
+
 class RequestTooLarge(ApiError):
     status, type = 413, "request_too_large"
+
+
+class InvalidModel(ApiError):
+    status, type = 400, "invalid_model"
 
 
 class ModelNotFound(ApiError):

@@ -44,17 +44,25 @@ def _log_config(level: str) -> dict:
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    # qconv's own lines (model loads, refused load paths, internal errors with their id) go where uvicorn's do.
+    config["loggers"]["qconv"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     for logger in config["loggers"].values():
         logger["level"] = level.upper()
     return config
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(models: Sequence[ModelSpec], options: ServeOptions = ServeOptions(), access_log: bool = False) -> ServeResult:
     """Serve MODELS at options.host:port until stopped; returns what was served."""
     import uvicorn
 
+    import logging
+
     from qwen_convert.errors import QconvError
 
+    from .access import resolve_access
     from .app import build_app
     from .metrics import ServerMetrics
     from .registry import ModelRegistry
@@ -65,13 +73,17 @@ def serve(models: Sequence[ModelSpec], options: ServeOptions = ServeOptions(), a
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise QconvError(f"two models would be served as {duplicates[0]!r}", "give each a distinct --name")
+    access = resolve_access(options.access)  # a bad key file fails before minutes of model loading
     metrics = ServerMetrics()
     registry = ModelRegistry(options, metrics)
     loaded = [registry.preload(spec) for spec in models]
-    app = build_app(registry, metrics, options)
+    app = build_app(registry, metrics, options, access)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_config=_log_config(options.log_level),
                             access_log=access_log, timeout_graceful_shutdown=options.drain_seconds, lifespan="on")
     server = uvicorn.Server(config)
+    if access.api_key is None and options.host not in LOOPBACK:
+        logging.getLogger("qconv.serve").warning(
+            "serving %s without an API key: anyone who reaches the port can score (set QCONV_API_KEY)", options.host)
     server.run()
     if not server.started:
         raise QconvError(f"the server could not start on {options.host}:{options.port} (see the log above)",
