@@ -232,9 +232,9 @@ def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOpt
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         # The exception's text may hold host paths (onnxruntime names its files): the log gets it, the client an id.
+        # (Starlette re-raises it after this answer, so uvicorn logs the traceback right below this line.)
         incident = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s %s: %s: %s", incident, request.method, request.url.path,
-                  type(exc).__name__, exc, exc_info=exc)
+        log.error("internal error %s on %s %s: %s: %s", incident, request.method, request.url.path, type(exc).__name__, exc)
         return error_response(500, "internal_error", f"internal error {incident} (the server's log has the details)")
 
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
