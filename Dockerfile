@@ -1,9 +1,18 @@
 # The torch-free serving image: `qconv serve` of an exported model mounted at /models/reranker.
 #
 #   docker build -t qconv-serve .
-#   docker run --rm -p 8000:8000 -v "$PWD/out/onnx:/models/reranker:ro" qconv-serve
-#   docker run --rm -p 8000:8000 -v "$PWD/out/onnx:/models/reranker:ro" qconv-serve \
+#   export QCONV_API_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+#   docker run --rm -p 8000:8000 -e QCONV_API_KEY -v "$PWD/out/onnx:/models/reranker:ro" qconv-serve
+#   docker run --rm -p 8000:8000 -e QCONV_API_KEY -v "$PWD/out/onnx:/models/reranker:ro" qconv-serve \
 #       /models/reranker --host 0.0.0.0 --port 8000 --threads 4 --max-length 1024
+#
+# The API key comes from the environment (`-e QCONV_API_KEY` passes the caller's value; unlike an
+# argument it does not show in `ps`, though `docker inspect` lists the container's environment), or
+# from a mounted secret file with `-e QCONV_API_KEY_FILE=/run/secrets/qconv_api_key` (nothing to
+# inspect); never bake it into the image with ENV.
+# Clients send `Authorization: Bearer $QCONV_API_KEY`; /health (the HEALTHCHECK) stays open. Without a
+# key the server warns at start-up that anyone reaching the port can score. Model management
+# (/v1/models/load, /unload) stays off unless the command adds --allow-model-dir DIR.
 #
 # The install is `make serve-venv`'s: qconv[serve] pinned by constraints.txt (onnxruntime, fastapi, uvicorn,
 # prometheus-client; no torch, no transformers). Arguments after the image name replace CMD (keep

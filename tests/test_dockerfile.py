@@ -4,12 +4,15 @@ No Docker daemon (and no registry for the python base image) is reachable where 
 the image is not built here. What can drift without a build is checked instead: the extra the RUN
 line installs exists and is torch-free, every path the install reads is copied and not excluded by
 .dockerignore, and the ENTRYPOINT + CMD, run as they are (model path and port swapped for a tiny
-export and a free port), start `qconv serve` so that the HEALTHCHECK command itself answers healthy.
+export and a free port, the API key in the environment as `docker run -e` passes it), start `qconv
+serve` so that the HEALTHCHECK command itself answers healthy while the other routes need the key.
+The key is shown only as an environment variable (or a secret file), never as an argument or ENV.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -17,6 +20,7 @@ import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
+import httpx
 import pytest
 import tomllib
 from servers import QCONV, export, free_port, wait_for_health  # noqa: F401
@@ -95,17 +99,48 @@ def test_entrypoint_and_cmd_start_a_server_the_healthcheck_calls_healthy(export,
     port = str(free_port())
     argv = [QCONV, *entry[1:], str(export), *[port if a == image_port else a for a in cmd[1:]]]
     log = tmp_path / "serve.log"
+    key = "image-test-key_0123456789"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QCONV_")} | {key_env(): key}  # `docker run -e`
     with open(log, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         wait_for_health(proc, f"http://127.0.0.1:{port}", log, "the image's command", 60)
         probe = [sys.executable if health[0] == "python" else health[0], *health[1:-1], health[-1].replace(image_port, port)]
-        assert subprocess.run(probe, timeout=30).returncode == 0
+        assert subprocess.run(probe, timeout=30).returncode == 0  # the HEALTHCHECK sends no key: /health is open
+        # the key in the environment guards the rest, and is not in the command line
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url, timeout=10).status_code == 401
+        assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["data"][0]["variant"] == "int8"
+        assert key.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     finally:
         proc.terminate()
         proc.wait(30)
     # and fails once the server is gone, so the probe can tell
     assert subprocess.run(probe, timeout=30, capture_output=True).returncode != 0
+
+
+def key_env() -> str:
+    """The environment variable `qconv serve` reads its API key from (the CLI's own declaration)."""
+    from typer.main import get_command
+
+    from qwen_convert.cli import app
+
+    (param,) = [p for p in get_command(app).commands["serve"].params if "--api-key" in getattr(p, "opts", [])]
+    return param.envvar
+
+
+def test_the_api_key_is_shown_as_an_environment_variable_never_an_argument():
+    env = key_env()
+    comments = [ln.lstrip("# ") for ln in DOCKERFILE.splitlines() if ln.lstrip().startswith("#")]
+    runs = [ln for ln in comments if ln.startswith("docker run")]
+    assert runs and all(f"-e {env} " in ln for ln in runs)  # every documented run passes the key
+    assert f"{env}_FILE=/run/secrets/" in DOCKERFILE  # and the secret-file way
+    # nothing the image runs or stores holds a key: no --api-key argument, no ENV with a key
+    for instruction, args in instructions():
+        assert "--api-key" not in args and "--admin-key" not in args, instruction
+        assert not (instruction == "ENV" and "KEY" in args), args
+    serving = (ROOT / "docs" / "serving.md").read_text()
+    assert f"-e {env} " in serving and f"Authorization: Bearer ${env}" in serving
 
 
 @pytest.mark.parametrize("option", ["--host", "--port", "--threads", "--max-length"])

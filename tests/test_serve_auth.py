@@ -205,6 +205,7 @@ def test_public_metrics_is_the_only_other_open_route(export, no_torch, tmp_path)
     (["--api-key", "two words"], {}, "error: the API key holds a character a Bearer token cannot carry (' ')"),
     (["--api-key-file", "{empty}"], {}, "error: the API key is empty"),
     (["--api-key-file", "{key}"], {"QCONV_API_KEY": KEY}, "error: the API key is given twice"),
+    ([], {"QCONV_API_KEY": ""}, "error: QCONV_API_KEY is set but empty"),
     (["--admin-key", ADMIN], {}, "error: an admin key guards model management, which is off"),
     (["--allow-model-dir", "/no/such/dir"], {}, "error: --allow-model-dir /no/such/dir is not a directory"),
     (["--allow-model-dir", "/"], {}, "error: --allow-model-dir / would let clients load from anywhere"),

@@ -166,6 +166,9 @@ def redact(message: str, shown: dict[str, str] | None = None) -> str:
 # --- start-up: options -> Access ------------------------------------------------------------------
 
 def _read_key(value: str | None, file: Path | None, what: str, flag: str, env: str) -> bytes | None:
+    if value is None and file is None and os.environ.get(env) == "":
+        # click reads an empty variable as unset: an operator who meant to set a key would serve without one
+        raise AccessError(f"{env} is set but empty", "set it to the key, or unset it to serve without one")
     if value is not None and file is not None:
         raise AccessError(f"the {what} is given twice ({flag} or {env}, and {flag}-file)", "give it once")
     if file is not None:
