@@ -126,6 +126,13 @@ $(VLLM_VENV)/.installed: constraints-vllm.txt
 bench-serve: install
 	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_serve.py
 
+# ~10 min on 2 cores: 20,000 mixed requests to each of two `qconv serve` processes of the tiny int8
+# export, without and with QCONV_API_KEY, rounds interleaved: errors, RSS and fd growth after warm-up,
+# p50/p99, the key's throughput cost (benchmarks/bench_soak.py; BENCHMARKS.md's soak section).
+.PHONY: bench-soak
+bench-soak: install
+	flock /tmp/qconv-heavy.lock nice -n 10 $(BIN)/python benchmarks/bench_soak.py
+
 # Headless Chromium for tests/test_serve_browser.py: Debian's chromium + chromium-driver (apt; a browser
 # download from the internet is not possible here). Debian keeps only the current security build of
 # chromium, so the version is bookworm's, not an exact pin. ~1 min when missing, instant when present.
