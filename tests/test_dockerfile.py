@@ -3,8 +3,8 @@
 No Docker daemon (and no registry for the python base image) is reachable where these tests run, so
 the image is not built here. What can drift without a build is checked instead: the extra the RUN
 line installs exists and is torch-free, every path the install reads is copied and not excluded by
-.dockerignore, and the ENTRYPOINT + CMD, run as they are (model path and port swapped for a tiny
-export and a free port, the API key in the environment as `docker run -e` passes it), start `qconv
+.dockerignore, and the ENTRYPOINT + CMD, run as they are (model path, port and address swapped for a
+tiny export, a free port and 127.0.0.1, the API key in the environment as `docker run -e` passes it), start `qconv
 serve` so that the HEALTHCHECK command itself answers healthy while the other routes need the key.
 The key is shown only as an environment variable (or a secret file), never as an argument or ENV.
 """
@@ -97,7 +97,9 @@ def test_entrypoint_and_cmd_start_a_server_the_healthcheck_calls_healthy(export,
     assert f"127.0.0.1:{image_port}/health" in health[-1] and one("EXPOSE") == image_port
 
     port = str(free_port())
-    argv = [QCONV, *entry[1:], str(export), *[port if a == image_port else a for a in cmd[1:]]]
+    # Everything as the image runs it but the model path, the port, and the address: a test binds loopback only.
+    swap = {image_port: port, "0.0.0.0": "127.0.0.1"}
+    argv = [QCONV, *entry[1:], str(export), *[swap.get(a, a) for a in cmd[1:]]]
     log = tmp_path / "serve.log"
     key = "image-test-key_0123456789"
     env = {k: v for k, v in os.environ.items() if not k.startswith("QCONV_")} | {key_env(): key}  # `docker run -e`

@@ -221,6 +221,20 @@ def test_bad_access_options_fail_start_up_in_one_line(args, env, message, export
     assert KEY not in r.stderr and ADMIN not in r.stderr
 
 
+def test_an_open_server_on_another_address_is_warned_about(caplog):
+    from qwen_convert.serve.access import Access
+    from qwen_convert.serve.server import _warn_if_open
+
+    with caplog.at_level("WARNING", logger="qconv.serve"):
+        _warn_if_open(Access(api_key=KEY.encode()), "0.0.0.0")
+        assert caplog.messages == []
+        _warn_if_open(Access(model_dirs=(Path("/models"),)), "0.0.0.0")
+    assert caplog.messages == [
+        "serving 0.0.0.0 without an API key: anyone who reaches the port can score (set QCONV_API_KEY)",
+        "model management is on without a key: anyone who reaches the port can load models from the allowed "
+        "directories and unload any (set QCONV_API_KEY or QCONV_ADMIN_KEY)"]
+
+
 def test_help_never_shows_the_key():
     environ = dict(os.environ, QCONV_API_KEY=KEY, QCONV_ADMIN_KEY=ADMIN)
     r = subprocess.run([QCONV, "serve", "--help"], capture_output=True, text=True, timeout=60, env=environ)

@@ -9,6 +9,7 @@ The server keeps no state between requests: scale out with replicas behind a loa
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,18 @@ def _log_config(level: str) -> dict:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _warn_if_open(access, host: str) -> None:
+    log = logging.getLogger("qconv.serve")
+    if access.api_key is None:
+        log.warning("serving %s without an API key: anyone who reaches the port can score (set QCONV_API_KEY)", host)
+    if access.management and access.api_key is None and access.admin_key is None:
+        log.warning("model management is on without a key: anyone who reaches the port can load models from "
+                    "the allowed directories and unload any (set QCONV_API_KEY or QCONV_ADMIN_KEY)")
+
+
 def serve(models: Sequence[ModelSpec], options: ServeOptions = ServeOptions(), access_log: bool = False) -> ServeResult:
     """Serve MODELS at options.host:port until stopped; returns what was served."""
     import uvicorn
-
-    import logging
 
     from qwen_convert.errors import QconvError
 
@@ -81,9 +89,8 @@ def serve(models: Sequence[ModelSpec], options: ServeOptions = ServeOptions(), a
     config = uvicorn.Config(app, host=options.host, port=options.port, log_config=_log_config(options.log_level),
                             access_log=access_log, timeout_graceful_shutdown=options.drain_seconds, lifespan="on")
     server = uvicorn.Server(config)
-    if access.api_key is None and options.host not in LOOPBACK:
-        logging.getLogger("qconv.serve").warning(
-            "serving %s without an API key: anyone who reaches the port can score (set QCONV_API_KEY)", options.host)
+    if options.host not in LOOPBACK:
+        _warn_if_open(access, options.host)
     server.run()
     if not server.started:
         raise QconvError(f"the server could not start on {options.host}:{options.port} (see the log above)",
