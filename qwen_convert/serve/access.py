@@ -112,7 +112,7 @@ class Access:
         """The resolved directory a load request may open, or Forbidden (one message for every refusal)."""
         self.require_management()
         try:
-            resolved = Path(os.path.realpath(Path(requested).expanduser()))
+            resolved = Path(os.path.realpath(requested))  # no ~ expansion: that is for the operator's paths
         except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops
             raise outside() from None
         if not any(resolved == d or d in resolved.parents for d in self.model_dirs):

@@ -191,15 +191,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts[:5]) or "invalid request", param
 
 
-def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOptions, access: Access = Access()) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        registry.start()
-        yield
-        await registry.close()  # uvicorn has already let in-flight requests finish
-
-    app = FastAPI(title="qconv serve", version=__version__, lifespan=lifespan)
-    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in the one JSON shape; what reaches a client holds no host path (see _internal)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -236,6 +229,19 @@ def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOpt
         incident = uuid.uuid4().hex[:12]
         log.error("internal error %s on %s %s: %s: %s", incident, request.method, request.url.path, type(exc).__name__, exc)
         return error_response(500, "internal_error", f"internal error {incident} (the server's log has the details)")
+
+
+def build_app(registry: ModelRegistry, metrics: ServerMetrics, options: ServeOptions, access: Access = Access()) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry.start()
+        yield
+        await registry.close()  # uvicorn has already let in-flight requests finish
+
+    app = FastAPI(title="qconv serve", version=__version__, lifespan=lifespan)
+    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    add_error_handlers(app)
 
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         return await unless_disconnected(request, serving_rerank.rerank(registry, body, options))
