@@ -41,7 +41,7 @@ def error(response: httpx.Response, status: int, type_: str) -> str:
 
 def offline_scores(model: Path, docs: list[str]) -> dict[str, float]:
     """`qconv score`'s library function on one batch (as the server batches one request alone)."""
-    from qwen_convert.score import ScoreOptions, score_documents
+    from qwen_convert.scoring.score import ScoreOptions, score_documents
 
     result = score_documents(model, QUERY, docs, options=ScoreOptions(variant="int8", batch_size=64, max_length=2048))
     return {d.document: d.p_yes for d in result.queries[0].documents}

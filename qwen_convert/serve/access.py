@@ -25,7 +25,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import QconvError
+from qwen_convert.errors import QconvError
+
 from .options import AccessOptions, ModelSpec
 from .protocol import ApiError, Forbidden, InvalidModel, Unauthorized
 
