@@ -1,6 +1,6 @@
 """The try-it page at GET /, used in a real headless Chromium (Debian's chromium + chromedriver,
 installed by `make browser`), driven by selenium: type a query and documents, click Rank, read
-the ranked table, and hold it to the API's own answer.
+the ranked table, and hold it to the API's own answer; on a server with an API key, type the key too.
 
 Skipped when chromium or chromedriver is absent, except under CI=true, where that is a failure.
 """
@@ -73,3 +73,38 @@ def test_page_ranks_documents_in_headless_chromium(browser, export, no_torch, tm
         browser.find_element(By.ID, "rank").click()
         wait.until(lambda d: d.find_element(By.ID, "error").text)
         assert browser.find_element(By.ID, "error").text.startswith("422")
+
+
+def test_page_sends_the_key_typed_into_it(browser, export, no_torch, tmp_path):
+    """A server with an API key: the page loads (it is open), says 401 until the key is typed, then ranks."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    key = "browser-test-key_0123456789"
+    with serving(str(export), env={"QCONV_API_KEY": key}, block_torch=no_torch, log_dir=tmp_path) as s:
+        want = httpx.post(f"{s.url}/v1/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}).json()["results"]
+        browser.get(s.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.ID, "error").text)
+        assert browser.find_element(By.ID, "error").text.startswith("401: this server needs an API key")
+        assert browser.find_elements(By.CSS_SELECTOR, "#model option") == []
+        browser.find_element(By.ID, "apikey").send_keys(key + Keys.TAB)  # change event: the models are listed again
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        assert browser.find_element(By.ID, "error").text == ""
+        browser.find_element(By.ID, "query").send_keys(QUERY)
+        browser.find_element(By.ID, "documents").send_keys("\n".join(DOCS))
+        browser.find_element(By.ID, "rank").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "results")))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+        assert [int(r.get_attribute("data-index")) for r in rows] == [r["index"] for r in want]
+        assert [float(r.find_element(By.CSS_SELECTOR, "td.score").text) for r in rows] == [round(r["relevance_score"], 4) for r in want]
+
+        # a wrong key reaches the page as the server's 401, not a silent failure
+        field = browser.find_element(By.ID, "apikey")
+        field.clear()
+        field.send_keys("wrong" + Keys.TAB)
+        wait.until(lambda d: d.find_element(By.ID, "error").text == "401: invalid API key")  # listing the models
+        assert browser.find_elements(By.CSS_SELECTOR, "#model option") == []
