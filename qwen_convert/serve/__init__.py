@@ -2,6 +2,7 @@
 
 The modules, in the order a request meets them:
     app.py              FastAPI app: thin routes, body limits, one JSON error shape, disconnects
+    access.py           the API key (constant-time), model management's allowed directories, redaction
     protocol.py         pydantic request/response models (vLLM / Cohere / Jina shapes)
     serving_rerank.py   /rerank, /v1/rerank, /v2/rerank: documents -> ranked results
     serving_score.py    /score, /v1/score: text_1/text_2 or queries/documents -> scores
