@@ -199,6 +199,7 @@ def verify(
     precision: Annotated[str, typer.Option("--precision", help="Server candidates: what the server computes in (fp32, fp16, bf16, int8, q4, q4f16); picks the gate.")] = "fp32",
     timeout: Annotated[float, typer.Option("--timeout", help="Server candidates: seconds per request.")] = 60.0,
     model: Annotated[Optional[str], typer.Option("--model", help="Server candidates: the served model name, for servers that require one.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="QCONV_API_KEY", show_default=False, help="Server candidates: sent as Authorization: Bearer KEY (prefer the QCONV_API_KEY variable: an argument shows in ps).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -218,7 +219,7 @@ def verify(
         min_kendall_tau=min_kendall_tau, instruction=instruction, max_length=max_length, batch_size=batch_size,
         engine=engine.value, padding_check=padding_check.value, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         memory_limit=parse_size(memory_limit) if memory_limit else None,
-        server=ServerOptions(api=parse_api(api).value, precision=precision, timeout=timeout, model=model),
+        server=ServerOptions(api=parse_api(api).value, precision=precision, timeout=timeout, model=model, api_key=api_key),
     )
     with _reporter(quiet) as rep:
         report = run_verify(reference, [c if is_server_url(c) else Path(c) for c in candidates], options, reporter=rep)

@@ -7,6 +7,7 @@ policy's pieces (key comparison, Bearer parsing, path redaction, start-up checks
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -322,3 +323,22 @@ def test_access_options_never_print_a_key():
     with pytest.raises(AccessError):
         resolve_access(AccessOptions(api_key=KEY, admin_key=KEY, model_dirs=("/tmp",)))
     assert resolved.management and resolved.model_dirs == (Path("/tmp").resolve(),)
+
+
+# --- a client that holds the key: qconv verify against the keyed server ----------------------------
+
+def test_verify_sends_the_key_from_the_environment(keyed):
+    """`qconv verify REF URL` sends QCONV_API_KEY as a Bearer key; without it, one line that names the fix."""
+    cmd = [QCONV, "verify", "qconv:tiny-reranker", keyed.url, "--precision", "int8", "--json", "--quiet", "--no-cache"]
+    env = {k: v for k, v in os.environ.items() if k != "QCONV_API_KEY"}
+    without = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert without.returncode == 1 and "Traceback" not in without.stderr
+    assert without.stderr.strip().count("\n") == 0 and "HTTP 401: it needs an API key" in without.stderr
+    assert "QCONV_API_KEY" in without.stderr
+    wrong = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "QCONV_API_KEY": "wrong"})
+    assert wrong.returncode == 1 and "the API key was refused" in wrong.stderr
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "QCONV_API_KEY": KEY})
+    report = json.loads(ok.stdout)
+    assert ok.returncode == 0, report["candidates"][0]["failures"]
+    [server] = report["candidates"]
+    assert server["engine"] == "server" and server["precision"] == "int8" and server["max_abs_prob"] < 0.1

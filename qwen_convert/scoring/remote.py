@@ -28,7 +28,7 @@ import json
 import math
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -61,6 +61,7 @@ class ServerOptions:
     precision: str = "fp32"  # what the server computes in: picks the gate (fp32 | fp16 | bf16 | int8 | q4 | q4f16)
     timeout: float = DEFAULT_TIMEOUT  # seconds per request
     model: str | None = None  # the served model name, for servers that require one (Cohere-style); vLLM: optional
+    api_key: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer KEY` (qconv serve --api-key, vLLM)
 
 
 def is_server_url(candidate) -> bool:
@@ -173,13 +174,26 @@ class _Answer:
     content_type: str
 
 
-def _post(url: str, payload: dict, timeout: float) -> _Answer:
-    """POST JSON; HTTP errors are answers, everything else that goes wrong is one ServerError line."""
+def _post(url: str, payload: dict, timeout: float, api_key: str | None = None) -> _Answer:
+    """POST JSON; HTTP errors are answers, everything else that goes wrong is one ServerError line.
+    A 401 is the one answer no API detection gets past: it names the key to send."""
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), method="POST", headers=headers)
+    answer = _send(request, url, timeout)
+    if answer.status == 401:
+        raise ServerError(f"{url} answered HTTP 401: {'the API key was refused' if api_key else 'it needs an API key'}",
+                          "set QCONV_API_KEY to the server's key (or pass --api-key)")
+    return answer
+
+
+def _send(request, url: str, timeout: float) -> _Answer:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return _Answer(response.status, response.read(), response.headers.get("Content-Type", ""))
@@ -242,7 +256,7 @@ class RemoteScorer:
     def request(self, query: str, documents: Sequence[str]) -> list[float]:
         url = self.url + self.endpoint.path
         payload = self.endpoint.body(query, documents, self.instruction if self.endpoint.takes_instruction else None, self.options.model)
-        answer = _post(url, payload, self.options.timeout)
+        answer = _post(url, payload, self.options.timeout, self.options.api_key)
         if not 200 <= answer.status < 300:
             raise ServerError(f"POST {url} returned HTTP {answer.status}: {_snippet(answer.body)!r}", "check the server's log")
         data = _decode(url, answer)
@@ -297,7 +311,7 @@ def connect(url: str, options: ServerOptions, probe: Pair, instruction: str | No
         for endpoint in ENDPOINTS[candidate]:
             scorer = RemoteScorer(url, endpoint, options, sent)
             payload = endpoint.body(probe.query, [probe.document], sent if endpoint.takes_instruction else None, options.model)
-            answer = _post(url + endpoint.path, payload, options.timeout)
+            answer = _post(url + endpoint.path, payload, options.timeout, options.api_key)
             if answer.status in _NOT_THIS_API:
                 tried.append(f"{endpoint.path} {answer.status}")
                 continue
