@@ -37,6 +37,7 @@ from qwen_convert.errors import SourceError, WeightsError
 from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, QuantMode
 
 from .quantize import QuantizeOptions
+from .shapes import GQA, PlainAttention, attention_kind
 from .weights import MS_DOMAIN, GraphWriter, WeightReader
 
 INT64, INT32, FLOAT, FLOAT16 = 7, 6, 1, 10  # onnx TensorProto data types
@@ -128,6 +129,7 @@ class Qwen3RerankerBuilder:
         self.score = score  # float32 [hidden]
         self.act = np.dtype(precision.activation)
         self.fp16 = self.act == np.float16
+        self.plain = None  # PlainAttention, for head_dims GroupQueryAttention cannot take
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -234,6 +236,10 @@ class Qwen3RerankerBuilder:
         q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", self.linear(p + "q_proj", x), s.heads), s.heads)
         k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", self.linear(p + "k_proj", x), s.kv_heads), s.kv_heads)
         v = self.linear(p + "v_proj", x)
+        if attention_kind(s.head_dim) != GQA:  # a head_dim GroupQueryAttention's kernel refuses (shapes.py)
+            if self.plain is None:
+                self.plain = PlainAttention(self, s.heads, s.kv_heads, s.head_dim)
+            return self.linear(p + "o_proj", self.plain(p, q, k, v))
         inputs = [q, k, v, "", "", self.seqlens_k, self.total_len, "", "", "", self.key_bias]
         (attn,) = self.g.node("GroupQueryAttention", inputs, domain=MS_DOMAIN, name=p + "attn",
                               num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5))

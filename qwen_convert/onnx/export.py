@@ -48,6 +48,7 @@ from qwen_convert.seqcls.sidecars import Provenance, write_sidecars
 
 from .. import __version__
 from .card import onnx_card, onnx_config
+from .shapes import shape_choices
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
 
 SCRATCH = ".seqcls"
@@ -194,6 +195,9 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
     from .build import build_onnx
 
     ckpt = open_checkpoint(source.path)
+    q4 = any(m in (QuantMode.Q4, QuantMode.Q4F16) for m in modes)
+    for note in shape_choices(source.config, options.block_size, options.quantize_embedding).notes(q4):
+        reporter.log(note)
     for mode in modes:
         task = reporter.task(f"build {mode.value}", total=None)
         result = build_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold)
@@ -366,6 +370,8 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
             "opset": _opset(tmp / variants[0].path),
             "files": {v.mode: v.path for v in variants}, **_settings(options.exporter, qopts),
         }
+        if options.exporter == "builder":  # which op computes attention, how the q4 embedding is blocked
+            settings["shape"] = shape_choices(source.config, options.block_size, options.quantize_embedding).to_dict()
         write_sidecars(tmp, path, onnx_config(source.config, variants), source.provenance,
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

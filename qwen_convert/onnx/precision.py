@@ -19,7 +19,7 @@ The encoded bytes are those onnxruntime's own quantizers write for the same weig
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +28,7 @@ from qwen_convert.errors import ExportError
 from qwen_convert.formats import QuantMode
 
 from .quantize import QuantizeOptions
+from .shapes import q4_embedding_block
 
 MS = "com.microsoft"
 RowChunks = Callable[[], Iterable[np.ndarray]]  # a fresh iterator of float32 row chunks per call
@@ -250,9 +251,11 @@ def _q4_embedding(scale_dtype) -> Callable:
         from onnx import TensorProto
 
         vocab, hidden = shape
-        if hidden % options.block_size:
-            raise ExportError(f"q4 embedding: block size {options.block_size} does not divide hidden size {hidden}",
-                              "pick a block size that divides it, or pass --keep-embedding")
+        block = q4_embedding_block(hidden, options.block_size)  # a smaller block, or int8 rows (shapes.py)
+        if block is None:
+            rows = _int8_embedding(g, name, ids, chunks, shape, options)
+            return rows if np.dtype(scale_dtype) == np.float32 else g.node("Cast", [rows], name=f"{name}.fp16", to=10)[0]
+        options = replace(options, block_size=block)
         scales = _Rows(g.reserve(f"{name}.weight_scales", scale_dtype, (vocab, hidden // options.block_size)))
         zeros: list[np.ndarray] = []  # one 4-bit value a block, packed across rows: kept (1/32 of the table at most)
 
