@@ -94,8 +94,34 @@ def handles_errors(fn):
             if install is None or os.environ.get("QCONV_DEBUG"):
                 raise
             _fail(f"this command needs {exc.name}, which is not installed ({install})")
+        except Exception as exc:
+            library = _failing_library(exc)
+            if library is None or os.environ.get("QCONV_DEBUG"):
+                raise  # not a library's failure: a bug in qconv, whose traceback is the report
+            from .errors import first_line
+
+            _fail(f"{library} failed: {first_line(exc)} (QCONV_DEBUG=1 shows the traceback)")
 
     return wrapper
+
+
+# Libraries whose failures (a model onnxruntime rejects, torch out of memory, a tokenizer panic) the
+# commands report as one line when no step wrapped them with the variant's name (scoring/base.py).
+LIBRARIES = ("onnxruntime", "torch", "tokenizers", "transformers", "safetensors", "onnx", "optimum")
+
+
+def _failing_library(exc: BaseException) -> str | None:
+    """The library the exception was raised in: its type's package, else the innermost frame's."""
+    import traceback
+
+    root = type(exc).__module__.split(".")[0]
+    if root in LIBRARIES:
+        return root
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    parts = Path(frames[-1].filename).parts
+    return next((lib for lib in LIBRARIES if lib in parts and "site-packages" in parts), None)
 
 
 # A missing optional dependency -> how to install it (the core install is torch-free).

@@ -52,3 +52,16 @@ class RecipeError(QconvError):
 
 class ExtraError(QconvError):
     """An optional dependency (one of qconv's extras) is missing or cannot be imported."""
+
+
+class EngineError(QconvError):
+    """onnxruntime, torch or the tokenizer failed while loading or running a model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (the type's name when it has none): what a
+    one-line error quotes of a library's multi-line message."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

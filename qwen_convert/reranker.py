@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import QconvError, TokenizerError
+from .errors import QconvError, TokenizerError, first_line
 
 SYSTEM_PROMPT = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -57,7 +57,7 @@ def load_tokenizer(path: Path | str):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a bad tokenizer
-        raise TokenizerError(f"cannot load the tokenizer in {path}: {exc}", "the model directory needs tokenizer.json/tokenizer_config.json") from exc
+        raise TokenizerError(f"cannot load the tokenizer in {path}: {first_line(exc)}", "the model directory needs tokenizer.json/tokenizer_config.json") from exc
 
 
 class FastTokenizer:
@@ -74,14 +74,25 @@ class FastTokenizer:
         self.unk_token_id = self.convert_tokens_to_ids(unk_token) if unk_token else None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as exc:  # tokenizers raises bare Exceptions (and TypeError for a non-string)
+            raise _encode_failure(exc) from exc
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many texts in one call (the Rust side runs them in parallel, without the GIL)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        except Exception as exc:
+            raise _encode_failure(exc) from exc
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+
+def _encode_failure(exc: Exception) -> TokenizerError:
+    return TokenizerError(f"the tokenizer failed to encode a prompt: {first_line(exc)}",
+                          "check that the pairs are text; QCONV_DEBUG=1 shows the traceback")
 
 
 def _special_token(path: Path, key: str) -> str | None:
@@ -105,7 +116,7 @@ def load_fast_tokenizer(path: Path | str) -> FastTokenizer:
         backend = Tokenizer.from_file(str(path / "tokenizer.json"))
         return FastTokenizer(backend, _special_token(path, "pad_token"), _special_token(path, "unk_token"))
     except Exception as exc:  # tokenizers raises a bare Exception for a bad file; json a ValueError
-        raise TokenizerError(f"cannot load {path}/tokenizer.json: {exc}", "use the tokenizer.json shipped with the model (a fast tokenizer)") from exc
+        raise TokenizerError(f"cannot load {path}/tokenizer.json: {first_line(exc)}", "use the tokenizer.json shipped with the model (a fast tokenizer)") from exc
 
 
 def open_tokenizer(path: Path | str):

@@ -10,7 +10,7 @@ import numpy as np
 from qwen_convert.errors import QconvError
 from qwen_convert.reranker import DEFAULT_INSTRUCTION, EncodedBatch, PaddingSide, Pair, PromptEncoder, open_tokenizer, pad_rows
 
-from .base import Scorer
+from .base import Scorer, run_failure
 
 
 def score_pairs(scorer: Scorer, batches: Sequence[EncodedBatch], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
@@ -19,15 +19,26 @@ def score_pairs(scorer: Scorer, batches: Sequence[EncodedBatch], on_batch: Calla
     A scorer with `score_batches` (the streamed engine) gets every batch at once: it streams the
     weights once for all of them instead of once per batch."""
     out = []
-    whole = scorer.score_batches(batches) if hasattr(scorer, "score_batches") else None
+    whole = _guarded(scorer, scorer.score_batches, batches) if hasattr(scorer, "score_batches") else None
     for i, batch in enumerate(batches):
-        scores = np.asarray(whole[i] if whole is not None else scorer.score(batch), dtype=np.float64).reshape(-1)
+        scores = np.asarray(whole[i] if whole is not None else _guarded(scorer, scorer.score, batch), dtype=np.float64).reshape(-1)
         if scores.shape[0] != batch.input_ids.shape[0]:
             raise ValueError(f"{scorer.name} returned {scores.shape[0]} scores for a batch of {batch.input_ids.shape[0]}")
         out.append(scores)
         if on_batch is not None:
             on_batch(batch.input_ids.shape[0])
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def _guarded(scorer: Scorer, fn, arg):
+    """fn(arg), a library's failure (onnxruntime's InvalidArgument, torch's RuntimeError ...) turned
+    into one line naming the variant and file: verify, score and run all score through here."""
+    try:
+        return fn(arg)
+    except (QconvError, ModuleNotFoundError):
+        raise
+    except Exception as exc:  # the engines raise their own types (onnxruntime's Fail, RuntimeException ...)
+        raise run_failure(scorer, exc) from exc
 
 
 # A batch of prompts in length order ends early where the next prompt would make its padded tokens

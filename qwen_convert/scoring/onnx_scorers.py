@@ -18,7 +18,7 @@ from qwen_convert.errors import SourceError
 from qwen_convert.formats import ONNX_DIR, ArtifactKind, QuantMode
 from qwen_convert.reranker import EncodedBatch
 
-from .base import Scorer
+from .base import Scorer, run_failure
 
 
 def _mode(name: str) -> QuantMode:
@@ -69,8 +69,7 @@ class OnnxScorer:
             try:
                 self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise SourceError(f"onnxruntime cannot load {self.path}: {first}", "re-export it with qconv export-onnx") from exc
+                raise run_failure(self, exc, "load") from exc
         return self._session
 
     def score(self, batch: EncodedBatch) -> np.ndarray:

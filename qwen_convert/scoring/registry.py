@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qwen_convert.checkpoint.files import open_checkpoint
 from qwen_convert.checkpoint.kind import detect_kind
-from qwen_convert.errors import QconvError, SourceError
+from qwen_convert.errors import EngineError, QconvError, SourceError, first_line
 from qwen_convert.formats import ArtifactKind
 from qwen_convert.reranker import open_tokenizer, reranker_tokens
 
@@ -102,7 +102,13 @@ def load_scorers(path: Path, variants: Sequence[str] = (), dtype: str = "float32
 
     path = Path(path)
     kind = kind or detect_kind(path)
-    if kind is not ArtifactKind.ONNX and engine != "transformers":
-        if choose_engine(path, kind, engine, dtype).engine == "streamed":
-            return _load_streamed(path, kind, dtype, reporter or NULL)
-    return LOADERS[kind](path, variants, dtype)
+    try:
+        if kind is not ArtifactKind.ONNX and engine != "transformers":
+            if choose_engine(path, kind, engine, dtype).engine == "streamed":
+                return _load_streamed(path, kind, dtype, reporter or NULL)
+        return LOADERS[kind](path, variants, dtype)
+    except (QconvError, ModuleNotFoundError):
+        raise
+    except Exception as exc:  # transformers/torch/safetensors raise their own types for a model they cannot load
+        raise EngineError(f"{kind.value}: torch failed to load {path}: {first_line(exc)}",
+                          "check the model files and free memory; QCONV_DEBUG=1 shows the traceback") from exc
