@@ -132,6 +132,55 @@ def ensure_output_dir(out: Path | str) -> Path:
     return out
 
 
+RENAME_EXCHANGE, AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE): a process killed
+    at any instant leaves each name holding one complete tree. False where the kernel, libc or the
+    filesystem cannot (the caller falls back to two renames)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _old_sibling(out: Path) -> Path:
+    return out.parent / f".{out.name}{TMP_MARKER}old"
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the complete directory `new` at `out`, atomically where the system allows: swapped with the
+    old `out` in one step, which is then removed. Elsewhere the old one is renamed aside first, and a
+    process killed between the two renames leaves it there for `restore_old` to put back."""
+    if not out.exists():
+        os.rename(new, out)
+    elif exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # now the old output
+    else:
+        old = _old_sibling(out)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_old(out: Path) -> None:
+    """Undo a swap that a kill cut between its two renames (replace_dir's fallback): OUT is back."""
+    old = _old_sibling(Path(out))
+    if old.is_dir() and not Path(out).exists():
+        os.rename(old, out)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `out`; on success it replaces `out`.
@@ -140,6 +189,7 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     left exactly as it was.
     """
     out = Path(out)
+    restore_old(out)
     check_output_dir(out, force)
     ensure_output_dir(out.parent)
     for stale in _stale_siblings(out):
@@ -151,14 +201,7 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if out.exists():
-            # Move the old output aside first so the swap is never half done.
-            old = out.parent / f".{out.name}{TMP_MARKER}old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except QconvError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

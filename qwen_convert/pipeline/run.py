@@ -28,6 +28,7 @@ from .. import __version__
 from .manifest import MANIFEST, ONNX_OUT, REPORT, SEQCLS_DIR, STATE, VERIFY_FILE, Manifest, RunState, check_manifest, file_entries
 from .recipe import Recipe, load_recipe
 from .report import build_manifest, render_report
+from .staging import publish, work_dir
 
 __all__ = ["run_recipe", "resolve_recipe", "check_manifest", "RunResult"]  # check_manifest: `run --check`
 
@@ -54,9 +55,8 @@ def _owner(out: Path) -> str | None:
     return None
 
 
-def claim_output(out: Path, recipe: Recipe) -> RunState:
-    """Open (or start) the run state of `out`; refuse a directory holding anything else."""
-    state = RunState(out / STATE, recipe.name)
+def check_owner(out: Path, recipe: Recipe) -> None:
+    """Refuse an OUT that is a file, or a non-empty directory not written by a run of this recipe."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output {out} exists and is not a directory", "choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -67,6 +67,13 @@ def claim_output(out: Path, recipe: Recipe) -> RunState:
         if owner != recipe.name:
             raise RecipeError(f"output directory {out} holds the artifacts of recipe {owner!r}, not {recipe.name!r}",
                               f"choose another --out (default: {DEFAULT_ROOT}/{recipe.name}), or delete {out}")
+
+
+def claim_output(out: Path, recipe: Recipe) -> RunState:
+    """Open (or start) the run state of `out`; refuse a directory holding anything else."""
+    state = RunState(out / STATE, recipe.name)
+    check_owner(out, recipe)
+    if out.is_dir() and any(out.iterdir()):
         try:
             steps = json.loads(state.path.read_text(encoding="utf-8")).get("steps", {})
             state.steps = steps if isinstance(steps, dict) else {}
@@ -364,11 +371,13 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
                reporter: Reporter = NULL) -> RunResult:
     """Run every step of the recipe into `out`, skipping those whose outputs are intact."""
     recipe = spec if isinstance(spec, Recipe) else load_recipe(spec, overrides)
-    out = Path(out) if out is not None else default_out(recipe)
+    published = Path(out) if out is not None else default_out(recipe)
     if recipe.kind == "causal-lm":  # before OUT is claimed: a missing extra leaves nothing behind
         from ..extras import require_optimum
 
         require_optimum(f"recipe kind causal-lm ({recipe.name})")
+    check_owner(published, recipe)
+    out = work_dir(published)  # a staging sibling when `published` holds a finished run (staging.py)
     state = claim_output(out, recipe)
     previous = dict(state.steps)
     state.steps = {}
@@ -402,7 +411,8 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
     report = render_report(manifest)
     with atomic_output_file(out / REPORT) as tmp:
         tmp.write_text(report, encoding="utf-8")
-    return RunResult(recipe, out, manifest, report)
+    publish(out, published)
+    return RunResult(recipe, published, manifest, report)
 
 
 # --- manifest and report -------------------------------------------------------------------------------
