@@ -407,10 +407,10 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
         state.save()
         upstream = _digest(record)
     manifest = build_manifest(recipe, out, state, timings)
-    manifest.write(out)
     report = render_report(manifest)
     with atomic_output_file(out / REPORT) as tmp:
         tmp.write_text(report, encoding="utf-8")
+    manifest.write(out)  # last: a manifest says the run is finished (staging.py relies on it)
     publish(out, published)
     return RunResult(recipe, published, manifest, report)
 
