@@ -102,6 +102,15 @@ def test_verify_names_torch_when_the_reference_fails(tiny_models, exported, monk
                            "DefaultCPUAllocator: not enough memory (check the model files")
 
 
+def test_run_names_the_variant_and_keeps_the_finished_steps(tiny_models, tmp_path, int8_fails, pairs):
+    recipe = tmp_path / "rt.toml"
+    recipe.write_text(f'name = "rt"\n[source]\npath = "{tiny_models["tied_fp32"]}"\n'
+                      f'[artifacts]\nseqcls = false\nonnx = ["int8"]\n[verify]\npairs = "{pairs}"\n')
+    line = one_line(runner.invoke(app, ["run", str(recipe), "--out", str(tmp_path / "out"), "-q"]))
+    assert line.startswith("error: onnx/int8: onnxruntime failed to run model_quantized.onnx: [ONNXRuntimeError] : 2 :")
+    assert (tmp_path / "out" / "onnx" / "onnx" / "model_quantized.onnx").is_file()  # the export step finished
+
+
 def test_score_names_the_tokenizer_failure(exported, monkeypatch):
     from tokenizers import Tokenizer
 
