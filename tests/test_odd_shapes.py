@@ -62,7 +62,9 @@ def test_every_variant_of_an_odd_shape_exports_and_verifies(odd, tmp_path):
     assert result.exit_code == 0, result.output
     log = " ".join(result.stderr.split())  # the progress console wraps long lines
     assert f"head_dim {spec.head_dim} is not a multiple of 8" in log
-    shape = json.loads((out / "quantize_config.json").read_text())["shape"]
+    settings = json.loads((out / "quantize_config.json").read_text())
+    shape = settings["shape"]
+    assert settings["encoders"]["q4"]["embedding"] == settings["encoders"]["q4f16"]["embedding"] == shape["q4_embedding"]
     assert shape["head_dim"] == spec.head_dim and shape["attention"].startswith("MatMul+Softmax")
     if block is None:
         assert "int8 rows" in shape["q4_embedding"] and "the q4/q4f16 embedding is int8 rows" in log

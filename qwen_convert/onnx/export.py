@@ -48,7 +48,7 @@ from qwen_convert.seqcls.sidecars import Provenance, write_sidecars
 
 from .. import __version__
 from .card import onnx_card, onnx_config
-from .shapes import shape_choices
+from .shapes import record_shape, shape_choices
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
 
 SCRATCH = ".seqcls"
@@ -377,7 +377,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
             "files": {v.mode: v.path for v in variants}, **_settings(options.exporter, qopts),
         }
         if options.exporter == "builder":  # which op computes attention, how the q4 embedding is blocked
-            settings["shape"] = shape_choices(source.config, options.block_size, options.quantize_embedding).to_dict()
+            record_shape(settings, shape_choices(source.config, options.block_size, options.quantize_embedding))
         write_sidecars(tmp, path, onnx_config(source.config, variants), source.provenance,
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

@@ -78,6 +78,17 @@ class ShapeChoices:
                 "q4_embedding": embedding, "notes": self.notes()}
 
 
+def record_shape(settings: dict, choices: ShapeChoices) -> dict:
+    """quantize_config.json with the shape's choices: under "shape", and in the q4 encoders' embedding
+    line where a fallback changed it (precision_settings describes the requested block)."""
+    settings["shape"] = choices.to_dict()
+    if choices.quantize_embedding and choices.embedding_block != choices.requested_block:
+        for mode in ("q4", "q4f16"):
+            if isinstance(settings.get("encoders", {}).get(mode), dict):
+                settings["encoders"][mode]["embedding"] = settings["shape"]["q4_embedding"]
+    return settings
+
+
 def shape_choices(config: dict, block_size: int, quantize_embedding: bool) -> ShapeChoices:
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // int(config["num_attention_heads"]))
