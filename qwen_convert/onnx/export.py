@@ -48,8 +48,8 @@ from qwen_convert.seqcls.sidecars import Provenance, write_sidecars
 
 from .. import __version__
 from .card import onnx_card, onnx_config
-from .shapes import record_shape, shape_choices
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
+from .shapes import record_shape, shape_choices
 
 SCRATCH = ".seqcls"
 
