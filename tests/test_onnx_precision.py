@@ -288,10 +288,29 @@ def test_int8_embedding_is_a_quarter_of_fp32():
 
 # --- bad input ----------------------------------------------------------------------------------------
 
-def test_q4_embedding_block_must_divide_hidden():
-    with pytest.raises(ExportError, match="block size 64 does not divide hidden size 48"):
-        embedding_graph(QuantMode.Q4, weight(VOCAB, 48), QuantizeOptions(block_size=64))
-    embedding_graph(QuantMode.Q4, weight(VOCAB, 48), QuantizeOptions(block_size=64, quantize_embedding=False))
+@pytest.mark.parametrize("mode", [QuantMode.Q4, QuantMode.Q4F16])
+def test_q4_embedding_block_that_does_not_divide_hidden_falls_back(mode):
+    """Blocks of 64 over hidden 48: blocks of 16 (the largest power of two >= 16 dividing it, shapes.py);
+    hidden 40: no such block, int8 rows, cast to the variant's activation dtype."""
+    ids = np.array([[0, 5, VOCAB - 1], [12, 1, 36]], dtype=np.int64)
+    table = weight(VOCAB, 48, seed=6)
+    model = embedding_graph(mode, table, QuantizeOptions(block_size=64))
+    (node,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert next(a.i for a in node.attribute if a.name == "block_size") == 16
+    got = run(model, input_ids=ids).astype(np.float32)
+    packed, scale, _ = quantize_q4_rows(table, 16, True)
+    q = np.stack([(packed & 0xF), packed >> 4], axis=-1).reshape(VOCAB, 48).astype(np.int8)
+    q = np.where(q > 7, q - 16, q).reshape(VOCAB, 3, 16)
+    scale = scale.astype(PRECISIONS[mode].activation).astype(np.float32)
+    np.testing.assert_allclose(got, (q * scale[:, :, None]).reshape(VOCAB, 48)[ids], rtol=1e-3 if mode is QuantMode.Q4F16 else 0)
+    assert np.abs(got - table[ids]).max() <= np.abs(table).max() / 8  # 4 bits of the row's range, not garbage
+    table = weight(VOCAB, 40, seed=7)
+    model = embedding_graph(mode, table, QuantizeOptions(block_size=64))
+    assert not [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    got = run(model, input_ids=ids)
+    assert got.dtype == PRECISIONS[mode].activation
+    q, scale = quantize_int8_rows(table)
+    np.testing.assert_allclose(got.astype(np.float32), (q.astype(np.float32) * scale)[ids], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", list(QuantMode))
