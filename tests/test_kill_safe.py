@@ -93,6 +93,7 @@ def test_sigkill_at_many_points_of_a_run_keeps_the_old_or_the_new_run_whole(reci
     result = pipeline.run_recipe(recipe, out=out, overrides=NEW[1:])
     assert result.passed and variants(out) == ["onnx/fp16", "onnx/fp32"] and check_manifest(out).passed
     assert not staging_dir(out).exists()
+    assert ".qconv-staging" not in (out / "verify.json").read_text()  # its paths name X, where the files are
     assert sorted(p.name for p in tmp_path.iterdir()) == ["X", "kill.toml", "pairs.jsonl"]
 
 

@@ -98,6 +98,7 @@ class Context:
     reporter: Reporter
     done: dict[str, dict]  # records of the steps completed (or skipped as intact) in this run
     previous: dict[str, dict]  # records of the last run into this directory
+    published: Path | None = None  # where `out` ends up: OUT, when the run works in a staging sibling
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def step_verify(ctx: Context) -> Outcome:
         cache_dir=ctx.out / REFERENCE_CACHE,
     )
     report = verify(_source_path(ctx), candidates, options, reporter=ctx.reporter)
-    _write_json(ctx.out / VERIFY_FILE, report.to_dict())
+    _write_json(ctx.out / VERIFY_FILE, _published_paths(report.to_dict(), ctx))
     return Outcome((VERIFY_FILE,), {"passed": report.passed})
 
 
@@ -232,8 +233,23 @@ def step_causal_verify(ctx: Context) -> Outcome:
     gates = CausalGates(tol_logit=r.gates.tol_logit, min_token_agreement=r.gates.min_token_agreement)
     report = verify_causal_lm(_source_path(ctx), ctx.out / ONNX_OUT, r.verify.prompts, r.verify.max_new_tokens,
                               r.artifacts.onnx, gates, reporter=ctx.reporter)
-    _write_json(ctx.out / VERIFY_FILE, report.to_dict())
+    _write_json(ctx.out / VERIFY_FILE, _published_paths(report.to_dict(), ctx))
     return Outcome((VERIFY_FILE,), {"passed": report.passed})
+
+
+def _published_paths(data, ctx: Context):
+    """`data` with the staging directory's paths (verify names every candidate and cache file) as
+    they will read once the run is swapped into OUT."""
+    if ctx.published is None or ctx.published == ctx.out:
+        return data
+    old, new = str(ctx.out), str(ctx.published)
+    if isinstance(data, dict):
+        return {k: _published_paths(v, ctx) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_published_paths(v, ctx) for v in data]
+    if isinstance(data, str) and (data == old or data.startswith(old + "/")):
+        return new + data[len(old):]
+    return data
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -398,7 +414,7 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
         else:
             reporter.log(f"[{i}/{len(steps)}] {step}")
             started = time.perf_counter()
-            outcome = STEPS[step](Context(recipe, out, reporter, state.steps, previous))
+            outcome = STEPS[step](Context(recipe, out, reporter, state.steps, previous, published))
             seconds = round(time.perf_counter() - started, 3)
             outputs = {e.path: {"bytes": e.bytes, "sha256": e.sha256} for rel in outcome.outputs for e in file_entries(out, rel)}
             record = {"key": key, "seconds": seconds, "roots": list(outcome.outputs), "outputs": outputs, "result": outcome.result}
