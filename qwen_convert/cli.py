@@ -265,6 +265,8 @@ def export_onnx(
     per_channel: Annotated[bool, typer.Option("--per-channel", help="int8: per-channel weight scales.")] = False,
     fp32: Annotated[bool, typer.Option("--fp32/--no-fp32", help="Also write the fp32 graph (4x the bf16 weights on disk).")] = True,
     exporter: Annotated[str, typer.Option("--exporter", help="builder: stream the graph from the safetensors (flat memory); optimum: trace a torch model (cross-check, several times the fp32 weights in RAM).")] = "builder",
+    quant_method: Annotated[Optional[str], typer.Option("--quant-method", help="int8/q4/q4f16: calibrated (SmoothQuant / AWQ scales folded into the weights; the builder's default) or naive (round-to-nearest).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration pairs (JSONL, as --pairs); default: the built-in probes.")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check of what was written.")] = False,
     reference: Annotated[Optional[str], typer.Option("--reference", help="The original causal reranker to verify against (default: SRC; required when SRC is already seq-cls).")] = None,
     pairs: PairsOpt = None,
@@ -279,7 +281,7 @@ def export_onnx(
     options = ExportOptions(
         modes=tuple(quantize or ()), block_size=block_size, quantize_embedding=quantize_embedding,
         per_channel=per_channel, fp32=fp32, exporter=exporter, verify=not no_verify, reference=reference,
-        pairs_file=pairs, force=force,
+        pairs_file=pairs, force=force, quant_method=quant_method, calibration_file=calibration,
     )
     with _reporter(quiet) as rep:
         result = run_export(src, out, options, reporter=rep)

@@ -88,3 +88,63 @@ def build_tiny_reranker(out: Path | str, spec: TinySpec = TinySpec()) -> Path:
     cfg["architectures"] = ["Qwen3ForCausalLM"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
+
+
+@dataclass(frozen=True)
+class OutlierSpec:
+    """An exact rescaling that gives a checkpoint the activation outliers real LLMs have (issue #19).
+
+    For `channels` input channels of every RMSNorm that feeds linear layers, norm.weight[c] *= scale
+    and the consumers' columns W[:, c] /= scale; for `channels` intermediate channels of every MLP,
+    up_proj rows *= scale and down_proj columns /= scale. The function is unchanged in exact
+    arithmetic (fp32: the logits move by rounding only), but those channels of the linear layers'
+    inputs run `scale` times larger on every token: what breaks per-tensor activation ranges (int8)
+    and round-to-nearest 4-bit blocks."""
+
+    scale: float = 50.0
+    channels: int = 3
+    seed: int = 0
+
+
+# norm (or producer) -> the linear layers whose input it scales, per decoder layer
+_OUTLIER_GROUPS = (
+    ("input_layernorm.weight", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm.weight", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+def inject_outliers(src: Path | str, out: Path | str, spec: OutlierSpec = OutlierSpec()) -> Path:
+    """Copy the reranker at SRC to OUT with `spec`'s outlier channels (weights written as float32,
+    so the rescaling itself adds no storage rounding). Loads the whole state dict: for the tiny and
+    few-layer fixtures this is meant for, not for real checkpoints."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from .checkpoint import open_checkpoint
+    from .safetensors_io import read_tensor
+
+    src, out = Path(src), Path(out)
+    ckpt = open_checkpoint(src)
+    tensors = {name: read_tensor(info).astype(np.float32) for name, info in ckpt.tensors.items()}
+    rng = np.random.default_rng(spec.seed)
+    hidden, inter = int(ckpt.config["hidden_size"]), int(ckpt.config["intermediate_size"])
+    for i in range(int(ckpt.config["num_hidden_layers"])):
+        p = f"model.layers.{i}."
+        for norm, consumers in _OUTLIER_GROUPS:
+            c = rng.choice(hidden, spec.channels, replace=False)
+            tensors[p + norm][c] *= spec.scale
+            for linear in consumers:
+                tensors[p + linear + ".weight"][:, c] /= spec.scale
+        c = rng.choice(inter, spec.channels, replace=False)
+        tensors[p + "mlp.up_proj.weight"][c, :] *= spec.scale
+        tensors[p + "mlp.down_proj.weight"][:, c] /= spec.scale
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():  # config, tokenizer, template: everything but the weights
+        if f.is_file() and not f.name.startswith("model") and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -293,8 +293,11 @@ class Qwen3RerankerBuilder:
 
 
 def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
-               threshold: int = EXTERNAL_DATA_THRESHOLD) -> BuildResult:
-    """Write `mode`'s graph of the reranker in `ckpt` to `path` (+ `<name>_data` above `threshold`)."""
+               threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None) -> BuildResult:
+    """Write `mode`'s graph of the reranker in `ckpt` to `path` (+ `<name>_data` above `threshold`).
+
+    `fold` (smoothing.FoldPlan): calibrated per-channel scales applied to the weights as they are
+    read, so the graph is the same network with different, easier-to-quantize weights."""
     from qwen_convert.checkpoint.validate import check_checkpoint
 
     from .precision import PRECISIONS
@@ -303,6 +306,13 @@ def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeO
     shape = Qwen3Shape.from_config(ckpt.config, ckpt.root)
     check_checkpoint(ckpt)  # config vs every tensor's shape, from the headers, before anything is written
     with GraphWriter(path, threshold=threshold) as g:
-        Qwen3RerankerBuilder(g, WeightReader(ckpt), shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root)).build()
+        reader = WeightReader(ckpt) if not fold else _folded_reader(ckpt, fold)
+        Qwen3RerankerBuilder(g, reader, shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root)).build()
         files = g.save()
     return BuildResult(mode, tuple(files), g.weight_bytes, time.perf_counter() - started)
+
+
+def _folded_reader(ckpt: Checkpoint, fold) -> WeightReader:
+    from .smoothing import FoldedReader
+
+    return FoldedReader(ckpt, fold)

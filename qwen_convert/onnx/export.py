@@ -68,6 +68,14 @@ class ExportOptions:
     fp32: bool = True  # write the fp32 graph too (the 8B's is ~30 GB: a 16 GB runner cannot verify it)
     opset: int | None = None  # None: the exporter's default for qwen3
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # bytes; lowered by tests
+    # int8/q4/q4f16: "calibrated" (SmoothQuant for int8, AWQ for 4-bit, folded into the weights;
+    # qwen_convert/onnx/smoothing.py) or "naive" (round-to-nearest, as before). None: calibrated with
+    # the builder; the optimum exporter has onnxruntime's naive quantizers only.
+    quant_method: str | None = None
+    calibration_file: Path | None = None  # JSONL pairs (as pairs_file); None = the built-in probes
+
+    def method(self) -> str:
+        return self.quant_method or ("calibrated" if self.exporter == "builder" else "naive")
 
     def quantize_options(self) -> QuantizeOptions:
         return QuantizeOptions(
@@ -188,20 +196,29 @@ class _Source:
     provenance: Provenance
 
 
-def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], options: ExportOptions, reporter: Reporter) -> None:
-    """Every variant built from the checkpoint (qwen_convert/onnx), one streaming pass each."""
+def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], options: ExportOptions, reporter: Reporter,
+                   calibration=None) -> dict:
+    """Every variant built from the checkpoint (qwen_convert/onnx), one streaming pass each; with a
+    calibration set, one calibration pass first and each quantized variant's scales folded in."""
     from qwen_convert.checkpoint.files import open_checkpoint
 
     from .build import build_onnx
 
     ckpt = open_checkpoint(source.path)
+    plans, record = {}, {"method": "naive"}
+    if calibration is not None:
+        from .calibration import plan_variants
+
+        variants = plan_variants(source.path, calibration, modes, options.quantize_options(), reporter=reporter)
+        plans, record = variants.plans, variants.record
     q4 = any(m in (QuantMode.Q4, QuantMode.Q4F16) for m in modes)
     for note in shape_choices(source.config, options.block_size, options.quantize_embedding).notes(q4):
         reporter.log(note)
     for mode in modes:
         task = reporter.task(f"build {mode.value}", total=None)
         try:
-            result = build_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold)
+            result = build_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold,
+                                fold=plans.get(mode.value))
         except (QconvError, OSError, MemoryError):
             raise  # OSError: atomic_output_dir tells a full disk from other write failures
         except Exception as exc:  # onnx's writer, onnxruntime's 4-bit kernel, numpy: one line naming the variant
@@ -209,9 +226,11 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
                               "QCONV_DEBUG=1 shows the traceback") from exc
         task.advance()
         reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+    return {"quantization": record}
 
 
-def _write_traced(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], options: ExportOptions, reporter: Reporter) -> None:
+def _write_traced(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], options: ExportOptions, reporter: Reporter,
+                  calibration=None) -> dict:
     """fp32 traced from a seq-cls torch model, then onnxruntime's whole-graph quantizers."""
     seqcls = source.path
     if source.kind is ArtifactKind.CAUSAL:
@@ -230,6 +249,7 @@ def _write_traced(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opti
         for f in (onnx_dir / QuantMode.FP32.file_name, onnx_dir / (QuantMode.FP32.file_name + "_data")):
             f.unlink(missing_ok=True)
     shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
+    return {"quantization": {"method": "naive"}}
 
 
 def _check_builder(source: _Source) -> None:
@@ -244,7 +264,7 @@ def _check_builder(source: _Source) -> None:
 @dataclass(frozen=True)
 class Exporter:
     check: Callable[[_Source], None]  # refuse bad input before OUT exists
-    write: Callable  # (source, tmp OUT, modes, options, reporter): writes tmp/onnx/<variant files>
+    write: Callable  # (source, tmp OUT, modes, options, reporter, calibration set): writes tmp/onnx/<variant files>
     card_note: str  # how the graphs were made, for the model card
 
 
@@ -364,17 +384,18 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     check_model_dir(path)  # config vs tensor shapes (validate.py), from headers, before OUT exists
     source = _source(str(src), resolved, path, kind)
     exporter.check(source)
+    calibration = _calibration_set(path, modes, options)
 
     with atomic_output_dir(out, options.force) as tmp:
         (tmp / ONNX_DIR).mkdir()
         reporter.log(f"exporting {path} -> {out}/{ONNX_DIR} ({options.exporter} exporter: {', '.join(m.value for m in modes)})")
-        exporter.write(source, tmp, modes, options, reporter)
+        made = exporter.write(source, tmp, modes, options, reporter, calibration)
 
         variants = [variant_file(tmp, m) for m in modes]
         settings = {
             "qconv_version": __version__, "exporter": options.exporter,
             "opset": _opset(tmp / variants[0].path),
-            "files": {v.mode: v.path for v in variants}, **_settings(options.exporter, qopts),
+            "files": {v.mode: v.path for v in variants}, **_settings(options.exporter, qopts), **made,
         }
         if options.exporter == "builder":  # which op computes attention, how the q4 embedding is blocked
             record_shape(settings, shape_choices(source.config, options.block_size, options.quantize_embedding))
@@ -387,6 +408,27 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
         reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
     )
+
+
+def _calibration_set(path: Path, modes: tuple[QuantMode, ...], options: ExportOptions):
+    """The checked calibration set when a variant is calibrated (before OUT exists: a bad file
+    writes nothing), else None."""
+    from .calibration import needs_calibration, prepare_calibration
+
+    method = options.method()
+    if not needs_calibration(method, modes):
+        if options.calibration_file is not None and method == "naive":
+            raise ExportError("--calibration was given with the naive method", "drop --calibration or use --quant-method calibrated")
+        return None
+    if options.exporter != "builder":
+        raise ExportError(f"calibrated quantization needs the builder exporter, not {options.exporter}",
+                          "drop --exporter or pass --quant-method naive")
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ExportError("calibrated quantization runs the model on the calibration set and needs torch",
+                          "pip install 'qconv[convert]', or pass --quant-method naive") from exc
+    return prepare_calibration(path, options.calibration_file)
 
 
 def _source(src: str, resolved, path: Path, kind: ArtifactKind) -> _Source:

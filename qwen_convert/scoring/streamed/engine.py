@@ -15,7 +15,7 @@ Two heads, matching the two transformers classes this stands in for:
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +79,13 @@ def _row_steps(batch: EncodedBatch, intermediate: int) -> list[slice]:
 
 
 def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str, yes_no: tuple[int, int] = (-1, -1),
-                   reporter: Reporter = NULL, label: str = "streamed") -> list[np.ndarray]:
-    """The streamed fp32 forward of the checkpoint at PATH over `batches`: one logit per row."""
+                   reporter: Reporter = NULL, label: str = "streamed", observer: Callable | None = None) -> list[np.ndarray]:
+    """The streamed fp32 forward of the checkpoint at PATH over `batches`: one logit per row.
+
+    `observer(index, layer)`, when given, is called with each decoder layer once its weights are
+    loaded and before any batch runs through it (to hook its modules: calibration records the
+    linear layers' inputs); a callable it returns is called once every batch has passed the layer,
+    while its weights are still there."""
     import torch
 
     from .layer import BatchInputs, batch_inputs, build_layer, build_norm, build_rotary, load_layer, prepare_config, run_layer
@@ -117,9 +122,12 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
         for index in range(config.num_hidden_layers):
             layer = build_layer(config)
             load_layer(layer, weights.layer(index), index, config)
+            done = observer(index, layer) if observer is not None else None
             for b, batch_steps in enumerate(steps):
                 hidden[b] = torch.cat([run_layer(layer, hidden[b][s], x) for s, x in zip(batch_steps, inputs[b])])
                 task.advance(1)
+            if done is not None:
+                done()
             del layer  # the only reference to this layer's tensors: freed before the next is read
             gc.collect()
 

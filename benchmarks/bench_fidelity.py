@@ -1,0 +1,227 @@
+"""Score fidelity of the quantized variants, naive vs calibrated (issue #19).
+
+For each model (the shipped trained tiny reranker; the same with exact outlier channels,
+qwen_convert.fixtures.inject_outliers; and a real-width few-layer random checkpoint with outliers)
+and each of int8, q4, q4f16, the variant is exported twice with the graph builder,
+`--quant-method naive` and `--quant-method calibrated` (calibration: the built-in probes), and
+scored by onnxruntime on the trained tiny's held-out eval set (540 pairs, 60 queries) against the
+original model's streamed fp32 forward (transformers' decoder layers). Columns: max and p99
+|Δlogit| and |ΔP(yes)|, queries whose ranking is identical, min per-query Kendall τ, NDCG@10
+retention (candidate / reference, graded labels). The fp32 row of each model shows the export's own
+floor; the issue's targets are checked below the table.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fidelity.py [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from report import write_section  # noqa: E402
+
+START, END = "<!-- bench_fidelity:start -->", "<!-- bench_fidelity:end -->"
+WORK = HERE / ".work" / "fidelity"
+VARIANTS = ("int8", "q4", "q4f16")
+OUTLIER = {"scale": 50.0, "channels": 3, "seed": 0}
+WIDE = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 3072}  # Qwen3-Reranker-0.6B's widths, 2 of its 28 layers
+MAX_DP_TARGET = 0.1
+DLOGIT_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    max_dlogit: float
+    p99_dlogit: float
+    max_dp: float
+    p99_dp: float
+    identical: int
+    queries: int
+    min_tau: float
+    ndcg_retention: float | None
+
+    def row(self) -> str:
+        ndcg = f"{self.ndcg_retention:.3f}" if self.ndcg_retention is not None else "–"
+        return (f"{self.max_dlogit:.3f} | {self.p99_dlogit:.3f} | {self.max_dp:.3f} | {self.p99_dp:.3f} | "
+                f"{self.identical}/{self.queries} | {self.min_tau:.3f} | {ndcg}")
+
+
+def tiny_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("qwen_convert").joinpath("data/tiny-reranker")))
+
+
+def eval_pairs():
+    from qwen_convert.probes import load_pairs
+
+    return load_pairs(tiny_path() / "eval.jsonl")
+
+
+def fidelity(ref: np.ndarray, cand: np.ndarray, pairs) -> Fidelity:
+    """Drift and ranking agreement of `cand` against `ref` (logits, one per pair)."""
+    from qwen_convert.metrics import kendall_tau, mean_ndcg, ranking, sigmoid
+    from qwen_convert.probes import group_by_query, has_labels
+
+    groups = list(group_by_query(pairs).values())
+    dl = np.abs(cand - ref)
+    dp = np.abs(sigmoid(cand) - sigmoid(ref))
+    same = sum(bool(np.array_equal(ranking(ref[g]), ranking(cand[g]))) for g in groups)
+    tau = min(kendall_tau(ref[g], cand[g]) for g in groups)
+    ndcg = None
+    if has_labels(pairs):
+        gains = np.array([p.label for p in pairs], dtype=np.float64)
+        base = mean_ndcg(groups, ref, gains)
+        ndcg = mean_ndcg(groups, cand, gains) / base if base else None
+    return Fidelity(float(dl.max()), float(np.percentile(dl, 99)), float(dp.max()), float(np.percentile(dp, 99)),
+                    same, len(groups), tau, ndcg)
+
+
+def reference_logits(model: Path, pairs) -> np.ndarray:
+    """The original causal model's streamed fp32 forward (transformers' layers), one query a batch."""
+    from qwen_convert.probes import group_by_query
+    from qwen_convert.scoring import prompt_encoder
+    from qwen_convert.stream.engine import stream_forward
+
+    encoder = prompt_encoder(model, None, 8192)
+    groups = list(group_by_query(pairs).values())
+    batches = [encoder.encode([pairs[i] for i in g]) for g in groups]
+    out = np.zeros(len(pairs))
+    for g, logits in zip(groups, stream_forward(model, batches, "causal", (encoder.tokens.yes_id, encoder.tokens.no_id))):
+        out[g] = logits
+    return out
+
+
+def onnx_logits(export_dir: Path, variant: str, pairs) -> np.ndarray:
+    from qwen_convert.onnx_scoring import load_onnx_scorers
+    from qwen_convert.probes import group_by_query
+    from qwen_convert.scoring import prompt_encoder
+
+    (scorer,) = load_onnx_scorers(export_dir, [variant], threads=1)
+    encoder = prompt_encoder(export_dir, None, 8192)
+    out = np.zeros(len(pairs))
+    for g in group_by_query(pairs).values():
+        out[g] = scorer.score(encoder.encode([pairs[i] for i in g]))
+    return out
+
+
+def export(model: Path, out: Path, modes: list[str], method: str) -> float:
+    from qwen_convert.export import ExportOptions, export_onnx
+
+    started = time.perf_counter()
+    export_onnx(model, out, ExportOptions(modes=tuple(modes), fp32=method == "naive", verify=False, force=True,
+                                          quant_method=method))
+    return time.perf_counter() - started
+
+
+def models() -> dict[str, Path]:
+    """name -> checkpoint directory (built once in benchmarks/.work/fidelity)."""
+    from qwen_convert.fixtures import OutlierSpec, TinySpec, build_tiny_reranker, inject_outliers
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    spec = OutlierSpec(**OUTLIER)
+    paths = {"trained tiny": tiny_path()}
+    outlier = WORK / "tiny-outliers"
+    if not (outlier / "model.safetensors").exists():
+        inject_outliers(tiny_path(), outlier, spec)
+    paths["trained tiny + outliers"] = outlier
+    wide = WORK / "wide-2layer"
+    if not (wide / "model.safetensors").exists():
+        build_tiny_reranker(wide, TinySpec(tied=False, seed=7, **WIDE))
+    wide_outlier = WORK / "wide-2layer-outliers"
+    if not (wide_outlier / "model.safetensors").exists():
+        inject_outliers(wide, wide_outlier, spec)
+    paths["0.6B widths, 2 layers, random + outliers"] = wide_outlier
+    return paths
+
+
+def measure() -> dict:
+    pairs = eval_pairs()
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+                     "models": {}}
+    for name, path in models().items():
+        print(f"{name}: reference ...", file=sys.stderr, flush=True)
+        ref = reference_logits(path, pairs)
+        rows, seconds = {}, {}
+        for method in ("naive", "calibrated"):
+            out = WORK / f"onnx-{path.name}-{method}"
+            seconds[method] = export(path, out, list(VARIANTS), method)
+            print(f"  {method}: exported in {seconds[method]:.1f} s", file=sys.stderr, flush=True)
+            variants = (["fp32"] if method == "naive" else []) + list(VARIANTS)
+            for v in variants:
+                rows[f"{v} {method}" if v != "fp32" else "fp32"] = fidelity(ref, onnx_logits(out, v, pairs), pairs).__dict__
+            config = json.loads((out / "quantize_config.json").read_text())
+            if method == "calibrated":
+                rows["_alphas"] = {m: {g: s["alpha_per_layer"] for g, s in r["groups"].items()}
+                                   for m, r in config["quantization"]["methods"].items()}
+            shutil.rmtree(out)
+        results["models"][name] = {"rows": rows, "export_seconds": seconds}
+    return results
+
+
+def render(r: dict) -> str:
+    lines = [START, "## Quantization fidelity: naive vs calibrated (issue #19)", "",
+             f"`make bench-fidelity` ({r['date']}, {r['machine']}); scored on the trained tiny's eval set "
+             "(540 pairs, 60 queries) against the original model's streamed fp32 forward; calibration on the "
+             "built-in probes (40 pairs). Outliers: exact rescaling, ×50 on 3 channels of every RMSNorm that feeds "
+             "linears and of every MLP's intermediate (`qwen_convert.fixtures.inject_outliers`).", "",
+             "| model | variant | max \\|Δlogit\\| | p99 \\|Δlogit\\| | max \\|ΔP\\| | p99 \\|ΔP\\| | identical rankings | "
+             "min Kendall τ | NDCG@10 retention |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, m in r["models"].items():
+        for variant, row in m["rows"].items():
+            if not variant.startswith("_"):
+                lines.append(f"| {model} | {variant} | {Fidelity(**row).row()} |")
+    lines += ["", "Scale exponents the per-layer search chose (attn_in, mlp_in, mlp_out; one value per layer; None = unscaled):", ""]
+    for model, m in r["models"].items():
+        for method, groups in m["rows"].get("_alphas", {}).items():
+            lines.append(f"- {model}, {method}: " + "; ".join(f"{g} {a}" for g, a in groups.items()))
+    lines += ["", "| target (issue #19) | measured | |", "|---|---|---|"]
+    clean = r["models"].get("trained tiny", {}).get("rows", {})
+    outlier = r["models"].get("trained tiny + outliers", {}).get("rows", {})
+    for v in VARIANTS:
+        if f"{v} naive" in clean and f"{v} calibrated" in outlier:
+            bound = DLOGIT_FACTOR * clean[f"{v} naive"]["max_dlogit"]
+            got = outlier[f"{v} calibrated"]
+            ok = got["max_dlogit"] <= bound and got["max_dp"] <= MAX_DP_TARGET
+            lines.append(f"| outlier tiny, {v} calibrated: max \\|Δlogit\\| ≤ 2× naive on clean ({bound:.3f}), max \\|ΔP\\| ≤ "
+                         f"{MAX_DP_TARGET} | {got['max_dlogit']:.3f}, {got['max_dp']:.3f} | {'met' if ok else 'MISSED'} |")
+        if f"{v} naive" in clean and f"{v} calibrated" in clean:
+            a, b = clean[f"{v} naive"]["max_dlogit"], clean[f"{v} calibrated"]["max_dlogit"]
+            lines.append(f"| clean tiny, {v}: calibrated no worse than naive (max \\|Δlogit\\|) | {b:.3f} vs {a:.3f} | "
+                         f"{'met' if b <= a * 1.05 else 'MISSED'} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument("--from-json", action="store_true", help="re-render the stored results, measure nothing")
+    args = parser.parse_args()
+    stored = WORK / "results.json"
+    if args.from_json:
+        results = json.loads(stored.read_text())
+    else:
+        results = measure()
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(results, indent=2) + "\n")
+    text = render(results)
+    print(text)
+    if not args.no_write:
+        write_section(text, START, END)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The calibration set and the pass that measures what the quantizers will meet.
+
+The set is verify's built-in probes, or the user's JSONL pairs (`--calibration FILE`, the format
+`--pairs` reads), checked before any work: too big, empty, malformed, a prompt longer than the
+model, or a single query (one query's documents share most of their tokens: a set that narrow
+calibrates for itself) are each one error naming the file and line. Its sha256 goes into
+quantize_config.json, so an export says what it was calibrated on.
+
+The pass is the streamed engine's forward (qwen_convert/stream/engine.py: one decoder layer in
+memory at a time, never the whole model), with hooks on each layer's linear inputs. Per group of
+linears that share an input (smoothing.GROUPS) it records per-channel max |x| and mean |x| over
+every calibration token, keeps a fixed-stride sample of the tokens, and, while that layer's weights
+are still loaded, searches each requested method's scale on the sample (smoothing.search_group).
+Only the scales and statistics outlive the layer: memory is one layer, the set's hidden states and
+the samples. Prompts run one per batch, so no padding token enters the statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFileError, QconvError
+from ..progress import NULL, Reporter
+from .smoothing import GROUPS, FoldPlan, GroupScale, SearchSettings, Simulation, search_group
+
+MAX_FILE_BYTES = 16 << 20  # a calibration set is hundreds of pairs, not a corpus
+MAX_PAIRS = 1024
+MIN_QUERIES = 2
+HINT = 'pass a JSONL file of {"query": ..., "document": ...} pairs from at least two queries (or leave out --calibration)'
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    pairs: tuple  # reranker.Pair-like (query, document)
+    source: str  # "builtin" or the file's path
+    sha256: str  # of the file's bytes, or of the built-in pairs as canonical JSONL
+    lines: tuple[int, ...]  # each pair's line in the file (0 for the built-in set)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "pairs": len(self.pairs),
+                "queries": len({p.query for p in self.pairs})}
+
+
+def _canonical_sha(pairs) -> str:
+    text = "".join(json.dumps({"query": p.query, "document": p.document}, ensure_ascii=False, sort_keys=True) + "\n"
+                   for p in pairs)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _pair_lines(path: Path) -> list[int]:
+    """Line numbers of the non-blank lines, the pairs load_pairs returns in the same order."""
+    with path.open("rb") as fh:
+        return [n for n, raw in enumerate(fh, start=1) if raw.strip()]
+
+
+def load_calibration_set(path: Path | str | None) -> CalibrationSet:
+    """The built-in probes (None) or the pairs of PATH, checked for size and variety."""
+    from ..probes import PROBE_PAIRS, load_pairs
+
+    if path is None:
+        pairs = tuple(PROBE_PAIRS)
+        return CalibrationSet(pairs, "builtin", _canonical_sha(pairs), tuple(0 for _ in pairs))
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+        raise InputFileError(f"calibration file {path}, line 1: {path.stat().st_size / 2**20:.1f} MiB is more than the "
+                             f"{MAX_FILE_BYTES >> 20} MiB a calibration set may be", f"keep a few hundred pairs; {HINT}")
+    pairs = load_pairs(path)  # empty, missing, malformed: one error naming the file and line
+    lines = _pair_lines(path)
+    if len(pairs) > MAX_PAIRS:
+        raise InputFileError(f"calibration file {path}, line {lines[MAX_PAIRS]}: more than {MAX_PAIRS} pairs",
+                             f"calibration needs a few hundred; {HINT}")
+    if len({p.query for p in pairs}) < MIN_QUERIES:
+        raise InputFileError(f"calibration file {path}, line {lines[-1]}: all {len(pairs)} pairs share one query "
+                             f"({pairs[0].query[:40]!r})", HINT)
+    return CalibrationSet(tuple(pairs), str(path), hashlib.sha256(path.read_bytes()).hexdigest(), tuple(lines))
+
+
+def check_lengths(cset: CalibrationSet, encoder, max_positions: int) -> list[list[int]]:
+    """Token ids of every calibration prompt; a prompt longer than the model can attend is an error
+    naming its line (calibrating on positions the model never saw measures nothing real)."""
+    rows = encoder.batch_ids(cset.pairs)
+    for row, line, pair in zip(rows, cset.lines, cset.pairs):
+        if len(encoder.body_ids(pair)) > encoder.body_budget or len(row) > max_positions:
+            where = f"calibration file {cset.source}, line {line}" if line else "built-in calibration pair"
+            raise InputFileError(f"{where}: the prompt is longer than the model's {max_positions} positions",
+                                 f"shorten the document; {HINT}")
+    return rows
+
+
+@dataclass
+class _Channels:
+    """Running per-channel statistics of one group's input, and its token sample."""
+
+    absmax: object = None
+    sumabs: object = None
+    tokens: int = 0
+    seen: int = 0
+    sample: list = field(default_factory=list)
+
+    def add(self, x, stride: int) -> None:
+        import torch
+
+        a = x.abs()
+        m, s = a.amax(dim=0), a.sum(dim=0, dtype=torch.float64)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        self.sumabs = s if self.sumabs is None else self.sumabs + s
+        first = -self.seen % stride  # global token index seen + i is a multiple of the stride
+        self.sample.append(x[first::stride].clone())
+        self.seen += len(x)
+        self.tokens += len(x)
+
+    def stats(self) -> dict:
+        return {"absmax": self.absmax, "meanabs": (self.sumabs / max(self.tokens, 1)).float()}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the pass found: per method, per (layer, group), the searched scale."""
+
+    set: CalibrationSet
+    tokens: int
+    settings: SearchSettings
+    scales: dict[str, dict[tuple[int, str], GroupScale]]
+    outlier_ratio: dict[str, float]  # group -> max over layers of max_j|X_j| / median_j|X_j|
+    logits: np.ndarray  # the set's fp32 logits from the pass (a free reference)
+
+    def plan(self, method: str, keep: frozenset = frozenset()) -> FoldPlan:
+        """The fold of `method`'s scales (groups in `keep` are left unscaled)."""
+        plan = FoldPlan()
+        by_name = {g.name: g for g in GROUPS}
+        for (layer, group), found in sorted(self.scales.get(method, {}).items()):
+            if found.alpha is not None and (layer, group) not in keep:
+                plan.add(layer, by_name[group], found.scale)
+        return plan
+
+    def summary(self, method: str) -> dict:
+        """quantize_config.json's record of one method: settings, chosen alphas, errors."""
+        found = self.scales[method]
+        groups = {}
+        for g in GROUPS:
+            rows = [found[k] for k in sorted(found) if k[1] == g.name]
+            groups[g.name] = {
+                "alpha_per_layer": [r.alpha for r in rows],
+                "relative_error_naive_max": _sig(max(r.error_naive for r in rows)),
+                "relative_error_max": _sig(max(r.error for r in rows)),
+                "input_outlier_ratio_max": _sig(self.outlier_ratio[g.name]),
+            }
+        return {"method": method, "alpha_grid": self.settings.alphas(), "sample_tokens_per_group": self.settings.max_tokens,
+                "objective": "sum over the group's linears of mean |Q(X/s) Q(W s)^T - X W^T|^2, relative to mean |X W^T|^2",
+                "groups": groups}
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulation], settings: SearchSettings = SearchSettings(),
+              reporter: Reporter = NULL) -> Calibration:
+    """Run the calibration set through the checkpoint at PATH layer by layer, recording each group's
+    input statistics and searching each method's scales (methods: name -> its Simulation)."""
+    import torch
+
+    from ..checkpoint import load_config, open_checkpoint
+    from ..reranker import pad_rows
+    from ..scoring import prompt_encoder
+    from ..stream.engine import stream_forward
+
+    config = load_config(path)
+    encoder = prompt_encoder(Path(path), None, int(config.get("max_position_embeddings") or 32768))
+    rows = check_lengths(cset, encoder, encoder.max_length)
+    total = sum(len(r) for r in rows)
+    stride = max(1, math.ceil(total / settings.max_tokens))
+    scales: dict[str, dict] = {m: {} for m in methods}
+    ratio = {g.name: 0.0 for g in GROUPS}
+
+    def observe(index: int, layer):
+        channels = {g.name: _Channels() for g in GROUPS}
+        handles = [layer.get_submodule(g.hook).register_forward_pre_hook(
+            lambda _m, args, c=channels[g.name]: c.add(args[0].reshape(-1, args[0].shape[-1]).float(), stride))
+            for g in GROUPS]
+
+        def done():
+            for h in handles:
+                h.remove()
+            for g in GROUPS:
+                c = channels[g.name]
+                stats, x = c.stats(), torch.cat(c.sample)
+                ratio[g.name] = max(ratio[g.name], float(stats["absmax"].max() / stats["absmax"].median().clamp(min=1e-12)))
+                weights = [layer.get_submodule(name).weight.detach().float() for name in g.linears]
+                for method, sim in methods.items():
+                    scales[method][(index, g.name)] = search_group(method, x, weights, stats, sim, settings)
+        return done
+
+    head, yes_no = ("seqcls", (-1, -1)) if "score.weight" in open_checkpoint(path).tensors else \
+        ("causal", (encoder.tokens.yes_id, encoder.tokens.no_id))
+    batches = [pad_rows([r], encoder.tokens.pad_id) for r in rows]
+    try:
+        logits = stream_forward(path, batches, head, yes_no, reporter, "calibration", observer=observe)
+    except RuntimeError as exc:  # torch's own errors (memory, shapes) as one line
+        raise QconvError(f"calibration pass failed: {str(exc).splitlines()[0]}", "run with QCONV_DEBUG=1 for the traceback") from exc
+    return Calibration(cset, total, settings, scales, ratio, np.concatenate(logits) if logits else np.zeros(0))
+
+
+# --- the export's use: one pass, one fold plan per quantized variant ----------------------------
+
+METHODS = ("calibrated", "naive")
+# The calibrated method of each quantized variant (fp32/fp16 are never scaled: nothing to gain).
+VARIANT_METHOD = {"int8": "smoothquant", "q4": "awq", "q4f16": "awq"}
+
+
+@dataclass(frozen=True)
+class VariantPlans:
+    """Per variant (QuantMode value), the fold the builder applies, and quantize_config.json's record."""
+
+    plans: dict[str, FoldPlan]
+    record: dict
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise QconvError(f"unknown quantization method {method!r}", f"valid methods: {', '.join(METHODS)}")
+    return method
+
+
+def needs_calibration(method: str, modes) -> bool:
+    return check_method(method) == "calibrated" and any(getattr(m, "value", m) in VARIANT_METHOD for m in modes)
+
+
+def prepare_calibration(path: Path | str, calibration_file: Path | str | None) -> CalibrationSet:
+    """Load and check the set against the model before anything is written (tokenizer only, no weights)."""
+    from ..checkpoint import load_config
+    from ..scoring import prompt_encoder
+
+    cset = load_calibration_set(calibration_file)
+    config = load_config(path)
+    check_lengths(cset, prompt_encoder(Path(path), None, int(config.get("max_position_embeddings") or 32768)),
+                  int(config.get("max_position_embeddings") or 32768))
+    return cset
+
+
+def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settings: SearchSettings = SearchSettings(),
+                  reporter: Reporter = NULL) -> VariantPlans:
+    """One calibration pass for every quantized variant in `modes` (options: QuantizeOptions)."""
+    from .smoothing import simulation
+
+    wanted = sorted({VARIANT_METHOD[m.value] for m in modes if m.value in VARIANT_METHOD})
+    sims = {m: simulation(m, options.block_size, options.per_channel, options.accuracy_level) for m in wanted}
+    cal = calibrate(path, cset, sims, settings, reporter)
+    plans = {m.value: cal.plan(VARIANT_METHOD[m.value]) for m in modes if m.value in VARIANT_METHOD}
+    record = {"method": "calibrated", "calibration_set": cset.to_dict(), "calibration_tokens": cal.tokens,
+              "variants": {v: VARIANT_METHOD[v] for v in plans},
+              "methods": {m: cal.summary(m) for m in wanted}}
+    return VariantPlans(plans, record)
