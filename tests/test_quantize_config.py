@@ -66,8 +66,10 @@ def test_keeps_every_key_of_quantize_settings(export):
     assert settings["external_data_threshold"] == options.external_data_threshold
     # The builder's file names what made it, not onnxruntime's whole-graph quantizers.
     assert all("qconv graph builder" in settings[m]["method"] for m in ("fp16", "int8", "q4"))
-    written = {k: v for k, v in settings.items() if k not in ("qconv_version", "exporter", "opset", "files", "shape")}
     assert settings["shape"]["attention"] == "com.microsoft GroupQueryAttention" and not settings["shape"]["notes"]
+    # How the weights were prepared before encoding (calibration, tests/test_calibration.py) is its own key.
+    assert settings["quantization"]["method"] == "calibrated"
+    written = {k: v for k, v in settings.items() if k not in ("qconv_version", "exporter", "opset", "files", "shape", "quantization")}
     assert written == json.loads(json.dumps(precision_settings(options)))  # what export wrote is this function
 
 

@@ -18,6 +18,7 @@ the samples. Prompts run one per batch, so no padding token enters the statistic
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ import numpy as np
 
 from ..errors import InputFileError, QconvError
 from ..progress import NULL, Reporter
-from .smoothing import GROUPS, FoldPlan, GroupScale, SearchSettings, Simulation, search_group
+from .smoothing import (FAMILIES, GROUPS, MIN_GAIN, FoldPlan, GroupScale, SearchSettings, Simulation, attention_forward, linear_forward, mlp_tail,
+                        search_group)
 
 MAX_FILE_BYTES = 16 << 20  # a calibration set is hundreds of pairs, not a corpus
 MAX_PAIRS = 1024
@@ -70,8 +72,10 @@ def load_calibration_set(path: Path | str | None) -> CalibrationSet:
     if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
         raise InputFileError(f"calibration file {path}, line 1: {path.stat().st_size / 2**20:.1f} MiB is more than the "
                              f"{MAX_FILE_BYTES >> 20} MiB a calibration set may be", f"keep a few hundred pairs; {HINT}")
-    pairs = load_pairs(path)  # empty, missing, malformed: one error naming the file and line
-    lines = _pair_lines(path)
+    lines = _pair_lines(path) if path.is_file() else []
+    if path.is_file() and not lines:
+        raise InputFileError(f"calibration file {path}, line 1: the file is empty", HINT)
+    pairs = load_pairs(path)  # missing, malformed: one error naming the file (and line)
     if len(pairs) > MAX_PAIRS:
         raise InputFileError(f"calibration file {path}, line {lines[MAX_PAIRS]}: more than {MAX_PAIRS} pairs",
                              f"calibration needs a few hundred; {HINT}")
@@ -135,7 +139,7 @@ class Calibration:
         plan = FoldPlan()
         by_name = {g.name: g for g in GROUPS}
         for (layer, group), found in sorted(self.scales.get(method, {}).items()):
-            if found.alpha is not None and (layer, group) not in keep:
+            if found.family is not None and (layer, group) not in keep:
                 plan.add(layer, by_name[group], found.scale)
         return plan
 
@@ -147,11 +151,13 @@ class Calibration:
             rows = [found[k] for k in sorted(found) if k[1] == g.name]
             groups[g.name] = {
                 "alpha_per_layer": [r.alpha for r in rows],
+                "family_per_layer": [r.family for r in rows],
                 "relative_error_naive_max": _sig(max(r.error_naive for r in rows)),
                 "relative_error_max": _sig(max(r.error for r in rows)),
                 "input_outlier_ratio_max": _sig(self.outlier_ratio[g.name]),
             }
-        return {"method": method, "alpha_grid": self.settings.alphas(), "sample_tokens_per_group": self.settings.max_tokens,
+        return {"method": method, "families": list(FAMILIES[method]), "min_gain": MIN_GAIN[method],
+                "alpha_grid": self.settings.alphas(), "sample_tokens_per_group": self.settings.max_tokens,
                 "objective": "sum over the group's linears of mean |Q(X/s) Q(W s)^T - X W^T|^2, relative to mean |X W^T|^2",
                 "groups": groups}
 
@@ -176,14 +182,26 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
     rows = check_lengths(cset, encoder, encoder.max_length)
     total = sum(len(r) for r in rows)
     stride = max(1, math.ceil(total / settings.max_tokens))
+    prompt_stride = max(1, round(total / settings.max_tokens))  # about max_tokens in whole prompts
     scales: dict[str, dict] = {m: {} for m in methods}
     ratio = {g.name: 0.0 for g in GROUPS}
 
     def observe(index: int, layer):
         channels = {g.name: _Channels() for g in GROUPS}
+        # method -> linear -> the row / column factors earlier groups' folds put on it
+        rows: dict[str, dict] = {m: {} for m in methods}
+        columns: dict[str, dict] = {m: {} for m in methods}
         handles = [layer.get_submodule(g.hook).register_forward_pre_hook(
             lambda _m, args, c=channels[g.name]: c.add(args[0].reshape(-1, args[0].shape[-1]).float(), stride))
             for g in GROUPS]
+        prompts: list = []  # whole prompts (every prompt_stride-th) at the attention's input, with its call's kwargs
+
+        def grab(_module, _args, kwargs):
+            if next(calls) % prompt_stride == 0:
+                prompts.append((kwargs["hidden_states"].clone(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        calls = itertools.count()
+        handles.append(layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True))
 
         def done():
             for h in handles:
@@ -192,9 +210,23 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
                 c = channels[g.name]
                 stats, x = c.stats(), torch.cat(c.sample)
                 ratio[g.name] = max(ratio[g.name], float(stats["absmax"].max() / stats["absmax"].median().clamp(min=1e-12)))
-                weights = [layer.get_submodule(name).weight.detach().float() for name in g.linears]
                 for method, sim in methods.items():
-                    scales[method][(index, g.name)] = search_group(method, x, weights, stats, sim, settings)
+                    # Weights as the graph will hold them once earlier groups' folds are applied.
+                    def weight(name, m=method):
+                        return layer.get_submodule(name).weight.detach().float() * rows[m].get(name, 1.0) * columns[m].get(name, 1.0)
+
+                    if g.judged_on == "attention":
+                        forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
+                    else:
+                        forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")) if g.judged_on == "mlp" else None)
+                    found = search_group(method, forward, [weight(n) for n in g.linears], stats, sim, settings)
+                    scales[method][(index, g.name)] = found
+                    if found.family is not None:
+                        s = torch.from_numpy(found.scale)
+                        for n in g.linears:
+                            columns[method][n] = s[None, :]
+                        if g.producer_axis == "rows":
+                            rows[method][g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
         return done
 
     head, yes_no = ("seqcls", (-1, -1)) if "score.weight" in open_checkpoint(path).tensors else \

@@ -65,6 +65,8 @@ class Quantization:
     block_size: int = 32  # q4/q4f16: weights per scale
     quantize_embedding: bool = True  # q4/q4f16: 4-bit embedding Gather as well
     per_channel: bool = False  # int8: one scale per output channel
+    method: str = "calibrated"  # reranker int8/q4/q4f16: calibrated (SmoothQuant / AWQ, folded) | naive (round-to-nearest)
+    calibration: str | None = None  # reranker: JSONL calibration pairs (as verify.pairs); unset = the built-in probes
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ KIND_ONLY = {
     "artifacts.seqcls": "reranker",
     "artifacts.score_dtype": "reranker",
     "quantization.per_channel": "reranker",
+    "quantization.method": "reranker",
+    "quantization.calibration": "reranker",
     "gates.tol_fp16": "reranker",
     "gates.min_retention": "reranker",
     "gates.max_prob_drift": "reranker",
@@ -147,6 +151,7 @@ TYPES: dict[str, Any] = {
     "source.modelscope": str, "source.huggingface": str, "source.path": str, "source.revision": str, "source.hub": str,
     "artifacts.seqcls": bool, "artifacts.score_dtype": str, "artifacts.onnx": ("list", str),
     "quantization.block_size": int, "quantization.quantize_embedding": bool, "quantization.per_channel": bool,
+    "quantization.method": str, "quantization.calibration": str,
     "gates.tol_logit": float, "gates.tol_fp16": float, "gates.min_retention": float, "gates.min_token_agreement": float,
     "gates.max_prob_drift": float, "gates.p95_prob_drift": float, "gates.min_kendall_tau": float,
     "verify.pairs": str, "verify.max_length": int, "verify.batch_size": int, "verify.padding_check": str,
@@ -332,7 +337,8 @@ def _resolve_paths(recipe: Recipe, base_dir: Path | None) -> Recipe:
 
     source = replace(recipe.source, path=absolute(recipe.source.path))
     verify = replace(recipe.verify, pairs=absolute(recipe.verify.pairs))
-    return replace(recipe, source=source, verify=verify)
+    quantization = replace(recipe.quantization, calibration=absolute(recipe.quantization.calibration))
+    return replace(recipe, source=source, verify=verify, quantization=quantization)
 
 
 def _check_values(r: Recipe, where: str) -> None:
@@ -362,6 +368,12 @@ def _check_values(r: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: nothing to build", "set artifacts.seqcls = true or list artifacts.onnx modes")
     if r.kind == "causal-lm" and not r.artifacts.onnx:
         raise RecipeError(f"{where}: nothing to build", 'list artifacts.onnx modes, e.g. ["fp32", "q4f16"]')
+    from .onnx.calibration import METHODS
+
+    if r.quantization.method not in METHODS:
+        raise RecipeError(f"{where}: unknown quantization.method {r.quantization.method!r}", f"valid: {', '.join(METHODS)}")
+    if r.quantization.calibration is not None and r.quantization.method == "naive":
+        raise RecipeError(f"{where}: quantization.calibration is set but quantization.method is naive", "drop one of them")
     b = r.quantization.block_size
     if b < 16 or b & (b - 1):
         raise RecipeError(f"{where}: quantization.block_size must be a power of two >= 16, got {b}", "use 32 (default), 64 or 128")

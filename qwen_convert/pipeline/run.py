@@ -179,7 +179,8 @@ def step_onnx(ctx: Context) -> Outcome:
     # without fp32 (4B, 8B: ~16 and ~30 GB) never writes that graph; verify gates every variant
     # against the causal reference, not against fp32.
     options = ExportOptions(modes=_quantized(r), fp32="fp32" in r.artifacts.onnx, block_size=q.block_size,
-                            quantize_embedding=q.quantize_embedding, per_channel=q.per_channel, verify=False, force=True)
+                            quantize_embedding=q.quantize_embedding, per_channel=q.per_channel, verify=False, force=True,
+                            quant_method=q.method, calibration_file=_pairs_file(q.calibration))
     result = export_onnx(src, ctx.out / ONNX_OUT, options, reporter=ctx.reporter)
     return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants]})
 

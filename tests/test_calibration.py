@@ -1,0 +1,240 @@
+"""Calibrated quantization (issue #19): outlier channels built into trained and random rerankers,
+held against an independent reference (the streamed forward: transformers' decoder layers).
+
+The construction (qwen_convert.fixtures.inject_outliers) rescales a model exactly: its fp32 graph
+scores like the original's, but a few input channels of every linear layer run tens of times larger
+than the rest, as real LLMs' do. Naive int8 must break on it (or the test proves nothing); the
+calibrated variants must stay as close to the original as the naive ones are on the clean model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qwen_convert.cli import app
+from qwen_convert.export import ExportOptions, export_onnx
+from qwen_convert.fixtures import OutlierSpec, TinySpec, build_tiny_reranker, inject_outliers
+from qwen_convert.metrics import sigmoid
+from qwen_convert.onnx_scoring import load_onnx_scorers
+from qwen_convert.probes import group_by_query, load_pairs
+from qwen_convert.scoring import prompt_encoder
+from qwen_convert.stream.engine import stream_forward
+
+QUANTIZED = ("int8", "q4", "q4f16")
+# Not the issue's x50 on 3 channels: the tests pick their own construction.
+SPEC = OutlierSpec(scale=40.0, channels=4, seed=11)
+EVAL_QUERIES = 30  # of the trained tiny's 60 held-out queries (270 pairs): enough to see drift, fast
+
+
+def tiny() -> Path:
+    return Path(str(resources.files("qwen_convert").joinpath("data/tiny-reranker")))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    all_pairs = load_pairs(tiny() / "eval.jsonl")
+    queries = list(group_by_query(all_pairs))[:EVAL_QUERIES]
+    return [p for p in all_pairs if p.query in queries]
+
+
+def reference(model: Path, pairs) -> np.ndarray:
+    """The original causal model's streamed fp32 forward, one query per padded batch."""
+    encoder = prompt_encoder(model, None, 8192)
+    groups = list(group_by_query(pairs).values())
+    out = np.zeros(len(pairs))
+    logits = stream_forward(model, [encoder.encode([pairs[i] for i in g]) for g in groups], "causal",
+                            (encoder.tokens.yes_id, encoder.tokens.no_id))
+    for g, values in zip(groups, logits):
+        out[g] = values
+    return out
+
+
+def onnx_scores(export_dir: Path, variant: str, pairs) -> np.ndarray:
+    (scorer,) = load_onnx_scorers(export_dir, [variant], threads=1)
+    encoder = prompt_encoder(export_dir, None, 8192)
+    out = np.zeros(len(pairs))
+    for g in group_by_query(pairs).values():
+        out[g] = scorer.score(encoder.encode([pairs[i] for i in g]))
+    return out
+
+
+def drift(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
+    """(max |Δlogit|, max |ΔP(yes)|)."""
+    return float(np.abs(cand - ref).max()), float(np.abs(sigmoid(cand) - sigmoid(ref)).max())
+
+
+def export(src: Path, out: Path, modes=QUANTIZED, method: str | None = None, **kw) -> Path:
+    export_onnx(src, out, ExportOptions(modes=tuple(modes), verify=False, quant_method=method, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pairs) -> dict:
+    """The trained tiny, clean and with outliers, exported naive and calibrated, and the reference."""
+    root = tmp_path_factory.mktemp("calibration")
+    outlier = inject_outliers(tiny(), root / "outlier", SPEC)
+    return {
+        "ref": reference(tiny(), pairs),
+        "outlier": outlier,
+        "clean_naive": export(tiny(), root / "clean-naive", method="naive"),
+        "clean_calibrated": export(tiny(), root / "clean-calibrated", fp32=False),
+        "outlier_naive": export(outlier, root / "outlier-naive", method="naive"),
+        "outlier_calibrated": export(outlier, root / "outlier-calibrated", fp32=False),
+    }
+
+
+def test_outlier_construction_is_exact(trained, pairs):
+    # fp32 graphs of the original and the rescaled model score alike (rounding only) ...
+    clean = onnx_scores(trained["clean_naive"], "fp32", pairs)
+    rescaled = onnx_scores(trained["outlier_naive"], "fp32", pairs)
+    assert drift(clean, rescaled)[0] < 1e-4
+    assert drift(trained["ref"], rescaled)[0] < 1e-4
+
+
+def test_naive_int8_breaks_on_outliers(trained, pairs):
+    # ... while naive int8 moves P(yes) by more than 0.2 somewhere: the construction bites.
+    _, dp = drift(trained["ref"], onnx_scores(trained["outlier_naive"], "int8", pairs))
+    _, dp_clean = drift(trained["ref"], onnx_scores(trained["clean_naive"], "int8", pairs))
+    assert dp > 0.2 and dp_clean < 0.1
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_calibrated_variant_keeps_the_clean_models_drift(trained, pairs, variant):
+    naive_clean = drift(trained["ref"], onnx_scores(trained["clean_naive"], variant, pairs))
+    naive_outlier = drift(trained["ref"], onnx_scores(trained["outlier_naive"], variant, pairs))
+    calibrated = drift(trained["ref"], onnx_scores(trained["outlier_calibrated"], variant, pairs))
+    assert calibrated[0] <= 2 * naive_clean[0], (calibrated, naive_clean)
+    assert calibrated[1] <= max(0.1, naive_clean[1] * 1.25), (calibrated, naive_clean)
+    assert calibrated[0] < naive_outlier[0], (calibrated, naive_outlier)
+    # On the clean model, calibration is no worse than naive beyond noise.
+    clean = drift(trained["ref"], onnx_scores(trained["clean_calibrated"], variant, pairs))
+    assert clean[0] <= 1.25 * naive_clean[0], (clean, naive_clean)
+
+
+def test_quantize_config_records_the_calibration(trained):
+    config = json.loads((trained["outlier_calibrated"] / "quantize_config.json").read_text())
+    q = config["quantization"]
+    assert q["method"] == "calibrated" and q["variants"] == {"int8": "smoothquant", "q4": "awq", "q4f16": "awq"}
+    assert q["calibration_set"]["source"] == "builtin" and q["calibration_set"]["pairs"] == 40
+    assert len(q["calibration_set"]["sha256"]) == 64
+    layers = 3
+    for method in ("smoothquant", "awq"):
+        groups = q["methods"][method]["groups"]
+        assert set(groups) == {"attn_in", "mlp_in", "mlp_out"}
+        assert all(len(g["alpha_per_layer"]) == layers for g in groups.values())
+        # x40 outliers in the norms: the statistics summary sees them.
+        assert groups["attn_in"]["input_outlier_ratio_max"] > 20
+        assert all(g["relative_error_max"] <= g["relative_error_naive_max"] for g in groups.values())
+    naive = json.loads((trained["outlier_naive"] / "quantize_config.json").read_text())
+    assert naive["quantization"] == {"method": "naive"}
+
+
+def test_reexport_writes_the_same_bytes(trained, tmp_path):
+    again = export(trained["outlier"], tmp_path / "again", fp32=False)
+    for name in ("model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"):
+        first = (trained["outlier_calibrated"] / "onnx" / name).read_bytes()
+        assert hashlib.sha256(first).digest() == hashlib.sha256((again / "onnx" / name).read_bytes()).digest(), name
+    assert (json.loads((again / "quantize_config.json").read_text())["quantization"]
+            == json.loads((trained["outlier_calibrated"] / "quantize_config.json").read_text())["quantization"])
+
+
+# --- the fold is exact: the fp32 graph with the calibrated scales folded in scores as without ---
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fold_is_exact_on_random_models(tmp_path, pairs, tied):
+    from qwen_convert.checkpoint import open_checkpoint
+    from qwen_convert.onnx.build import build_onnx
+    from qwen_convert.onnx.calibration import calibrate, load_calibration_set
+    from qwen_convert.onnx.smoothing import simulation
+    from qwen_convert.quantize import QuantMode
+
+    base = build_tiny_reranker(tmp_path / "base", TinySpec(tied=tied, num_hidden_layers=4, seed=21 + tied))
+    model = inject_outliers(base, tmp_path / "outlier", OutlierSpec(scale=25.0, channels=2, seed=3 + tied))
+    cal = calibrate(model, load_calibration_set(None), {"smoothquant": simulation("smoothquant"), "awq": simulation("awq")})
+    ckpt = open_checkpoint(model)
+    export(model, tmp_path / "out", modes=(), method="naive")  # fp32 graph + sidecars, unfolded
+    plain = onnx_scores(tmp_path / "out", "fp32", pairs[:27])
+    assert drift(reference(base, pairs[:27]), plain)[0] < 1e-4
+    for method in ("smoothquant", "awq"):
+        plan = cal.plan(method)
+        assert plan  # the search found scales worth folding on every model with outliers
+        build_onnx(ckpt, tmp_path / "out" / "onnx" / "model.onnx", QuantMode.FP32, fold=plan)
+        assert drift(plain, onnx_scores(tmp_path / "out", "fp32", pairs[:27]))[0] < 1e-5, method
+
+
+def test_real_width_layers_are_calibrated(tmp_path, pairs):
+    """Qwen3-Reranker-0.6B's widths (hidden 1024, 16/8 heads of 128, intermediate 3072), 2 layers,
+    random weights with outliers: int8 calibrated stays near the reference where naive does not."""
+    base = build_tiny_reranker(tmp_path / "base", TinySpec(tied=False, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16,
+                                                           num_key_value_heads=8, head_dim=128, intermediate_size=3072, seed=5))
+    model = inject_outliers(base, tmp_path / "outlier", OutlierSpec(scale=50.0, channels=3, seed=2))
+    few = pairs[:18]
+    ref = reference(base, few)
+    naive = drift(ref, onnx_scores(export(model, tmp_path / "naive", modes=("int8",), method="naive", fp32=False), "int8", few))
+    calibrated = drift(ref, onnx_scores(export(model, tmp_path / "calibrated", modes=("int8",), fp32=False), "int8", few))
+    clean = drift(ref, onnx_scores(export(base, tmp_path / "clean", modes=("int8",), method="naive", fp32=False), "int8", few))
+    assert calibrated[0] <= 2 * clean[0] and calibrated[0] < naive[0] / 2, (calibrated, naive, clean)
+
+
+# --- bad input: one line naming the file and line, exit 1, nothing written ---------------------------
+
+def _cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stderr
+
+
+def _pair(query: str, doc: str = "a document") -> str:
+    return json.dumps({"query": query, "document": doc}) + "\n"
+
+
+BAD_FILES = {
+    "empty": ("\n\n", "is empty"),
+    "malformed": (_pair("q one") + "{not json\n", "line 2: not valid JSON"),
+    "one query": (_pair("q one") + _pair("q one", "other"), "line 2: all 2 pairs share one query"),
+    "too long": (_pair("q one") + _pair("q two", "word " * 9000), "line 2: the prompt is longer than the model's 8192 positions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_calibration_file_is_one_line_and_writes_nothing(tmp_path, case):
+    text, message = BAD_FILES[case]
+    bad = tmp_path / "calibration.jsonl"
+    bad.write_text(text)
+    code, err = _cli("export-onnx", "qconv:tiny-reranker", tmp_path / "out", "--quantize", "int8", "--no-verify", "--calibration", bad)
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0] and message in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_oversized_calibration_file(tmp_path, monkeypatch):
+    from qwen_convert.onnx import calibration
+
+    monkeypatch.setattr(calibration, "MAX_FILE_BYTES", 100)
+    big = tmp_path / "big.jsonl"
+    big.write_text(_pair("q one") + _pair("q two") + _pair("q three"))
+    code, err = _cli("export-onnx", "qconv:tiny-reranker", tmp_path / "out", "--quantize", "q4", "--no-verify", "--calibration", big)
+    assert code == 1 and f"calibration file {big}, line 1" in err and "MiB" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_file_and_naive_method_from_the_cli(tmp_path):
+    good = tmp_path / "calibration.jsonl"
+    good.write_text("".join(_pair(q, d) for q in ("is the kitchen good", "how to voyage") for d in ("the kitchen is good", "a boat")))
+    code, err = _cli("export-onnx", "qconv:tiny-reranker", tmp_path / "cal", "--no-fp32", "--quantize", "int8", "--no-verify",
+                     "--calibration", good)
+    assert code == 0, err
+    q = json.loads((tmp_path / "cal" / "quantize_config.json").read_text())["quantization"]
+    assert q["calibration_set"] == {"source": str(good), "sha256": hashlib.sha256(good.read_bytes()).hexdigest(), "pairs": 4, "queries": 2}
+    code, err = _cli("export-onnx", "qconv:tiny-reranker", tmp_path / "naive", "--no-fp32", "--quantize", "int8", "--no-verify",
+                     "--quant-method", "naive", "--calibration", good)
+    assert code == 1 and "--calibration was given with the naive method" in err
+    code, err = _cli("export-onnx", "qconv:tiny-reranker", tmp_path / "bad", "--quantize", "int8", "--quant-method", "gptq")
+    assert code == 1 and "unknown quantization method 'gptq'" in err and not (tmp_path / "bad").exists()
