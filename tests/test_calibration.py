@@ -70,6 +70,11 @@ def drift(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
     return float(np.abs(cand - ref).max()), float(np.abs(sigmoid(cand) - sigmoid(ref)).max())
 
 
+def calibration_file() -> Path:
+    """The tiny's in-distribution calibration pairs (recipes/tiny.toml uses them)."""
+    return tiny() / "calibration.jsonl"
+
+
 def export(src: Path, out: Path, modes=QUANTIZED, method: str | None = None, **kw) -> Path:
     export_onnx(src, out, ExportOptions(modes=tuple(modes), verify=False, quant_method=method, **kw))
     return out
@@ -84,9 +89,9 @@ def trained(tmp_path_factory, pairs) -> dict:
         "ref": reference(tiny(), pairs),
         "outlier": outlier,
         "clean_naive": export(tiny(), root / "clean-naive", method="naive"),
-        "clean_calibrated": export(tiny(), root / "clean-calibrated", fp32=False),
+        "clean_calibrated": export(tiny(), root / "clean-calibrated", fp32=False, calibration_file=calibration_file()),
         "outlier_naive": export(outlier, root / "outlier-naive", method="naive"),
-        "outlier_calibrated": export(outlier, root / "outlier-calibrated", fp32=False),
+        "outlier_calibrated": export(outlier, root / "outlier-calibrated", fp32=False, calibration_file=calibration_file()),
     }
 
 
@@ -110,8 +115,7 @@ def test_calibrated_variant_keeps_the_clean_models_drift(trained, pairs, variant
     naive_clean = drift(trained["ref"], onnx_scores(trained["clean_naive"], variant, pairs))
     naive_outlier = drift(trained["ref"], onnx_scores(trained["outlier_naive"], variant, pairs))
     calibrated = drift(trained["ref"], onnx_scores(trained["outlier_calibrated"], variant, pairs))
-    assert calibrated[0] <= 2 * naive_clean[0], (calibrated, naive_clean)
-    assert calibrated[1] <= max(0.1, naive_clean[1] * 1.25), (calibrated, naive_clean)
+    assert calibrated[0] <= 2 * naive_clean[0] and calibrated[1] <= 0.1, (calibrated, naive_clean)
     assert calibrated[0] < naive_outlier[0], (calibrated, naive_outlier)
     # On the clean model, calibration is no worse than naive beyond noise.
     clean = drift(trained["ref"], onnx_scores(trained["clean_calibrated"], variant, pairs))
@@ -122,8 +126,8 @@ def test_quantize_config_records_the_calibration(trained):
     config = json.loads((trained["outlier_calibrated"] / "quantize_config.json").read_text())
     q = config["quantization"]
     assert q["method"] == "calibrated" and q["variants"] == {"int8": "smoothquant", "q4": "awq", "q4f16": "awq"}
-    assert q["calibration_set"]["source"] == "builtin" and q["calibration_set"]["pairs"] == 40
-    assert len(q["calibration_set"]["sha256"]) == 64
+    assert q["calibration_set"] == {"source": str(calibration_file()), "pairs": 108, "queries": 12,
+                                    "sha256": hashlib.sha256(calibration_file().read_bytes()).hexdigest()}
     layers = 3
     for method in ("smoothquant", "awq"):
         groups = q["methods"][method]["groups"]
@@ -132,12 +136,15 @@ def test_quantize_config_records_the_calibration(trained):
         # x40 outliers in the norms: the statistics summary sees them.
         assert groups["attn_in"]["input_outlier_ratio_max"] > 20
         assert all(g["relative_error_max"] <= g["relative_error_naive_max"] for g in groups.values())
+    # The 4-bit embedding alone moves this model's scores past the budget: both 4-bit variants keep 8-bit rows.
+    mixed = q["mixed_precision"]
+    assert mixed["embedding_4bit_max_dp_on_calibration"] > mixed["budget"] and set(mixed["kept"]) == {"q4", "q4f16"}
     naive = json.loads((trained["outlier_naive"] / "quantize_config.json").read_text())
     assert naive["quantization"] == {"method": "naive"}
 
 
 def test_reexport_writes_the_same_bytes(trained, tmp_path):
-    again = export(trained["outlier"], tmp_path / "again", fp32=False)
+    again = export(trained["outlier"], tmp_path / "again", fp32=False, calibration_file=calibration_file())
     for name in ("model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"):
         first = (trained["outlier_calibrated"] / "onnx" / name).read_bytes()
         assert hashlib.sha256(first).digest() == hashlib.sha256((again / "onnx" / name).read_bytes()).digest(), name
@@ -177,8 +184,11 @@ def test_real_width_layers_are_calibrated(tmp_path, pairs):
     model = inject_outliers(base, tmp_path / "outlier", OutlierSpec(scale=50.0, channels=3, seed=2))
     few = pairs[:18]
     ref = reference(base, few)
+    small = tmp_path / "calibration.jsonl"  # 3 queries of the tiny's calibration set: the pass stays a few seconds
+    small.write_text("".join(calibration_file().read_text().splitlines(keepends=True)[:27]))
     naive = drift(ref, onnx_scores(export(model, tmp_path / "naive", modes=("int8",), method="naive", fp32=False), "int8", few))
-    calibrated = drift(ref, onnx_scores(export(model, tmp_path / "calibrated", modes=("int8",), fp32=False), "int8", few))
+    calibrated = drift(ref, onnx_scores(export(model, tmp_path / "calibrated", modes=("int8",), fp32=False, calibration_file=small),
+                                        "int8", few))
     clean = drift(ref, onnx_scores(export(base, tmp_path / "clean", modes=("int8",), method="naive", fp32=False), "int8", few))
     assert calibrated[0] <= 2 * clean[0] and calibrated[0] < naive[0] / 2, (calibrated, naive, clean)
 

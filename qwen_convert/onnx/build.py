@@ -130,6 +130,9 @@ class Qwen3RerankerBuilder:
         self.act = np.dtype(precision.activation)
         self.fp16 = self.act == np.float16
         self.plain = None  # PlainAttention, for head_dims GroupQueryAttention cannot take
+        self.keep: frozenset[str] = frozenset()  # linear layers (names without .weight) written by `fallback`
+        self.fallback = precision
+        self.embedding_fallback = precision.embedding
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -143,7 +146,8 @@ class Qwen3RerankerBuilder:
         return self.g.initializer(name, self.weight(name).astype(dtype or self.act))
 
     def linear(self, name: str, x: str) -> str:
-        return self.p.linear(self.g, name, x, [self.reader.linear(name + ".weight")], self.options)
+        p = self.fallback if name in self.keep else self.p  # mixed precision: a layer kept at higher precision
+        return p.linear(self.g, name, x, [self.reader.linear(name + ".weight")], self.options)
 
     # --- the network ------------------------------------------------------------------------------
 
@@ -206,7 +210,8 @@ class Qwen3RerankerBuilder:
     def make_embedding(self, ids: str) -> str:
         name = "model.embed_tokens"
         chunks = self.reader.chunks(name + ".weight", (self.shape.vocab, self.shape.hidden))
-        return self.p.embedding(self.g, name, ids, chunks, (self.shape.vocab, self.shape.hidden), self.options)
+        encode = self.embedding_fallback if name in self.keep else self.p.embedding
+        return encode(self.g, name, ids, chunks, (self.shape.vocab, self.shape.hidden), self.options)
 
     def make_norm(self, name: str, x: str, residual: str | None) -> tuple[str, str]:
         """RMSNorm of x (+ residual, added first): (normed, the new residual stream)."""
@@ -293,21 +298,25 @@ class Qwen3RerankerBuilder:
 
 
 def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
-               threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None) -> BuildResult:
+               threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None, keep: frozenset[str] = frozenset()) -> BuildResult:
     """Write `mode`'s graph of the reranker in `ckpt` to `path` (+ `<name>_data` above `threshold`).
 
     `fold` (smoothing.FoldPlan): calibrated per-channel scales applied to the weights as they are
-    read, so the graph is the same network with different, easier-to-quantize weights."""
+    read, so the graph is the same network with different, easier-to-quantize weights. `keep`: linear
+    layers (e.g. model.layers.0.self_attn.q_proj) written in FALLBACK[mode]'s precision instead."""
     from qwen_convert.checkpoint.validate import check_checkpoint
 
-    from .precision import PRECISIONS
+    from .precision import EMBEDDING_FALLBACK, FALLBACK, PRECISIONS
 
     started = time.perf_counter()
     shape = Qwen3Shape.from_config(ckpt.config, ckpt.root)
     check_checkpoint(ckpt)  # config vs every tensor's shape, from the headers, before anything is written
     with GraphWriter(path, threshold=threshold) as g:
         reader = WeightReader(ckpt) if not fold else _folded_reader(ckpt, fold)
-        Qwen3RerankerBuilder(g, reader, shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root)).build()
+        builder = Qwen3RerankerBuilder(g, reader, shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root))
+        builder.keep, builder.fallback = frozenset(keep), PRECISIONS[FALLBACK.get(mode, mode)]
+        builder.embedding_fallback = EMBEDDING_FALLBACK.get(mode, builder.p.embedding)
+        builder.build()
         files = g.save()
     return BuildResult(mode, tuple(files), g.weight_bytes, time.perf_counter() - started)
 

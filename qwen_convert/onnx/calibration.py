@@ -172,15 +172,8 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
     input statistics and searching each method's scales (methods: name -> its Simulation)."""
     import torch
 
-    from ..checkpoint import load_config, open_checkpoint
-    from ..reranker import pad_rows
-    from ..scoring import prompt_encoder
-    from ..stream.engine import stream_forward
-
-    config = load_config(path)
-    encoder = prompt_encoder(Path(path), None, int(config.get("max_position_embeddings") or 32768))
-    rows = check_lengths(cset, encoder, encoder.max_length)
-    total = sum(len(r) for r in rows)
+    run = _prepare(path, cset)
+    total = run.tokens
     stride = max(1, math.ceil(total / settings.max_tokens))
     prompt_stride = max(1, round(total / settings.max_tokens))  # about max_tokens in whole prompts
     scales: dict[str, dict] = {m: {} for m in methods}
@@ -229,14 +222,63 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
                             rows[method][g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
         return done
 
+    logits = run.forward(reporter, "calibration", observer=observe)
+    return Calibration(cset, total, settings, scales, ratio, logits)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The calibration prompts, one per batch (no padding), ready for the streamed forward."""
+
+    path: Path
+    head: str
+    yes_no: tuple[int, int]
+    batches: list
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.input_ids.size for b in self.batches)
+
+    def forward(self, reporter: Reporter, label: str, **hooks) -> np.ndarray:
+        from ..stream.engine import stream_forward
+
+        try:
+            logits = stream_forward(self.path, self.batches, self.head, self.yes_no, reporter, label, **hooks)
+        except RuntimeError as exc:  # torch's own errors (memory, shapes) as one line
+            raise QconvError(f"calibration pass failed: {str(exc).splitlines()[0]}", "run with QCONV_DEBUG=1 for the traceback") from exc
+        return np.concatenate(logits) if logits else np.zeros(0)
+
+
+def _prepare(path: Path | str, cset: CalibrationSet) -> _Run:
+    from ..checkpoint import load_config, open_checkpoint
+    from ..reranker import pad_rows
+    from ..scoring import prompt_encoder
+
+    config = load_config(path)
+    encoder = prompt_encoder(Path(path), None, int(config.get("max_position_embeddings") or 32768))
+    rows = check_lengths(cset, encoder, encoder.max_length)
     head, yes_no = ("seqcls", (-1, -1)) if "score.weight" in open_checkpoint(path).tensors else \
         ("causal", (encoder.tokens.yes_id, encoder.tokens.no_id))
-    batches = [pad_rows([r], encoder.tokens.pad_id) for r in rows]
-    try:
-        logits = stream_forward(path, batches, head, yes_no, reporter, "calibration", observer=observe)
-    except RuntimeError as exc:  # torch's own errors (memory, shapes) as one line
-        raise QconvError(f"calibration pass failed: {str(exc).splitlines()[0]}", "run with QCONV_DEBUG=1 for the traceback") from exc
-    return Calibration(cset, total, settings, scales, ratio, np.concatenate(logits) if logits else np.zeros(0))
+    return _Run(Path(path), head, yes_no, [pad_rows([r], encoder.tokens.pad_id) for r in rows])
+
+
+# The 4-bit embedding is no linear layer: nothing to scale. Where its rows alone move the calibration
+# set's P(yes) by more than this, the 4-bit variants keep 8-bit embedding rows (mixed precision).
+# Measured on the trained tiny (hidden 128: 4 blocks a row): 4-bit rows alone moved P by up to 0.16 of
+# the 0.14 q4 total on its eval set; with 8-bit rows q4's max |ΔP| went 0.137 -> 0.080.
+EMBEDDING_MAX_DP = 0.05
+
+
+def embedding_drift(path: Path | str, cset: CalibrationSet, reference: np.ndarray, block_size: int, symmetric: bool,
+                    reporter: Reporter = NULL) -> float:
+    """max |ΔP(yes)| over the calibration set from 4-bit embedding rows alone (everything else fp32),
+    against `reference` (the calibration pass's logits)."""
+    from ..metrics import sigmoid
+    from .smoothing import q4_rows_roundtrip
+
+    logits = _prepare(path, cset).forward(reporter, "calibration (4-bit embedding)",
+                                          embedding=lambda rows: q4_rows_roundtrip(rows, block_size, symmetric))
+    return float(np.abs(sigmoid(logits) - sigmoid(reference)).max()) if len(logits) else 0.0
 
 
 # --- the export's use: one pass, one fold plan per quantized variant ----------------------------
@@ -251,6 +293,7 @@ class VariantPlans:
     """Per variant (QuantMode value), the fold the builder applies, and quantize_config.json's record."""
 
     plans: dict[str, FoldPlan]
+    keep: dict[str, frozenset]  # per variant, what stays at higher precision (build_onnx's keep)
     record: dict
 
 
@@ -288,4 +331,12 @@ def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settin
     record = {"method": "calibrated", "calibration_set": cset.to_dict(), "calibration_tokens": cal.tokens,
               "variants": {v: VARIANT_METHOD[v] for v in plans},
               "methods": {m: cal.summary(m) for m in wanted}}
-    return VariantPlans(plans, record)
+    keep: dict[str, frozenset] = {}
+    four_bit = [v for v in plans if VARIANT_METHOD[v] == "awq"]
+    if four_bit and options.quantize_embedding:
+        dp = embedding_drift(path, cset, cal.logits, options.block_size, options.symmetric, reporter)
+        kept = dp > EMBEDDING_MAX_DP
+        keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if kept else {}
+        record["mixed_precision"] = {"embedding_4bit_max_dp_on_calibration": float(f"{dp:.4g}"), "budget": EMBEDDING_MAX_DP,
+                                     "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
+    return VariantPlans(plans, keep, record)

@@ -205,12 +205,12 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
     from .build import build_onnx
 
     ckpt = open_checkpoint(source.path)
-    plans, record = {}, {"method": "naive"}
+    plans, keep, record = {}, {}, {"method": "naive"}
     if calibration is not None:
         from .calibration import plan_variants
 
         variants = plan_variants(source.path, calibration, modes, options.quantize_options(), reporter=reporter)
-        plans, record = variants.plans, variants.record
+        plans, keep, record = variants.plans, variants.keep, variants.record
     q4 = any(m in (QuantMode.Q4, QuantMode.Q4F16) for m in modes)
     for note in shape_choices(source.config, options.block_size, options.quantize_embedding).notes(q4):
         reporter.log(note)
@@ -218,7 +218,7 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
         task = reporter.task(f"build {mode.value}", total=None)
         try:
             result = build_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold,
-                                fold=plans.get(mode.value))
+                                fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset()))
         except (QconvError, OSError, MemoryError):
             raise  # OSError: atomic_output_dir tells a full disk from other write failures
         except Exception as exc:  # onnx's writer, onnxruntime's 4-bit kernel, numpy: one line naming the variant

@@ -355,6 +355,26 @@ PRECISIONS: dict[QuantMode, Precision] = {
 }
 
 
+# Mixed precision: where a quantized variant keeps a layer that calibration could not bring close
+# (calibration.py), the precision that layer is written in. Same activation dtype as the variant,
+# so no cast enters the graph: int8 and q4 keep fp32 MatMuls, q4f16 fp16 ones.
+FALLBACK: dict[QuantMode, QuantMode] = {QuantMode.INT8: QuantMode.FP32, QuantMode.Q4: QuantMode.FP32,
+                                        QuantMode.Q4F16: QuantMode.FP16}
+
+
+def _int8_embedding_in(dtype) -> Callable:
+    """int8's embedding (one scale per row) feeding a graph whose activations are `dtype`."""
+    def embedding(g: Writer, name: str, ids: str, chunks: RowChunks, shape: tuple[int, int], options: QuantizeOptions) -> str:
+        out = _int8_embedding(g, name, ids, chunks, shape, options)
+        return out if np.dtype(dtype) == np.float32 else g.node("Cast", [out], name=f"{name}.to_fp16", to=10)[0]
+    return embedding
+
+
+# ... and the embedding, where its 4-bit rows alone move the calibration set's scores too far: 8-bit rows.
+EMBEDDING_FALLBACK: dict[QuantMode, Callable] = {QuantMode.Q4: _int8_embedding_in(np.float32),
+                                                 QuantMode.Q4F16: _int8_embedding_in(np.float16)}
+
+
 # --- quantize_config.json -------------------------------------------------------------------------
 
 _FUSED: list[str] = []  # products the builder fuses: none (q/k/v, gate/up fused measured slower, build.py)

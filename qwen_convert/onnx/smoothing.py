@@ -114,6 +114,25 @@ def _int8_blocks(x, block_size: int):
     return (torch.round(b / scale).clamp(-127, 127) * scale).reshape(n, -1)[:, :k]
 
 
+def q4_rows_roundtrip(rows: np.ndarray, block_size: int, symmetric: bool) -> np.ndarray:
+    """Embedding rows through GatherBlockQuantized's 4-bit encoding and back (precision.quantize_q4_rows'
+    rule), for measuring what the 4-bit table alone does."""
+    x = np.asarray(rows, dtype=np.float32)
+    n, h = x.shape
+    b = x.reshape(n, h // block_size, block_size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if symmetric:
+            hi, lo = b.max(axis=2, keepdims=True), b.min(axis=2, keepdims=True)
+            scale = np.where(np.abs(hi) > np.abs(lo), hi, lo) / np.float32(-8.0)
+            q = np.where(scale == 0, 0, b / scale).round().clip(-8, 7)
+            return (q * scale).reshape(n, h).astype(np.float32)
+        lo, hi = np.minimum(b.min(axis=2, keepdims=True), 0), np.maximum(b.max(axis=2, keepdims=True), 0)
+        scale = (hi - lo) / np.float32(15.0)
+        zp = np.where(scale == 0, 8, -lo / scale).round().clip(0, 15)
+        q = np.where(scale == 0, 8, b / scale + zp).round().clip(0, 15)
+        return ((q - zp) * scale).reshape(n, h).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Simulation:
     """How one method's variant quantizes a product: the weight rule, the input rule."""

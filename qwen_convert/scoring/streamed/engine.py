@@ -79,13 +79,16 @@ def _row_steps(batch: EncodedBatch, intermediate: int) -> list[slice]:
 
 
 def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str, yes_no: tuple[int, int] = (-1, -1),
-                   reporter: Reporter = NULL, label: str = "streamed", observer: Callable | None = None) -> list[np.ndarray]:
+                   reporter: Reporter = NULL, label: str = "streamed", observer: Callable | None = None,
+                   embedding: Callable | None = None) -> list[np.ndarray]:
     """The streamed fp32 forward of the checkpoint at PATH over `batches`: one logit per row.
 
     `observer(index, layer)`, when given, is called with each decoder layer once its weights are
     loaded and before any batch runs through it (to hook its modules: calibration records the
     linear layers' inputs); a callable it returns is called once every batch has passed the layer,
-    while its weights are still there."""
+    while its weights are still there. `embedding(rows)`, when given, replaces the gathered embedding
+    rows (float32 [n, hidden]) before the first layer: calibration measures what a quantized
+    embedding alone does to the logits."""
     import torch
 
     from .layer import BatchInputs, batch_inputs, build_layer, build_norm, build_rotary, load_layer, prepare_config, run_layer
@@ -107,6 +110,8 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
             raise TokenizerError(f"token id {int(vocab[-1] if vocab[-1] >= config.vocab_size else vocab[0])} is outside the "
                                  f"model's vocabulary ({config.vocab_size})", "use the tokenizer shipped with the model")
         rows = weights.embedding_rows(vocab)
+        if embedding is not None:
+            rows = torch.as_tensor(embedding(rows.numpy()))
         hidden = [rows[torch.from_numpy(np.searchsorted(vocab, b.input_ids))] for b in batches]
         del rows
         rotary = build_rotary(config)
