@@ -54,6 +54,12 @@ bench-export: optimum
 bench-8b: install
 	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_export.py --target 8b
 
+# ~5 min, <2 GB: naive vs calibrated int8/q4/q4f16 on the trained tiny, the same with x50 outlier channels, and
+# 0.6B widths with 2 layers (issue #19); rewrites its section of BENCHMARKS.md.
+.PHONY: bench-fidelity
+bench-fidelity: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_fidelity.py
+
 # verify's reference pass, then `qconv verify` of the 0.6B's five ONNX variants (before #9 vs cold/warm
 # cache; needs `make bench-onnx`'s export) and of 8b-wide's seq-cls + q4f16 (~4 GB of disk, deleted).
 # Each measured process takes /tmp/qconv-heavy.lock itself.

@@ -10,7 +10,12 @@ original model's streamed fp32 forward (transformers' decoder layers). Columns: 
 retention (candidate / reference, graded labels). The fp32 row of each model shows the export's own
 floor; the issue's targets are checked below the table.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fidelity.py [--no-write]
+With `--export`, also the export itself on the real-shaped random 0.6B (benchmarks/make_checkpoint.py):
+int8 + q4 + q4f16 (--no-fp32), naive vs calibrated on the built-in probes, each one fresh
+`qconv export-onnx` process inside a memory cgroup (v1, 4 GiB limit, where the machine has one):
+wall time and the process's peak RSS (wait4).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fidelity.py [--no-write] [--export]
 """
 
 from __future__ import annotations
@@ -128,7 +133,12 @@ def export(model: Path, out: Path, modes: list[str], method: str, calibration: P
 
 def models() -> dict[str, Path]:
     """name -> checkpoint directory (built once in benchmarks/.work/fidelity)."""
-    from qwen_convert.fixtures import OutlierSpec, TinySpec, build_tiny_reranker, inject_outliers
+    from qwen_convert.fixtures import (
+        OutlierSpec,
+        TinySpec,
+        build_tiny_reranker,
+        inject_outliers,
+    )
 
     WORK.mkdir(parents=True, exist_ok=True)
     spec = OutlierSpec(**OUTLIER)
@@ -176,6 +186,63 @@ def measure() -> dict:
     return results
 
 
+CGROUP = Path("/sys/fs/cgroup/memory/qconv-bench-fidelity")
+CGROUP_LIMIT = 4 << 30
+PEAK_TARGET = 1.5 * 2**30
+
+
+def _in_cgroup(cmd: list[str]) -> list[str]:
+    """cmd run from inside CGROUP (made here; skipped where cgroup v1's memory controller is absent)."""
+    try:
+        CGROUP.mkdir(exist_ok=True)
+        (CGROUP / "memory.limit_in_bytes").write_text(str(CGROUP_LIMIT))
+    except OSError as exc:
+        print(f"no memory cgroup ({exc.strerror}): measuring without one", file=sys.stderr)
+        return cmd
+    return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
+def measure_export() -> dict:
+    """naive vs calibrated int8 + q4 + q4f16 of the 0.6B shape: wall time and peak RSS, one process each."""
+    from bench_onnx import measure
+    from make_checkpoint import make_checkpoint
+
+    src = WORK.parent / "qwen3-reranker-0.6b"
+    if not (src / "config.json").exists():
+        make_checkpoint("0.6b", src)
+    qconv = str(Path(sys.executable).with_name("qconv"))
+    rows = {}
+    for method in ("naive", "calibrated"):
+        out = WORK / f"export-0.6b-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"0.6B export, {method} ...", file=sys.stderr, flush=True)
+        run = measure(_in_cgroup([qconv, "export-onnx", str(src), str(out), "--no-fp32", "--quantize", "int8", "--quantize", "q4",
+                                  "--quantize", "q4f16", "--no-verify", "--quant-method", method, "--json", "--force"]))
+        config = json.loads((out / "quantize_config.json").read_text())["quantization"]
+        rows[method] = {"seconds": run.seconds, "peak_rss": run.peak_rss, "cgroup": CGROUP.exists(),
+                        "bytes": sum(f.stat().st_size for f in (out / "onnx").iterdir()),
+                        "mixed_precision": config.get("mixed_precision")}
+        shutil.rmtree(out)
+    return rows
+
+
+def render_export(rows: dict) -> list[str]:
+    lines = ["", "Export of the real-shaped random 0.6B (int8 + q4 + q4f16, `--no-fp32`, no verify; one process each"
+             + (", in a 4 GiB memory cgroup" if all(r["cgroup"] for r in rows.values()) else "") + "):", "",
+             "| method | wall | peak RSS | files | 4-bit embedding |", "|---|---|---|---|---|"]
+    for method, r in rows.items():
+        mixed = r.get("mixed_precision") or {}
+        emb = (f"alone max |ΔP| {mixed['embedding_4bit_max_dp_on_calibration']}; 8-bit kept in "
+               f"{', '.join(mixed['kept']) or 'none'}") if mixed else "4-bit"
+        lines.append(f"| {method} | {r['seconds']:.0f} s | {r['peak_rss'] / 2**20:,.0f} MiB | {r['bytes'] / 1e9:.2f} GB | {emb} |")
+    cal = rows.get("calibrated")
+    if cal:
+        ok = cal["peak_rss"] <= PEAK_TARGET
+        lines += ["", f"Target: calibrated export peak RSS ≤ 1.5 GB on the 0.6B shape: {cal['peak_rss'] / 2**20:,.0f} MiB, "
+                  f"{'met' if ok else 'MISSED'}."]
+    return lines
+
+
 def render(r: dict) -> str:
     lines = [START, "## Quantization fidelity: naive vs calibrated (issue #19)", "",
              f"`make bench-fidelity` ({r['date']}, {r['machine']}); scored on the trained tiny's eval set "
@@ -216,6 +283,8 @@ def render(r: dict) -> str:
                 a, b = clean[f"{v} naive"]["max_dlogit"], clean[f"{v} {label}"]["max_dlogit"]
                 lines.append(f"| clean tiny, {v} {label}: no worse than naive (max \\|Δlogit\\| within 5%) | {b:.3f} vs {a:.3f} | "
                              f"{'met' if b <= a * 1.05 else 'MISSED'} |")
+    if r.get("export"):
+        lines += render_export(r["export"])
     lines.append(END)
     return "\n".join(lines)
 
@@ -224,12 +293,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     parser.add_argument("--from-json", action="store_true", help="re-render the stored results, measure nothing")
+    parser.add_argument("--export", action="store_true", help="also measure the 0.6B shape's export (wall, peak RSS)")
+    parser.add_argument("--export-only", action="store_true", help="measure only the export, keep the stored fidelity rows")
     args = parser.parse_args()
     stored = WORK / "results.json"
     if args.from_json:
         results = json.loads(stored.read_text())
     else:
-        results = measure()
+        results = json.loads(stored.read_text()) if args.export_only else measure()
+        if args.export or args.export_only:
+            results["export"] = measure_export()
         stored.parent.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(results, indent=2) + "\n")
     text = render(results)

@@ -20,7 +20,12 @@ from typer.testing import CliRunner
 
 from qwen_convert.cli import app
 from qwen_convert.export import ExportOptions, export_onnx
-from qwen_convert.fixtures import OutlierSpec, TinySpec, build_tiny_reranker, inject_outliers
+from qwen_convert.fixtures import (
+    OutlierSpec,
+    TinySpec,
+    build_tiny_reranker,
+    inject_outliers,
+)
 from qwen_convert.metrics import sigmoid
 from qwen_convert.onnx_scoring import load_onnx_scorers
 from qwen_convert.probes import group_by_query, load_pairs
@@ -164,7 +169,9 @@ def test_fold_is_exact_on_random_models(tmp_path, pairs, tied):
 
     base = build_tiny_reranker(tmp_path / "base", TinySpec(tied=tied, num_hidden_layers=4, seed=21 + tied))
     model = inject_outliers(base, tmp_path / "outlier", OutlierSpec(scale=25.0, channels=2, seed=3 + tied))
-    cal = calibrate(model, load_calibration_set(None), {"smoothquant": simulation("smoothquant"), "awq": simulation("awq")})
+    few = tmp_path / "calibration.jsonl"  # 3 queries: a short pass
+    few.write_text("".join(calibration_file().read_text().splitlines(keepends=True)[:27]))
+    cal = calibrate(model, load_calibration_set(few), {"smoothquant": simulation("smoothquant"), "awq": simulation("awq")})
     ckpt = open_checkpoint(model)
     export(model, tmp_path / "out", modes=(), method="naive")  # fp32 graph + sidecars, unfolded
     plain = onnx_scores(tmp_path / "out", "fp32", pairs[:27])

@@ -28,8 +28,19 @@ import numpy as np
 
 from ..errors import InputFileError, QconvError
 from ..progress import NULL, Reporter
-from .smoothing import (FAMILIES, GROUPS, MIN_GAIN, FoldPlan, GroupScale, SearchSettings, Simulation, attention_forward, linear_forward, mlp_tail,
-                        search_group)
+from .smoothing import (
+    FAMILIES,
+    GROUPS,
+    MIN_GAIN,
+    FoldPlan,
+    GroupScale,
+    SearchSettings,
+    Simulation,
+    attention_forward,
+    linear_forward,
+    mlp_tail,
+    search_group,
+)
 
 MAX_FILE_BYTES = 16 << 20  # a calibration set is hundreds of pairs, not a corpus
 MAX_PAIRS = 1024
@@ -103,8 +114,7 @@ class _Channels:
 
     absmax: object = None
     sumabs: object = None
-    tokens: int = 0
-    seen: int = 0
+    seen: int = 0  # tokens so far
     sample: list = field(default_factory=list)
 
     def add(self, x, stride: int) -> None:
@@ -117,10 +127,9 @@ class _Channels:
         first = -self.seen % stride  # global token index seen + i is a multiple of the stride
         self.sample.append(x[first::stride].clone())
         self.seen += len(x)
-        self.tokens += len(x)
 
     def stats(self) -> dict:
-        return {"absmax": self.absmax, "meanabs": (self.sumabs / max(self.tokens, 1)).float()}
+        return {"absmax": self.absmax, "meanabs": (self.sumabs / max(self.seen, 1)).float()}
 
 
 @dataclass(frozen=True)
@@ -134,12 +143,12 @@ class Calibration:
     outlier_ratio: dict[str, float]  # group -> max over layers of max_j|X_j| / median_j|X_j|
     logits: np.ndarray  # the set's fp32 logits from the pass (a free reference)
 
-    def plan(self, method: str, keep: frozenset = frozenset()) -> FoldPlan:
-        """The fold of `method`'s scales (groups in `keep` are left unscaled)."""
+    def plan(self, method: str) -> FoldPlan:
+        """The fold of `method`'s scales (the groups no scale helped stay as they are)."""
         plan = FoldPlan()
         by_name = {g.name: g for g in GROUPS}
         for (layer, group), found in sorted(self.scales.get(method, {}).items()):
-            if found.family is not None and (layer, group) not in keep:
+            if found.family is not None:
                 plan.add(layer, by_name[group], found.scale)
         return plan
 
@@ -158,8 +167,9 @@ class Calibration:
             }
         return {"method": method, "families": list(FAMILIES[method]), "min_gain": MIN_GAIN[method],
                 "alpha_grid": self.settings.alphas(), "sample_tokens_per_group": self.settings.max_tokens,
-                "objective": "sum over the group's linears of mean |Q(X/s) Q(W s)^T - X W^T|^2, relative to mean |X W^T|^2",
-                "groups": groups}
+                "objective": ("mean |Y(Q(X/s), Q(W s)) - Y(X, W)|^2 relative to mean |Y(X, W)|^2, Y: q/k/v through the "
+                              "attention on whole calibration prompts, gate/up through the MLP, down_proj its own output"),
+                "judged_on": {g.name: g.judged_on for g in GROUPS}, "groups": groups}
 
 
 def _sig(x: float) -> float:
@@ -170,60 +180,66 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
               reporter: Reporter = NULL) -> Calibration:
     """Run the calibration set through the checkpoint at PATH layer by layer, recording each group's
     input statistics and searching each method's scales (methods: name -> its Simulation)."""
-    import torch
-
     run = _prepare(path, cset)
-    total = run.tokens
-    stride = max(1, math.ceil(total / settings.max_tokens))
-    prompt_stride = max(1, round(total / settings.max_tokens))  # about max_tokens in whole prompts
+    stride = max(1, math.ceil(run.tokens / settings.max_tokens))
+    prompt_stride = max(1, round(run.tokens / settings.max_tokens))  # about max_tokens in whole prompts
     scales: dict[str, dict] = {m: {} for m in methods}
     ratio = {g.name: 0.0 for g in GROUPS}
 
     def observe(index: int, layer):
         channels = {g.name: _Channels() for g in GROUPS}
-        # method -> linear -> the row / column factors earlier groups' folds put on it
-        rows: dict[str, dict] = {m: {} for m in methods}
-        columns: dict[str, dict] = {m: {} for m in methods}
         handles = [layer.get_submodule(g.hook).register_forward_pre_hook(
             lambda _m, args, c=channels[g.name]: c.add(args[0].reshape(-1, args[0].shape[-1]).float(), stride))
             for g in GROUPS]
         prompts: list = []  # whole prompts (every prompt_stride-th) at the attention's input, with its call's kwargs
+        calls = itertools.count()
 
         def grab(_module, _args, kwargs):
             if next(calls) % prompt_stride == 0:
                 prompts.append((kwargs["hidden_states"].clone(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
-        calls = itertools.count()
         handles.append(layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True))
 
         def done():
             for h in handles:
                 h.remove()
             for g in GROUPS:
-                c = channels[g.name]
-                stats, x = c.stats(), torch.cat(c.sample)
+                stats = channels[g.name].stats()
                 ratio[g.name] = max(ratio[g.name], float(stats["absmax"].max() / stats["absmax"].median().clamp(min=1e-12)))
-                for method, sim in methods.items():
-                    # Weights as the graph will hold them once earlier groups' folds are applied.
-                    def weight(name, m=method):
-                        return layer.get_submodule(name).weight.detach().float() * rows[m].get(name, 1.0) * columns[m].get(name, 1.0)
-
-                    if g.judged_on == "attention":
-                        forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
-                    else:
-                        forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")) if g.judged_on == "mlp" else None)
-                    found = search_group(method, forward, [weight(n) for n in g.linears], stats, sim, settings)
-                    scales[method][(index, g.name)] = found
-                    if found.family is not None:
-                        s = torch.from_numpy(found.scale)
-                        for n in g.linears:
-                            columns[method][n] = s[None, :]
-                        if g.producer_axis == "rows":
-                            rows[method][g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
+            for method, sim in methods.items():
+                for g, found in _search_layer(layer, channels, prompts, method, sim, settings).items():
+                    scales[method][(index, g)] = found
         return done
 
     logits = run.forward(reporter, "calibration", observer=observe)
-    return Calibration(cset, total, settings, scales, ratio, logits)
+    return Calibration(cset, run.tokens, settings, scales, ratio, logits)
+
+
+def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simulation, settings: SearchSettings) -> dict[str, GroupScale]:
+    """One decoder layer's groups searched in GROUPS order, each on the weights as the graph will
+    hold them once the earlier groups' folds are applied (mlp_out's fold divides up_proj's rows)."""
+    import torch
+
+    rows: dict = {}  # linear -> row factor [out, 1] an earlier group's fold put on it
+    columns: dict = {}  # linear -> column factor [1, in]
+
+    def weight(name):
+        return layer.get_submodule(name).weight.detach().float() * rows.get(name, 1.0) * columns.get(name, 1.0)
+
+    found: dict[str, GroupScale] = {}
+    for g in GROUPS:
+        if g.judged_on == "attention":
+            forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
+        else:
+            x = torch.cat(channels[g.name].sample)
+            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")) if g.judged_on == "mlp" else None)
+        result = found[g.name] = search_group(method, forward, [weight(n) for n in g.linears], channels[g.name].stats(), sim, settings)
+        if result.family is not None:
+            s = torch.from_numpy(result.scale)
+            columns.update({n: s[None, :] for n in g.linears})
+            if g.producer_axis == "rows":
+                rows[g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
+    return found
 
 
 @dataclass(frozen=True)
