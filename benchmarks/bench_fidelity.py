@@ -70,15 +70,15 @@ def tiny_path() -> Path:
 
 
 def eval_pairs():
-    from qwen_convert.probes import load_pairs
+    from qwen_convert.scoring.probes import load_pairs
 
     return load_pairs(tiny_path() / "eval.jsonl")
 
 
 def fidelity(ref: np.ndarray, cand: np.ndarray, pairs) -> Fidelity:
     """Drift and ranking agreement of `cand` against `ref` (logits, one per pair)."""
-    from qwen_convert.metrics import kendall_tau, mean_ndcg, ranking, sigmoid
-    from qwen_convert.probes import group_by_query, has_labels
+    from qwen_convert.scoring.metrics import kendall_tau, mean_ndcg, ranking, sigmoid
+    from qwen_convert.scoring.probes import group_by_query, has_labels
 
     groups = list(group_by_query(pairs).values())
     dl = np.abs(cand - ref)
@@ -96,9 +96,9 @@ def fidelity(ref: np.ndarray, cand: np.ndarray, pairs) -> Fidelity:
 
 def reference_logits(model: Path, pairs) -> np.ndarray:
     """The original causal model's streamed fp32 forward (transformers' layers), one query a batch."""
-    from qwen_convert.probes import group_by_query
-    from qwen_convert.scoring import prompt_encoder
-    from qwen_convert.stream.engine import stream_forward
+    from qwen_convert.scoring.batches import prompt_encoder
+    from qwen_convert.scoring.probes import group_by_query
+    from qwen_convert.scoring.streamed.engine import stream_forward
 
     encoder = prompt_encoder(model, None, 8192)
     groups = list(group_by_query(pairs).values())
@@ -110,9 +110,9 @@ def reference_logits(model: Path, pairs) -> np.ndarray:
 
 
 def onnx_logits(export_dir: Path, variant: str, pairs) -> np.ndarray:
-    from qwen_convert.onnx_scoring import load_onnx_scorers
-    from qwen_convert.probes import group_by_query
-    from qwen_convert.scoring import prompt_encoder
+    from qwen_convert.scoring.batches import prompt_encoder
+    from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+    from qwen_convert.scoring.probes import group_by_query
 
     (scorer,) = load_onnx_scorers(export_dir, [variant], threads=1)
     encoder = prompt_encoder(export_dir, None, 8192)
@@ -123,7 +123,7 @@ def onnx_logits(export_dir: Path, variant: str, pairs) -> np.ndarray:
 
 
 def export(model: Path, out: Path, modes: list[str], method: str, calibration: Path | None = None) -> float:
-    from qwen_convert.export import ExportOptions, export_onnx
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
 
     started = time.perf_counter()
     export_onnx(model, out, ExportOptions(modes=tuple(modes), fp32=method == "naive", verify=False, force=True,
@@ -133,12 +133,7 @@ def export(model: Path, out: Path, modes: list[str], method: str, calibration: P
 
 def models() -> dict[str, Path]:
     """name -> checkpoint directory (built once in benchmarks/.work/fidelity)."""
-    from qwen_convert.fixtures import (
-        OutlierSpec,
-        TinySpec,
-        build_tiny_reranker,
-        inject_outliers,
-    )
+    from qwen_convert.fixtures import OutlierSpec, TinySpec, build_tiny_reranker, inject_outliers
 
     WORK.mkdir(parents=True, exist_ok=True)
     spec = OutlierSpec(**OUTLIER)

@@ -119,16 +119,15 @@ def inject_outliers(src: Path | str, out: Path | str, spec: OutlierSpec = Outlie
     few-layer fixtures this is meant for, not for real checkpoints."""
     import numpy as np
     from safetensors.numpy import save_file
-
-    from .checkpoint import open_checkpoint
-    from .safetensors_io import read_tensor
+    from safetensors.torch import load_file
 
     src, out = Path(src), Path(out)
-    ckpt = open_checkpoint(src)
-    tensors = {name: read_tensor(info).astype(np.float32) for name, info in ckpt.tensors.items()}
+    config = json.loads((src / "config.json").read_text())
+    # (torch reads bf16 shards, which numpy cannot; a fixture module stays below qwen_convert.checkpoint)
+    tensors = {name: t.float().numpy() for f in sorted(src.glob("*.safetensors")) for name, t in load_file(str(f)).items()}
     rng = np.random.default_rng(spec.seed)
-    hidden, inter = int(ckpt.config["hidden_size"]), int(ckpt.config["intermediate_size"])
-    for i in range(int(ckpt.config["num_hidden_layers"])):
+    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
         for norm, consumers in _OUTLIER_GROUPS:
             c = rng.choice(hidden, spec.channels, replace=False)
@@ -142,7 +141,6 @@ def inject_outliers(src: Path | str, out: Path | str, spec: OutlierSpec = Outlie
     for f in src.iterdir():  # config, tokenizer, template: everything but the weights
         if f.is_file() and not f.name.startswith("model") and f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
-    config = json.loads((src / "config.json").read_text())
     config["dtype"] = "float32"
     config.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -19,18 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from qwen_convert.cli import app
-from qwen_convert.export import ExportOptions, export_onnx
-from qwen_convert.fixtures import (
-    OutlierSpec,
-    TinySpec,
-    build_tiny_reranker,
-    inject_outliers,
-)
-from qwen_convert.metrics import sigmoid
-from qwen_convert.onnx_scoring import load_onnx_scorers
-from qwen_convert.probes import group_by_query, load_pairs
-from qwen_convert.scoring import prompt_encoder
-from qwen_convert.stream.engine import stream_forward
+from qwen_convert.fixtures import OutlierSpec, TinySpec, build_tiny_reranker, inject_outliers
+from qwen_convert.onnx.export import ExportOptions, export_onnx
+from qwen_convert.scoring.batches import prompt_encoder
+from qwen_convert.scoring.metrics import sigmoid
+from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+from qwen_convert.scoring.probes import group_by_query, load_pairs
+from qwen_convert.scoring.streamed.engine import stream_forward
 
 QUANTIZED = ("int8", "q4", "q4f16")
 # Not the x50 on 3 channels: the tests pick their own construction.
@@ -161,11 +156,11 @@ def test_reexport_writes_the_same_bytes(trained, tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_fold_is_exact_on_random_models(tmp_path, pairs, tied):
-    from qwen_convert.checkpoint import open_checkpoint
+    from qwen_convert.checkpoint.files import open_checkpoint
+    from qwen_convert.formats import QuantMode
     from qwen_convert.onnx.build import build_onnx
     from qwen_convert.onnx.calibration import calibrate, load_calibration_set
     from qwen_convert.onnx.smoothing import simulation
-    from qwen_convert.quantize import QuantMode
 
     base = build_tiny_reranker(tmp_path / "base", TinySpec(tied=tied, num_hidden_layers=4, seed=21 + tied))
     model = inject_outliers(base, tmp_path / "outlier", OutlierSpec(scale=25.0, channels=2, seed=3 + tied))

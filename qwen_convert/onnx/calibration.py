@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError, QconvError
-from ..progress import NULL, Reporter
+from qwen_convert.errors import InputFileError, QconvError
+from qwen_convert.progress import NULL, Reporter
+
 from .smoothing import (
     FAMILIES,
     GROUPS,
@@ -74,7 +75,7 @@ def _pair_lines(path: Path) -> list[int]:
 
 def load_calibration_set(path: Path | str | None) -> CalibrationSet:
     """The built-in probes (None) or the pairs of PATH, checked for size and variety."""
-    from ..probes import PROBE_PAIRS, load_pairs
+    from qwen_convert.scoring.probes import PROBE_PAIRS, load_pairs
 
     if path is None:
         pairs = tuple(PROBE_PAIRS)
@@ -256,7 +257,7 @@ class _Run:
         return sum(b.input_ids.size for b in self.batches)
 
     def forward(self, reporter: Reporter, label: str, **hooks) -> np.ndarray:
-        from ..stream.engine import stream_forward
+        from qwen_convert.scoring.streamed.engine import stream_forward
 
         try:
             logits = stream_forward(self.path, self.batches, self.head, self.yes_no, reporter, label, **hooks)
@@ -266,9 +267,9 @@ class _Run:
 
 
 def _prepare(path: Path | str, cset: CalibrationSet) -> _Run:
-    from ..checkpoint import load_config, open_checkpoint
-    from ..reranker import pad_rows
-    from ..scoring import prompt_encoder
+    from qwen_convert.checkpoint.files import load_config, open_checkpoint
+    from qwen_convert.reranker import pad_rows
+    from qwen_convert.scoring.batches import prompt_encoder
 
     config = load_config(path)
     encoder = prompt_encoder(Path(path), None, int(config.get("max_position_embeddings") or 32768))
@@ -289,7 +290,8 @@ def embedding_drift(path: Path | str, cset: CalibrationSet, reference: np.ndarra
                     reporter: Reporter = NULL) -> float:
     """max |ΔP(yes)| over the calibration set from 4-bit embedding rows alone (everything else fp32),
     against `reference` (the calibration pass's logits)."""
-    from ..metrics import sigmoid
+    from qwen_convert.scoring.metrics import sigmoid
+
     from .smoothing import q4_rows_roundtrip
 
     logits = _prepare(path, cset).forward(reporter, "calibration (4-bit embedding)",
@@ -325,8 +327,8 @@ def needs_calibration(method: str, modes) -> bool:
 
 def prepare_calibration(path: Path | str, calibration_file: Path | str | None) -> CalibrationSet:
     """Load and check the set against the model before anything is written (tokenizer only, no weights)."""
-    from ..checkpoint import load_config
-    from ..scoring import prompt_encoder
+    from qwen_convert.checkpoint.files import load_config
+    from qwen_convert.scoring.batches import prompt_encoder
 
     cset = load_calibration_set(calibration_file)
     config = load_config(path)

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..safetensors_io import iter_row_chunks
+from qwen_convert.checkpoint.files import Checkpoint
+from qwen_convert.checkpoint.safetensors_io import iter_row_chunks
+
 from .weights import LINEAR_CHUNK, WeightReader
 
 

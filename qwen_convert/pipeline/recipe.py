@@ -368,7 +368,7 @@ def _check_values(r: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: nothing to build", "set artifacts.seqcls = true or list artifacts.onnx modes")
     if r.kind == "causal-lm" and not r.artifacts.onnx:
         raise RecipeError(f"{where}: nothing to build", 'list artifacts.onnx modes, e.g. ["fp32", "q4f16"]')
-    from .onnx.calibration import METHODS
+    from qwen_convert.onnx.calibration import METHODS
 
     if r.quantization.method not in METHODS:
         raise RecipeError(f"{where}: unknown quantization.method {r.quantization.method!r}", f"valid: {', '.join(METHODS)}")
