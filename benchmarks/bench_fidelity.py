@@ -94,6 +94,12 @@ def fidelity(ref: np.ndarray, cand: np.ndarray, pairs) -> Fidelity:
                     same, len(groups), tau, ndcg)
 
 
+def clean_of(model: Path) -> Path:
+    """The model an outlier checkpoint was made from: its reference (the rescaling is exact, so the
+    original's forward is the reference for both)."""
+    return {"tiny-outliers": tiny_path(), "wide-2layer-outliers": WORK / "wide-2layer"}.get(model.name, model)
+
+
 def reference_logits(model: Path, pairs) -> np.ndarray:
     """The original causal model's streamed fp32 forward (transformers' layers), one query a batch."""
     from qwen_convert.scoring.batches import prompt_encoder
@@ -148,6 +154,7 @@ def models() -> dict[str, Path]:
     wide_outlier = WORK / "wide-2layer-outliers"
     if not (wide_outlier / "model.safetensors").exists():
         inject_outliers(wide, wide_outlier, spec)
+    paths["0.6B widths, 2 layers, random"] = wide
     paths["0.6B widths, 2 layers, random + outliers"] = wide_outlier
     return paths
 
@@ -158,7 +165,7 @@ def measure() -> dict:
                      "models": {}}
     for name, path in models().items():
         print(f"{name}: reference ...", file=sys.stderr, flush=True)
-        ref = reference_logits(path, pairs)
+        ref = reference_logits(clean_of(path), pairs)
         rows, seconds = {}, {}
         runs = [("naive", "naive", None), ("calibrated", "calibrated (probes)", None)]
         if "trained" in name:  # in-distribution calibration: the tiny's own calibration.jsonl (108 pairs)
@@ -291,15 +298,15 @@ def main() -> None:
     parser.add_argument("--export", action="store_true", help="also measure the 0.6B shape's export (wall, peak RSS)")
     parser.add_argument("--export-only", action="store_true", help="measure only the export, keep the stored fidelity rows")
     args = parser.parse_args()
-    stored = WORK / "results.json"
-    if args.from_json:
-        results = json.loads(stored.read_text())
-    else:
-        results = json.loads(stored.read_text()) if args.export_only else measure()
-        if args.export or args.export_only:
-            results["export"] = measure_export()
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        stored.write_text(json.dumps(results, indent=2) + "\n")
+    stored, stored_export = WORK / "results.json", WORK / "export.json"
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not (args.from_json or args.export_only):
+        stored.write_text(json.dumps(measure(), indent=2) + "\n")
+    if args.export or args.export_only:
+        stored_export.write_text(json.dumps(measure_export(), indent=2) + "\n")
+    results = json.loads(stored.read_text())
+    if stored_export.exists():
+        results["export"] = json.loads(stored_export.read_text())
     text = render(results)
     print(text)
     if not args.no_write:

@@ -229,13 +229,17 @@ def test_q4_quantizes_matmuls_and_the_embedding(case):
     out, _ = case
     cfg = json.loads((out / "config.json").read_text())
     vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
-    for file in ("model_q4.onnx", "model_q4f16.onnx"):
+    # Calibration keeps 8-bit embedding rows where the 4-bit table alone moves the calibration set's P(yes)
+    # past its budget (these 64-wide random fixtures: two 4-bit blocks a row); the config says where.
+    kept = json.loads((out / "quantize_config.json").read_text())["quantization"].get("mixed_precision", {}).get("kept", {})
+    for variant, file in (("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx")):
         model = onnx.load(str(out / "onnx" / file))
         ops = _ops(model)
         assert ops["MatMulNBits"] == 7 * cfg["num_hidden_layers"], ops  # q, k, v, o, gate, up, down
-        assert ops["GatherBlockQuantized"] == 1, ops
+        assert ops["GatherBlockQuantized"] == (0 if variant in kept else 1), (ops, kept)
         embedding = [t for t in model.graph.initializer if list(t.dims) == [vocab, hidden]]
-        assert len(embedding) == 1 and embedding[0].data_type == onnx.TensorProto.INT4, [(t.name, t.data_type) for t in embedding]
+        table_type = onnx.TensorProto.INT8 if variant in kept else onnx.TensorProto.INT4
+        assert len(embedding) == 1 and embedding[0].data_type == table_type, [(t.name, t.data_type) for t in embedding]
         float_bytes = sum(np.prod(t.dims) for t in model.graph.initializer
                           if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
         assert float_bytes < vocab * hidden / 4  # no full-size float embedding left, only scales

@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from qwen_convert.formats import QuantMode
 from qwen_convert.onnx.export import ExportOptions, export_onnx
-from qwen_convert.onnx.precision import precision_settings
+from qwen_convert.onnx.precision import describe_kept, precision_settings
 from qwen_convert.onnx.quantize import QuantizeOptions, quantize_settings
 
 MODES = ("fp16", "int8", "q4", "q4f16")
@@ -70,7 +70,9 @@ def test_keeps_every_key_of_quantize_settings(export):
     # How the weights were prepared before encoding (calibration, tests/test_calibration.py) is its own key.
     assert settings["quantization"]["method"] == "calibrated"
     written = {k: v for k, v in settings.items() if k not in ("qconv_version", "exporter", "opset", "files", "shape", "quantization")}
-    assert written == json.loads(json.dumps(precision_settings(options)))  # what export wrote is this function
+    kept = settings["quantization"].get("mixed_precision", {}).get("kept", {})
+    # what export wrote is this function (with what calibration kept at higher precision written in)
+    assert written == json.loads(json.dumps(describe_kept(precision_settings(options), kept)))
 
 
 def test_int8_description_matches_the_graph(export):
@@ -117,7 +119,11 @@ def test_q4_description_matches_the_graph(export, mode, scale_type):
         assert inits[n.input[2]].data_type == scale_type
     assert desc["scales"] == {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}[scale_type]
     gbq = ops.get("GatherBlockQuantized", [])
-    if options.quantize_embedding:
+    kept = settings["quantization"].get("mixed_precision", {}).get("kept", {})
+    if mode in kept:  # calibration kept 8-bit rows: their 4-bit table alone moved P(yes) past its budget
+        assert not gbq and "int8 rows" in desc["embedding"] and "mixed_precision" in desc["embedding"]
+        assert next(t for name, t in inits.items() if name.endswith("embed_tokens.weight_quantized")).data_type == TensorProto.INT8
+    elif options.quantize_embedding:
         assert len(gbq) == 1 and _attrs(gbq[0])["block_size"] == options.block_size
         assert desc["embedding"].startswith("com.microsoft GatherBlockQuantized") and f"blocks of {options.block_size}" in desc["embedding"]
     else:

@@ -399,6 +399,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         }
         if options.exporter == "builder":  # which op computes attention, how the q4 embedding is blocked
             record_shape(settings, shape_choices(source.config, options.block_size, options.quantize_embedding))
+        _describe_kept(settings)
         write_sidecars(tmp, path, onnx_config(source.config, variants), source.provenance,
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -408,6 +409,15 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
         reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
     )
+
+
+def _describe_kept(settings: dict) -> None:
+    """The encoders' description follows what mixed precision kept (an 8-bit embedding in a 4-bit variant)."""
+    kept = settings.get("quantization", {}).get("mixed_precision", {}).get("kept")
+    if kept:
+        from .precision import describe_kept
+
+        describe_kept(settings, kept)
 
 
 def _calibration_set(path: Path, modes: tuple[QuantMode, ...], options: ExportOptions):
@@ -423,11 +433,11 @@ def _calibration_set(path: Path, modes: tuple[QuantMode, ...], options: ExportOp
     if options.exporter != "builder":
         raise ExportError(f"calibrated quantization needs the builder exporter, not {options.exporter}",
                           "drop --exporter or pass --quant-method naive")
-    try:
-        import torch  # noqa: F401
-    except ImportError as exc:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
         raise ExportError("calibrated quantization runs the model on the calibration set and needs torch",
-                          "pip install 'qconv[convert]', or pass --quant-method naive") from exc
+                          "pip install 'qconv[convert]', or pass --quant-method naive")
     return prepare_calibration(path, options.calibration_file)
 
 

@@ -377,6 +377,19 @@ EMBEDDING_FALLBACK: dict[QuantMode, Callable] = {QuantMode.Q4: _int8_embedding_i
 
 # --- quantize_config.json -------------------------------------------------------------------------
 
+KEPT_EMBEDDING = ("int8 rows with one float32 scale per row (Gather, Cast, Mul{cast}): kept at 8 bits by calibration, "
+                  "see quantization.mixed_precision")
+
+
+def describe_kept(settings: dict, kept: dict) -> dict:
+    """settings' `encoders` with what calibration kept at higher precision (variant -> names) written in."""
+    encoders = settings.get("encoders")
+    for variant, names in kept.items():
+        if encoders and variant in encoders and any(n.startswith("model.embed_tokens") for n in names):
+            cast = ", Cast to fp16" if variant == QuantMode.Q4F16.value else ""
+            encoders[variant] = {**encoders[variant], "embedding": KEPT_EMBEDDING.format(cast=cast)}
+    return settings
+
 _FUSED: list[str] = []  # products the builder fuses: none (q/k/v, gate/up fused measured slower, build.py)
 _RMSNORM = ("every RMSNorm is SimplifiedLayerNormalization (stash_type=1) or SkipSimplifiedLayerNormalization: "
             "statistics in fp32 for fp16 inputs")
