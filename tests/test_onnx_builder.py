@@ -283,13 +283,14 @@ def test_config_that_disagrees_with_the_tensors_is_refused(tiny_models, tmp_path
 
 
 def test_no_fp32_writes_only_the_named_variants(tiny_models, tmp_path):
-    # naive: on this random 64-wide model calibrated int8 is closer (max |Δlogit| 0.233 -> 0.110, 6/11 -> 9/11
-    # rankings identical) but one near-tie swap puts its NDCG@10 retention at 0.965, under the 0.97 gate.
+    # --no-verify: which variants get written is the point here. On this random 64-wide fixture the drift
+    # gates (verify/gates.py) fail naive int8 (mean Kendall τ 0.70) and q4f16 (p95 |ΔP| 0.092), and
+    # calibrated int8 on NDCG retention (0.965) though it is closer (τ 0.91, max |ΔP| 0.058 -> 0.027).
     code, out, err = _cli("export-onnx", tiny_models["untied_bf16_sharded"], tmp_path / "out", "--no-fp32",
-                          "--quantize", "int8", "--quantize", "q4f16", "--quant-method", "naive", "--json")
+                          "--quantize", "int8", "--quantize", "q4f16", "--no-verify", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert [v["mode"] for v in result["variants"]] == ["int8", "q4f16"] and result["passed"]
+    assert [v["mode"] for v in result["variants"]] == ["int8", "q4f16"] and result["verification"] is None
     assert sorted(p.name for p in (tmp_path / "out" / "onnx").iterdir()) == ["model_q4f16.onnx", "model_quantized.onnx"]
     code, _, err = _cli("export-onnx", tiny_models["untied_bf16_sharded"], tmp_path / "none", "--no-fp32", "--no-verify")
     assert code == 1 and err.count("\n") == 1 and "--quantize" in err and not (tmp_path / "none").exists()
