@@ -358,3 +358,33 @@ def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settin
         record["mixed_precision"] = {"embedding_4bit_max_dp_on_calibration": float(f"{dp:.4g}"), "budget": EMBEDDING_MAX_DP,
                                      "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
     return VariantPlans(plans, keep, record)
+
+
+def calibration_set(path: Path, modes, method: str, exporter: str, calibration_file: Path | None) -> CalibrationSet | None:
+    """export_onnx's checked calibration set when a variant is calibrated (before OUT exists: a bad
+    file writes nothing), else None."""
+    import importlib.util
+
+    from qwen_convert.errors import ExportError
+
+    if not needs_calibration(method, modes):
+        if calibration_file is not None and method == "naive":
+            raise ExportError("--calibration was given with the naive method", "drop --calibration or use --quant-method calibrated")
+        return None
+    if exporter != "builder":
+        raise ExportError(f"calibrated quantization needs the builder exporter, not {exporter}",
+                          "drop --exporter or pass --quant-method naive")
+    if importlib.util.find_spec("torch") is None:
+        raise ExportError("calibrated quantization runs the model on the calibration set and needs torch",
+                          "pip install 'qconv[convert]', or pass --quant-method naive")
+    return prepare_calibration(path, calibration_file)
+
+
+def describe_kept(settings: dict) -> dict:
+    """quantize_config.json's `encoders` follow what mixed precision kept (an 8-bit embedding in a 4-bit variant)."""
+    kept = settings.get("quantization", {}).get("mixed_precision", {}).get("kept")
+    if kept:
+        from .precision import describe_kept as describe
+
+        describe(settings, kept)
+    return settings

@@ -47,6 +47,7 @@ from qwen_convert.progress import NULL, Reporter
 from qwen_convert.seqcls.sidecars import Provenance, write_sidecars
 
 from .. import __version__
+from .calibration import calibration_set, describe_kept
 from .card import onnx_card, onnx_config
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
 from .shapes import record_shape, shape_choices
@@ -384,7 +385,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     check_model_dir(path)  # config vs tensor shapes (validate.py), from headers, before OUT exists
     source = _source(str(src), resolved, path, kind)
     exporter.check(source)
-    calibration = _calibration_set(path, modes, options)
+    calibration = calibration_set(path, modes, options.method(), options.exporter, options.calibration_file)
 
     with atomic_output_dir(out, options.force) as tmp:
         (tmp / ONNX_DIR).mkdir()
@@ -399,7 +400,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         }
         if options.exporter == "builder":  # which op computes attention, how the q4 embedding is blocked
             record_shape(settings, shape_choices(source.config, options.block_size, options.quantize_embedding))
-        _describe_kept(settings)
+        describe_kept(settings)
         write_sidecars(tmp, path, onnx_config(source.config, variants), source.provenance,
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -409,36 +410,6 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
         reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
     )
-
-
-def _describe_kept(settings: dict) -> None:
-    """The encoders' description follows what mixed precision kept (an 8-bit embedding in a 4-bit variant)."""
-    kept = settings.get("quantization", {}).get("mixed_precision", {}).get("kept")
-    if kept:
-        from .precision import describe_kept
-
-        describe_kept(settings, kept)
-
-
-def _calibration_set(path: Path, modes: tuple[QuantMode, ...], options: ExportOptions):
-    """The checked calibration set when a variant is calibrated (before OUT exists: a bad file
-    writes nothing), else None."""
-    from .calibration import needs_calibration, prepare_calibration
-
-    method = options.method()
-    if not needs_calibration(method, modes):
-        if options.calibration_file is not None and method == "naive":
-            raise ExportError("--calibration was given with the naive method", "drop --calibration or use --quant-method calibrated")
-        return None
-    if options.exporter != "builder":
-        raise ExportError(f"calibrated quantization needs the builder exporter, not {options.exporter}",
-                          "drop --exporter or pass --quant-method naive")
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        raise ExportError("calibrated quantization runs the model on the calibration set and needs torch",
-                          "pip install 'qconv[convert]', or pass --quant-method naive")
-    return prepare_calibration(path, options.calibration_file)
 
 
 def _source(src: str, resolved, path: Path, kind: ArtifactKind) -> _Source:
