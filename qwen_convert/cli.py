@@ -190,13 +190,14 @@ def score(
     variant: Annotated[Optional[str], typer.Option("--variant", help="ONNX exports: which graph (fp32, fp16, int8, q4, q4f16; default fp32).")] = None,
     dtype: Annotated[ScoreDtype, typer.Option("--dtype", help="Torch models: compute dtype.")] = ScoreDtype.float32,
     engine: EngineOpt = Engine.auto,
+    share_prefix: Annotated[bool, typer.Option("--share-prefix/--no-share-prefix", help="ONNX exports with onnx/prefix/ graphs: run each query's shared prompt prefix once.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Score and rank documents for a query with a causal reranker, a seq-cls model or an ONNX export."""
     from qwen_convert.scoring.score import ScoreOptions, score_documents
 
     options = ScoreOptions(instruction=instruction, max_length=max_length, batch_size=batch_size, variant=variant,
-                           dtype=dtype.value, engine=engine.value)
+                           dtype=dtype.value, engine=engine.value, share_prefix=share_prefix)
     emit(score_documents(model, query=query, documents=doc or [], pairs_file=pairs, options=options), as_json)
 
 
@@ -268,6 +269,7 @@ def export_onnx(
     quant_method: Annotated[Optional[str], typer.Option("--quant-method", help="int8/q4/q4f16: calibrated (SmoothQuant / AWQ scales folded into the weights; the builder's default) or naive (round-to-nearest).")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Calibration pairs (JSONL, as --pairs); default: the built-in probes.")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check of what was written.")] = False,
+    prefix_graphs: Annotated[bool, typer.Option("--prefix-graphs/--no-prefix-graphs", help="Builder: also write onnx/prefix/ (each variant with a key/value cache, for prefix-shared scoring; doubles the disk).")] = True,
     reference: Annotated[Optional[str], typer.Option("--reference", help="The original causal reranker to verify against (default: SRC; required when SRC is already seq-cls).")] = None,
     pairs: PairsOpt = None,
     force: ForceOpt = False,
@@ -281,7 +283,7 @@ def export_onnx(
     options = ExportOptions(
         modes=tuple(quantize or ()), block_size=block_size, quantize_embedding=quantize_embedding,
         per_channel=per_channel, fp32=fp32, exporter=exporter, verify=not no_verify, reference=reference,
-        pairs_file=pairs, force=force, quant_method=quant_method, calibration_file=calibration,
+        pairs_file=pairs, force=force, quant_method=quant_method, calibration_file=calibration, prefix_graphs=prefix_graphs,
     )
     with _reporter(quiet) as rep:
         result = run_export(src, out, options, reporter=rep)

@@ -29,6 +29,9 @@ class QuantMode(str, Enum):
 
 
 ONNX_DIR = "onnx"  # the variants' folder inside an export (where transformers.js and optimum look)
+# Each variant's with-past graph (prefix-shared scoring), same file name, in this folder under ONNX_DIR:
+# onnx/prefix/model_quantized.onnx. A subfolder, so loaders that glob onnx/*.onnx never pick it up.
+PREFIX_DIR = "prefix"
 
 
 FILE_NAMES = {

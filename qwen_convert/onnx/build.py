@@ -298,12 +298,14 @@ class Qwen3RerankerBuilder:
 
 
 def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
-               threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None, keep: frozenset[str] = frozenset()) -> BuildResult:
+               threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None, keep: frozenset[str] = frozenset(),
+               builder_class: type | None = None, graph_name: str | None = None) -> BuildResult:
     """Write `mode`'s graph of the reranker in `ckpt` to `path` (+ `<name>_data` above `threshold`).
 
     `fold` (smoothing.FoldPlan): calibrated per-channel scales applied to the weights as they are
     read, so the graph is the same network with different, easier-to-quantize weights. `keep`: linear
-    layers (e.g. model.layers.0.self_attn.q_proj) written in FALLBACK[mode]'s precision instead."""
+    layers (e.g. model.layers.0.self_attn.q_proj) written in FALLBACK[mode]'s precision instead.
+    `builder_class`: a Qwen3RerankerBuilder subclass (prefix.py's with-past graph), same weights."""
     from qwen_convert.checkpoint.validate import check_checkpoint
 
     from .precision import EMBEDDING_FALLBACK, FALLBACK, PRECISIONS
@@ -311,9 +313,9 @@ def build_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeO
     started = time.perf_counter()
     shape = Qwen3Shape.from_config(ckpt.config, ckpt.root)
     check_checkpoint(ckpt)  # config vs every tensor's shape, from the headers, before anything is written
-    with GraphWriter(path, threshold=threshold) as g:
+    with GraphWriter(path, threshold=threshold, **({"graph_name": graph_name} if graph_name else {})) as g:
         reader = WeightReader(ckpt) if not fold else _folded_reader(ckpt, fold)
-        builder = Qwen3RerankerBuilder(g, reader, shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root))
+        builder = (builder_class or Qwen3RerankerBuilder)(g, reader, shape, PRECISIONS[mode], options, score_vector(ckpt, ckpt.root))
         builder.keep, builder.fallback = frozenset(keep), PRECISIONS[FALLBACK.get(mode, mode)]
         builder.embedding_fallback = EMBEDDING_FALLBACK.get(mode, builder.p.embedding)
         builder.build()

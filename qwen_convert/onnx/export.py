@@ -35,6 +35,7 @@ from qwen_convert.errors import ExportError, QconvError, SourceError, first_line
 from qwen_convert.formats import (
     EXTERNAL_DATA_THRESHOLD,
     ONNX_DIR,
+    PREFIX_DIR,
     QUANTIZE_CONFIG,
     ArtifactKind,
     QuantMode,
@@ -77,6 +78,7 @@ class ExportOptions:
 
     def method(self) -> str:
         return self.quant_method or ("calibrated" if self.exporter == "builder" else "naive")
+    prefix_graphs: bool = True  # builder: also each variant's with-past graph, onnx/prefix/<file> (onnx/prefix.py)
 
     def quantize_options(self) -> QuantizeOptions:
         return QuantizeOptions(
@@ -227,6 +229,14 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
                               "QCONV_DEBUG=1 shows the traceback") from exc
         task.advance()
         reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+        if options.prefix_graphs:
+            from .prefix import build_prefix_onnx
+
+            path = tmp / ONNX_DIR / PREFIX_DIR / mode.file_name
+            path.parent.mkdir(exist_ok=True)
+            result = build_prefix_onnx(ckpt, path, mode, options.quantize_options(), options.external_data_threshold,
+                                       fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset()))
+            reporter.log(f"wrote {ONNX_DIR}/{PREFIX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
     return {"quantization": record}
 
 
@@ -401,6 +411,8 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         if options.exporter == "builder":  # which op computes attention, how the q4 embedding is blocked
             record_shape(settings, shape_choices(source.config, options.block_size, options.quantize_embedding))
         describe_kept(settings)
+        if (tmp / ONNX_DIR / PREFIX_DIR).is_dir():
+            settings["prefix"] = _prefix_settings(variants)
         write_sidecars(tmp, path, onnx_config(source.config, variants), source.provenance,
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -442,6 +454,18 @@ def _settings(exporter: str, options: QuantizeOptions) -> dict:
         if describe is not None:
             return describe(options)
     return quantize_settings(options)
+
+
+def _prefix_settings(variants) -> dict:
+    """quantize_config.json's `prefix`: where each variant's with-past graph is and what it takes."""
+    return {
+        "files": {v.mode: f"{ONNX_DIR}/{PREFIX_DIR}/{Path(v.path).name}" for v in variants},
+        "inputs": "input_ids [batch, sequence]; attention_mask [batch, past_sequence + sequence] (past columns 1); "
+                  "past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim], activation dtype",
+        "outputs": "logits [batch, 1] (last real new token); present.{i}.key/.value [batch, kv_heads, past_sequence + sequence, head_dim]",
+        "use": "run the shared prefix with past_sequence = 0 for its present.*, then each pair's own tokens (batch 1 "
+               "when sequence > 1: onnxruntime's GroupQueryAttention) with those as past; `qconv score` does this itself",
+    }
 
 
 def _opset(path: Path) -> int:

@@ -32,6 +32,7 @@ class ScoreOptions:
     dtype: str = "float32"  # torch models only: float32 | bfloat16 | float16
     padding_side: PaddingSide = "left"
     engine: str = "auto"  # torch models: auto | transformers | streamed (qwen_convert/scoring/streamed)
+    share_prefix: bool = True  # ONNX exports with onnx/prefix/ graphs: run each query's shared prefix once (prefix.py)
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,12 @@ class ScoreResult:
     max_length: int
     queries: tuple[QueryResult, ...]
     engine: str = ""  # transformers | streamed | onnxruntime
+    shared_pairs: int = 0  # pairs scored through a shared prefix (the rest with full prompts)
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "kind": self.kind, "scorer": self.scorer, "precision": self.precision, "engine": self.engine,
+            "shared_pairs": self.shared_pairs,
             "instruction": self.instruction, "max_length": self.max_length,
             "queries": [q.to_dict() for q in self.queries],
         }
@@ -112,7 +115,8 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     from qwen_convert.formats import ArtifactKind
     from qwen_convert.hub.resolve import resolve_model
 
-    from .batches import encode_batches, length_order, prompt_encoder, score_pairs
+    from .batches import prompt_encoder
+    from .prefix import check_documents_fit, load_prefix_scorer, score_rows
     from .registry import load_scorers
 
     pairs = _collect_pairs(query, list(documents), pairs_file)
@@ -125,15 +129,18 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     else:
         variants = ()
     encoder = prompt_encoder(resolved.path, options.instruction, options.max_length)
-    order = length_order(encoder, pairs)
-    batches = encode_batches(encoder, [pairs[i] for i in order], options.batch_size, options.padding_side, by_length=True)
+    check_documents_fit(encoder, pairs)
+    if options.batch_size < 1:
+        raise QconvError(f"batch size {options.batch_size} is not positive", "use --batch-size 1 or more")
+    rows = [encoder.ids(p) for p in pairs]
     scorers = load_scorers(resolved.path, variants, options.dtype, kind, engine=options.engine, reporter=reporter)
     if len(scorers) != 1:
         raise QconvError(f"{resolved.path} provides {len(scorers)} scorers for variant {variants}", "name one with --variant")
     scorer = scorers[0]
+    prefix = load_prefix_scorer(scorer) if options.share_prefix else None
     task = reporter.task(f"scoring {len(pairs)} pairs", total=len(pairs))
-    logits = np.empty(len(pairs))
-    logits[order] = score_pairs(scorer, batches, on_batch=task.advance)
+    logits, plan = score_rows(scorer, prefix, rows, list(group_by_query(pairs).values()), options.batch_size,
+                              options.padding_side, encoder.tokens.pad_id, on_rows=task.advance)
     probs = sigmoid(logits)
 
     queries = []
@@ -147,5 +154,5 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     return ScoreResult(
         model=str(resolved.path), kind=kind.value, scorer=scorer.name, precision=scorer.precision,
         instruction=encoder.instruction, max_length=options.max_length, queries=tuple(queries),
-        engine=getattr(scorer, "engine", "onnxruntime"),
+        engine=getattr(scorer, "engine", "onnxruntime"), shared_pairs=plan.shared_rows,
     )

@@ -1,0 +1,140 @@
+"""The prefix-shared scoring graph: the reranker of build.py with a key/value cache in and out.
+
+Every pair of a rerank request starts with the same tokens (system prompt, instruction, `<Query>: `
+and the query), so their keys and values are the same in every pair. This graph runs only the
+tokens after such a shared prefix, attending to the prefix's cache:
+
+    input_ids            [batch, sequence]                         int64: the new tokens
+    attention_mask       [batch, past_sequence + sequence]         int64: prefix columns (all 1), then the new ones
+    past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim]   (the activation dtype)
+  ->
+    logits               [batch, 1]                                float32: the last real new token's score
+    present.{i}.key/.value [batch, kv_heads, past_sequence + sequence, head_dim]
+
+The same graph with past_sequence = 0 computes a prefix's cache (its `present.*`; the names and
+layout are optimum's / onnxruntime-genai's decoder-with-past, BNSH). One graph, not a prefix graph
+plus a suffix graph, because each graph holds all the weights: a second file would double the
+export. The price is that a scoring run also writes its `present.*` (a copy of the batch's cache:
+~15 MB per row for the 0.6B with an 80-token prefix, a few percent of the run).
+
+RoPE positions and the key padding bias come from the whole mask, so a new row may be padded on
+either side (left padding puts the pads between prefix and document: they are masked keys like any
+pad), and position p of a row gets the same rotation as in the full prompt. GroupQueryAttention
+takes the past as `past_key`/`past_value` (its causal mask offsets the new queries by the past
+length); every row is declared full length (`seqlens_k` = total - 1) and padding is the additive
+bias, as in build.py.
+
+The single-input graphs (onnx/model*.onnx) are not touched: ORTModel and transformers.js load those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qwen_convert.checkpoint.files import Checkpoint
+from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, QuantMode
+
+from .build import FLOAT, FLOAT16, INT32, BuildResult, Qwen3RerankerBuilder, build_onnx, inv_freq
+from .quantize import QuantizeOptions
+from .weights import MS_DOMAIN
+
+PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
+
+
+class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
+    """build.py's network with per-layer past key/values: only the inputs, RoPE table, attention and
+    last-token pick differ; embedding, norms, MLP and head are the parent's."""
+
+    def build(self) -> None:
+        g, s = self.g, self.shape
+        ids = g.input("input_ids", np.int64, ["batch", "sequence"])
+        mask = g.input("attention_mask", np.int64, ["batch", "total_sequence"])
+        self.past = []
+        for i in range(s.layers):
+            kv = [g.input(name.format(i), self.act, ["batch", s.kv_heads, "past_sequence", s.head_dim])
+                  for name in (PAST_KEY, PAST_VALUE)]
+            self.past.append(kv)
+        self.make_inputs_with_past(ids, mask)
+        hidden = self.make_embedding(ids)
+        residual = None
+        for i in range(s.layers):
+            hidden, residual = self.make_layer(i, hidden, residual)
+        last = self.make_last_token(hidden, residual)
+        self.make_head(last)
+        for i in range(s.layers):
+            for name in (PRESENT_KEY, PRESENT_VALUE):
+                g.output(name.format(i), self.act, ["batch", s.kv_heads, "total_sequence", s.head_dim])
+
+    def make_inputs_with_past(self, ids: str, mask: str) -> None:
+        """Positions of the new tokens, the key bias [batch, 1, sequence, total], GQA's lengths."""
+        g = self.g
+        one = self.const("const_one", 1)
+        (cumsum,) = g.node("CumSum", [mask, self.const("const_axis1", 1)], name="positions.cumsum")
+        (pos,) = g.node("Sub", [cumsum, one], name="positions.sub")
+        (all_pos,) = g.node("Max", [pos, self.const("const_zero", 0)], name="positions.all")
+        (ids_shape,) = g.node("Shape", [ids], name="ids.shape")
+        (mask_shape,) = g.node("Shape", [mask], name="mask.shape")
+        (self.batch,) = g.node("Gather", [ids_shape, self.const("const_dim0", [0])], name="ids.batch", axis=0)
+        (self.seq,) = g.node("Gather", [ids_shape, self.const("const_dim1", [1])], name="ids.seq", axis=0)
+        (self.total,) = g.node("Gather", [mask_shape, self.const("const_dim1b", [1])], name="mask.total", axis=0)
+        (past,) = g.node("Sub", [self.total, self.seq], name="mask.past")
+        big = self.const("const_end", [np.iinfo(np.int64).max])
+        axis1 = self.const("const_slice_axis1", [1])
+        # The new tokens' columns of the positions and of the mask (the last-token pick reads the latter).
+        (self.positions,) = g.node("Slice", [all_pos, past, big, axis1], name="positions")
+        (self.mask,) = g.node("Slice", [mask, past, big, axis1], name="mask.new")
+        (keep,) = g.node("Cast", [mask], name="mask.bool", to=9)
+        low = np.finfo(self.act).min
+        (bias,) = g.node("Where", [keep, self.const("mask.zero", 0, self.act), self.const("mask.low", low, self.act)], name="mask.bias")
+        (bias4,) = g.node("Unsqueeze", [bias, self.const("const_axes12", [1, 2])], name="mask.bias4")
+        self.one_1d = self.const("const_one_1d", [1])
+        (full,) = g.node("Concat", [self.batch, self.one_1d, self.seq, self.total], name="mask.bias_shape", axis=0)
+        (self.key_bias,) = g.node("Expand", [bias4, full], name="attention_bias")
+        (total32,) = g.node("Cast", [self.total], name="mask.total32", to=INT32)
+        (self.total_len,) = g.node("Squeeze", [total32], name="total_sequence_length")
+        (lens,) = g.node("Sub", [total32, self.const("const_one_i32", [1], np.int32)], name="mask.total_minus_one")
+        (self.seqlens_k,) = g.node("Expand", [lens, self.batch], name="seqlens_k")
+        self.make_rope_table(self.total)
+
+    def make_rope_table(self, length: str) -> None:
+        """cos/sin for positions 0..total-1 (past and new), fp32 then cast like build.py's."""
+        g = self.g
+        (n,) = g.node("Cast", [length], name="rope.total", to=FLOAT)
+        (steps,) = g.node("Range", [self.const("rope.start", 0.0, np.float32), g.node("Squeeze", [n], name="rope.total_scalar")[0],
+                                    self.const("rope.delta", 1.0, np.float32)], name="rope.positions")
+        (col,) = g.node("Unsqueeze", [steps, self.const("const_axes1", [1])], name="rope.column")
+        (freqs,) = g.node("Mul", [col, g.initializer("rope.inv_freq", inv_freq(self.shape)[None, :])], name="rope.freqs")
+        (cos,) = g.node("Cos", [freqs], name="rope.cos")
+        (sin,) = g.node("Sin", [freqs], name="rope.sin")
+        if self.fp16:
+            (cos,) = g.node("Cast", [cos], name="rope.cos16", to=FLOAT16)
+            (sin,) = g.node("Cast", [sin], name="rope.sin16", to=FLOAT16)
+        self.cos, self.sin = cos, sin
+
+    def make_attention(self, prefix: str, x: str) -> str:
+        return self.make_attention_with_past(prefix, x)
+
+    def make_attention_with_past(self, prefix: str, x: str) -> str:
+        s, p = self.shape, prefix + "self_attn."
+        i = int(prefix.split(".")[2])
+        q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", self.linear(p + "q_proj", x), s.heads), s.heads)
+        k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", self.linear(p + "k_proj", x), s.kv_heads), s.kv_heads)
+        v = self.linear(p + "v_proj", x)
+        past_key, past_value = self.past[i]
+        inputs = [q, k, v, past_key, past_value, self.seqlens_k, self.total_len, "", "", "", self.key_bias]
+        attn, _, _ = self.g.node("GroupQueryAttention", inputs, n_outputs=3, domain=MS_DOMAIN, name=p + "attn",
+                                 outputs=[p + "attn/out", PRESENT_KEY.format(i), PRESENT_VALUE.format(i)],
+                                 num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5))
+        return self.linear(p + "o_proj", attn)
+
+
+def build_prefix_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
+                      threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None, keep: frozenset[str] = frozenset()) -> BuildResult:
+    """Write `mode`'s with-past graph of the reranker in `ckpt` to `path` (+ `<name>_data` above
+    `threshold`): build_onnx with this module's builder, so a calibrated variant's folded scales and
+    kept layers are the same in both graphs."""
+    return build_onnx(ckpt, path, mode, options, threshold, fold=fold, keep=keep, builder_class=Qwen3PrefixBuilder,
+                      graph_name="qwen3_reranker_with_past")

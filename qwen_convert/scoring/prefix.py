@@ -1,0 +1,230 @@
+"""Prefix-shared scoring: run the tokens every pair of a query shares once, then only each pair's own.
+
+An ONNX export may carry, beside each variant, its with-past graph (onnx/prefix/<variant file>,
+written by qwen_convert/onnx/prefix.py): the same reranker with per-layer key/value caches in and
+out. The shared part is found on the token rows themselves, the rows full-prompt scoring would run
+(PromptEncoder.ids: same truncation, same tokenizer boundaries), as their longest common prefix, so
+the tokens each score sees are exactly the full prompt's and only the arithmetic is split:
+
+  1. the prefix every row of the request shares (system prompt and instruction) is run once,
+  2. each query's prefix (that plus `<Query>: ...`) once, on top of (1),
+  3. each document's remaining tokens (its body and the template suffix) on top of (2).
+
+Step 3 runs one document at a time: onnxruntime's GroupQueryAttention (1.32) takes a past only for
+batch 1 when more than one new token comes ("batch_size must be 1 when sequence_length > 1 and past
+context is given"). One row needs no padding either, so the padding side plays no part here.
+
+Rows that share less than MIN_SHARED tokens with another row of their query (a query with one
+document, or pairs that share nothing), and exports without the with-past graph, are scored with
+full prompts by the caller's scorer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qwen_convert.errors import QconvError, SourceError
+from qwen_convert.formats import PREFIX_DIR, ArtifactKind
+from qwen_convert.reranker import PaddingSide, Pair, PromptEncoder, format_body, pad_rows
+
+from .base import Scorer
+
+# A shared run costs one session call: below this many shared tokens it saves less than it costs.
+MIN_SHARED = 16
+PAST = "past_key_values."
+PRESENT = "present."
+
+
+def prefix_graph(variant_path: Path) -> Path:
+    """Where an ONNX variant's with-past graph lives: onnx/prefix/<the variant's file name>."""
+    return variant_path.parent / PREFIX_DIR / variant_path.name
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """A prefix's keys and values, per layer, batch 1: {past_key_values.{i}.key/value: [1, kv, n, d]}."""
+
+    tokens: tuple[int, ...]
+    past: dict[str, np.ndarray]
+
+
+@dataclass
+class PrefixScorer:
+    """onnxruntime over one variant's with-past graph."""
+
+    path: Path
+    name: str
+    precision: str
+    threads: int | None = None
+    kind: ArtifactKind = ArtifactKind.ONNX
+    _session: object = field(default=None, repr=False)
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            try:
+                self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SourceError(f"onnxruntime cannot load {self.path}: {first}", "re-export it with qconv export-onnx") from exc
+            self._past_names = [i.name for i in self._session.get_inputs() if i.name.startswith(PAST)]
+            if not self._past_names:
+                raise SourceError(f"{self.path} has no {PAST}* inputs: not a with-past graph", "re-export it with qconv export-onnx")
+        return self._session
+
+    def empty(self) -> KVCache:
+        session = self.session
+        past = {}
+        for i in session.get_inputs():
+            if i.name.startswith(PAST):
+                dtype = np.float16 if "float16" in i.type else np.float32
+                past[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=dtype)
+        return KVCache((), past)
+
+    def _feeds(self, base: KVCache, new: Sequence[int]) -> dict:
+        total = len(base.tokens) + len(new)
+        return {"input_ids": np.asarray([new], dtype=np.int64), "attention_mask": np.ones((1, total), dtype=np.int64), **base.past}
+
+    def extend(self, base: KVCache, tokens: Sequence[int]) -> KVCache:
+        """The cache of `tokens`, which start with base.tokens: only the rest is run."""
+        tokens = tuple(tokens)
+        if tokens[: len(base.tokens)] != base.tokens or len(tokens) <= len(base.tokens):
+            raise ValueError("extend() needs tokens that continue the base prefix")
+        names = [PRESENT + n[len(PAST):] for n in self._past_names_ordered()]
+        outs = self.session.run(names, self._feeds(base, tokens[len(base.tokens):]))
+        return KVCache(tokens, {PAST + n[len(PRESENT):]: a for n, a in zip(names, outs)})
+
+    def _past_names_ordered(self) -> list[str]:
+        self.session  # noqa: B018 (loads and checks the graph)
+        return self._past_names
+
+    def score_suffix(self, cache: KVCache, suffix: Sequence[int]) -> float:
+        """The logit of the row cache.tokens + suffix (suffix non-empty)."""
+        (logits,) = self.session.run(["logits"], self._feeds(cache, suffix))
+        return float(logits[0, 0])
+
+
+def common_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of `rows`, leaving every row at least one token of its own
+    (the score is read at a row's last token, which must be run with the row)."""
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SharePlan:
+    """Which rows go through a shared prefix and which through full prompts."""
+
+    template: int  # tokens shared by every shared group (0: none worth a run)
+    groups: tuple[tuple[int, tuple[int, ...]], ...]  # (shared length, row indices) per query
+    full: tuple[int, ...]  # rows scored with full prompts
+
+    @property
+    def shared_rows(self) -> int:
+        return sum(len(idx) for _, idx in self.groups)
+
+
+def plan_sharing(rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], min_shared: int = MIN_SHARED) -> SharePlan:
+    """Per group of rows (one query's pairs): share its common prefix when it has two or more rows
+    and they share at least `min_shared` tokens; everything else is scored with full prompts."""
+    shared: list[tuple[int, tuple[int, ...]]] = []
+    full: list[int] = []
+    for idx in groups:
+        n = common_length([rows[i] for i in idx]) if len(idx) > 1 else 0
+        if n >= min_shared:
+            shared.append((n, tuple(idx)))
+        else:
+            full.extend(idx)
+    template = 0
+    if len(shared) > 1:
+        # The groups' shared prefixes, each cut one token longer: common_length keeps that token out.
+        template = common_length([rows[idx[0]][: n + 1] for n, idx in shared])
+        template = template if template >= min_shared else 0
+    return SharePlan(template, tuple(shared), tuple(sorted(full)))
+
+
+def score_shared(prefix: PrefixScorer, rows: Sequence[Sequence[int]], plan: SharePlan,
+                 on_row: Callable[[int], None] | None = None) -> dict[int, float]:
+    """Logits of the plan's shared rows, by row index."""
+    empty = prefix.empty()
+    template = prefix.extend(empty, rows[plan.groups[0][1][0]][: plan.template]) if plan.template else empty
+    out: dict[int, float] = {}
+    for n, idx in plan.groups:
+        first = rows[idx[0]]
+        cache = prefix.extend(template, first[:n]) if n > len(template.tokens) else template
+        for i in idx:
+            out[i] = prefix.score_suffix(cache, rows[i][n:])
+            if on_row is not None:
+                on_row(1)
+    return out
+
+
+def score_rows(full: Scorer, prefix: PrefixScorer | None, rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
+               batch_size: int, padding_side: PaddingSide, pad_id: int,
+               on_rows: Callable[[int], None] | None = None) -> tuple[np.ndarray, SharePlan]:
+    """One logit per row: shared rows through `prefix`, the rest in length-ordered padded batches
+    through `full` (as score_documents batches them)."""
+    from .batches import length_batches, score_pairs
+
+    plan = plan_sharing(rows, groups) if prefix is not None else SharePlan(0, (), tuple(range(len(rows))))
+    logits = np.empty(len(rows))
+    if plan.groups:
+        for i, v in score_shared(prefix, rows, plan, on_rows).items():
+            logits[i] = v
+    if plan.full:
+        order = sorted(plan.full, key=lambda i: len(rows[i]))
+        batches = [pad_rows([rows[i] for i in order[a:b]], pad_id, padding_side)
+                   for a, b in length_batches([len(rows[i]) for i in order], batch_size)]
+        logits[order] = score_pairs(full, batches, on_batch=on_rows)
+    return logits, plan
+
+
+def load_prefix_scorer(scorer: Scorer) -> PrefixScorer | None:
+    """The with-past graph of an ONNX variant scorer, or None where the export has none (older
+    exports, the optimum exporter) or the scorer is not an ONNX file."""
+    path = getattr(scorer, "path", None)
+    if scorer.kind is not ArtifactKind.ONNX or path is None:
+        return None
+    graph = prefix_graph(Path(path))
+    if not graph.is_file():
+        return None
+    from .onnx_scorers import check_variant_files
+
+    check_variant_files(graph)
+    return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, getattr(scorer, "threads", None))
+
+
+def check_documents_fit(encoder: PromptEncoder, pairs: Sequence[Pair]) -> None:
+    """Refuse a query whose prompt leaves its documents no token under the max length: every such
+    pair would score the query alone (the same score for every document), never what was asked."""
+    seen: set[str] = set()
+    for pair in pairs:
+        if pair.query in seen:
+            continue
+        seen.add(pair.query)
+        # The body up to `<Document>:` (the space before the document merges into its first word).
+        head = format_body(pair.query, "", encoder.instruction).rstrip()
+        used = len(encoder.tokenizer.encode(head, add_special_tokens=False))
+        if used >= encoder.body_budget:
+            short = pair.query if len(pair.query) <= 40 else pair.query[:39] + "…"
+            raise QconvError(
+                f"query {short!r} with the instruction takes {used} tokens; max length {encoder.max_length} leaves "
+                f"{encoder.body_budget} for query and document, so its documents would be cut away entirely",
+                f"raise --max-length above {encoder.max_length - encoder.body_budget + used}, or shorten the query",
+            )
+

@@ -1,0 +1,198 @@
+"""Prefix-shared scoring (onnx/prefix.py writes the with-past graph, scoring/prefix.py runs it).
+
+Scores through a shared prefix are held against two independent references: the export's own
+full-prompt graph run on padded batches (both padding sides), and transformers' causal model in
+fp32, one unpadded prompt at a time. Each parity test also asserts that the prefix path really
+ran (shared_pairs), so a silent fallback to full prompts cannot pass it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from qwen_convert.errors import QconvError
+from qwen_convert.onnx.export import ExportOptions, export_onnx
+from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer, pad_rows
+from qwen_convert.scoring.prefix import PrefixScorer, common_length, plan_sharing, score_rows
+from qwen_convert.scoring.score import ScoreOptions, score_documents
+
+QUERY = "what does a cat eat"
+DOCS = [
+    "cats are obligate carnivores and eat mostly meat",
+    "the stock market closed higher today",
+    "a cat " * 40,  # long: the short ones are heavily padded next to it in a full-prompt batch
+    "fish",
+    "Kittens need more protein than adult cats; wet food helps them drink enough water.",
+]
+MAX_LENGTH = 256
+
+
+@pytest.fixture(scope="module")
+def export(tiny_models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prefix") / "onnx"
+    export_onnx(tiny_models["tied_fp32"], out, ExportOptions(modes=("int8",), verify=False))
+    return out
+
+
+def _full_graph(export: Path, mode_file: str, pairs: list[Pair], side: str) -> np.ndarray:
+    """The export's single-input graph over one padded batch of full prompts."""
+    import onnxruntime as ort
+
+    enc = PromptEncoder(load_tokenizer(export), max_length=MAX_LENGTH)
+    batch = pad_rows([enc.ids(p) for p in pairs], enc.tokens.pad_id, side)
+    session = ort.InferenceSession(str(export / "onnx" / mode_file), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})[0][:, 0].astype(np.float64)
+
+
+def _torch(src: Path, pairs: list[Pair]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    enc = PromptEncoder(load_tokenizer(src), max_length=MAX_LENGTH)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for pair in pairs:
+            logits = model(input_ids=torch.tensor([enc.ids(pair)])).logits[0, -1]
+            out.append(float(logits[enc.tokens.yes_id] - logits[enc.tokens.no_id]))
+    return np.array(out)
+
+
+def _scored(export: Path, pairs_file: Path | None = None, variant: str = "fp32", share: bool = True, **kw):
+    options = ScoreOptions(max_length=MAX_LENGTH, variant=variant, share_prefix=share, **kw)
+    if pairs_file is not None:
+        result = score_documents(export, pairs_file=pairs_file, options=options)
+    else:
+        result = score_documents(export, QUERY, DOCS, options=options)
+    logits = {(q.query, d.index): d.logit for q in result.queries for d in q.documents}
+    return result, logits
+
+
+def _in_order(logits: dict, pairs: list[Pair]) -> np.ndarray:
+    seen: dict[str, int] = {}
+    out = []
+    for p in pairs:
+        j = seen.get(p.query, 0)
+        seen[p.query] = j + 1
+        out.append(logits[(p.query, j)])
+    return np.array(out)
+
+
+def test_export_writes_prefix_graphs_and_leaves_the_plain_graphs_alone(export, tiny_models, tmp_path):
+    config = json.loads((export / "quantize_config.json").read_text())
+    assert config["prefix"]["files"] == {"fp32": "onnx/prefix/model.onnx", "int8": "onnx/prefix/model_quantized.onnx"}
+    graph = onnx.load(str(export / "onnx" / "prefix" / "model_quantized.onnx"))
+    layers = json.loads((export / "config.json").read_text())["num_hidden_layers"]
+    inputs = [i.name for i in graph.graph.input]
+    outputs = [o.name for o in graph.graph.output]
+    assert inputs[:2] == ["input_ids", "attention_mask"] and len(inputs) == 2 + 2 * layers
+    assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"] and len(outputs) == 1 + 2 * layers
+    # The single-input graphs ORTModel and transformers.js load are byte for byte what they were.
+    plain = tmp_path / "plain"
+    export_onnx(tiny_models["tied_fp32"], plain, ExportOptions(modes=("int8",), verify=False, prefix_graphs=False))
+    assert not (plain / "onnx" / "prefix").exists() and "prefix" not in json.loads((plain / "quantize_config.json").read_text())
+    for name in ("model.onnx", "model_quantized.onnx"):
+        assert (plain / "onnx" / name).read_bytes() == (export / "onnx" / name).read_bytes()
+
+
+def test_fp32_prefix_scores_equal_full_prompts_and_torch(export, tiny_models):
+    pairs = [Pair(QUERY, d) for d in DOCS]
+    result, logits = _scored(export)
+    assert result.shared_pairs == len(DOCS)
+    got = _in_order(logits, pairs)
+    for side in ("left", "right"):
+        full = _full_graph(export, "model.onnx", pairs, side)
+        assert np.abs(got - full).max() <= 1e-5, side
+    assert np.abs(got - _torch(tiny_models["tied_fp32"], pairs)).max() <= 1e-4
+    # --no-share-prefix runs the full-prompt graph: the same numbers.
+    off, off_logits = _scored(export, share=False)
+    assert off.shared_pairs == 0
+    assert np.abs(_in_order(off_logits, pairs) - got).max() <= 1e-5
+
+
+def test_int8_prefix_scores_within_int8_gates(export, tiny_models):
+    """DynamicQuantizeMatMul scales activations per run, so a prefix run and a padded batch quantize
+    differently: held to verify's int8 gate (max |ΔP(yes)| 0.1) against both references."""
+    pairs = [Pair(QUERY, d) for d in DOCS]
+    result, logits = _scored(export, variant="int8")
+    assert result.shared_pairs == len(DOCS) and result.precision == "int8"
+    p = 1 / (1 + np.exp(-_in_order(logits, pairs)))
+    for ref in (_full_graph(export, "model_quantized.onnx", pairs, "left"), _full_graph(export, "model_quantized.onnx", pairs, "right"),
+                _torch(tiny_models["tied_fp32"], pairs)):
+        assert np.abs(p - 1 / (1 + np.exp(-ref))).max() <= 0.1
+
+
+def test_pairs_file_shares_the_template_across_queries_and_the_query_within_one(export, tmp_path):
+    rows = [{"query": q, "document": d} for q in ("cats", "what is the tallest mountain on earth") for d in DOCS[:3]]
+    rows.append({"query": "alone", "document": "a query with one document is scored with its full prompt"})
+    file = tmp_path / "pairs.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [Pair(r["query"], r["document"]) for r in rows]
+    result, logits = _scored(export, pairs_file=file)
+    assert result.shared_pairs == 6
+    full = _full_graph(export, "model.onnx", pairs, "left")
+    assert np.abs(_in_order(logits, pairs) - full).max() <= 1e-5
+
+
+def test_truncated_documents_score_like_truncated_full_prompts(export):
+    """A document cut at --max-length: the prefix path runs the full path's truncated rows."""
+    pairs = [Pair(QUERY, "word " * 400), Pair(QUERY, "cats " * 300), Pair(QUERY, "short")]
+    file_logits = {}
+    for share in (True, False):
+        result = score_documents(export, QUERY, [p.document for p in pairs],
+                                 options=ScoreOptions(max_length=120, share_prefix=share))
+        assert result.shared_pairs == (3 if share else 0)
+        file_logits[share] = np.array(sorted((d.index, d.logit) for q in result.queries for d in q.documents))[:, 1]
+    assert np.abs(file_logits[True] - file_logits[False]).max() <= 1e-5
+
+
+def test_a_prompt_that_leaves_documents_no_room_is_a_one_line_error(export):
+    with pytest.raises(QconvError) as err:
+        score_documents(export, "long query " * 100, ["a", "b"], options=ScoreOptions(max_length=120))
+    assert "cut away entirely" in str(err.value) and "--max-length" in err.value.hint
+    assert "\n" not in str(err.value)
+
+
+def test_export_without_prefix_graphs_falls_back_to_full_prompts(export, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(export, old)
+    shutil.rmtree(old / "onnx" / "prefix")
+    result, logits = _scored(old)
+    assert result.shared_pairs == 0
+    _, shared = _scored(export)
+    assert max(abs(logits[k] - shared[k]) for k in shared) <= 1e-5
+
+
+def test_rows_with_different_instructions_share_only_what_their_tokens_share(export):
+    """Pairs of one query under two instructions (a server request may mix them): the plan shares
+    the common tokens only, and every score equals its own full prompt."""
+    tok = load_tokenizer(export)
+    a, b = PromptEncoder(tok, "Find passages about pets", MAX_LENGTH), PromptEncoder(tok, "Judge the finance relevance", MAX_LENGTH)
+    pairs = [Pair(QUERY, d) for d in DOCS[:4]]
+    rows = [a.ids(pairs[0]), b.ids(pairs[1]), a.ids(pairs[2]), b.ids(pairs[3])]
+    plan = plan_sharing(rows, [[0, 1, 2, 3]])
+    n = plan.groups[0][0]
+    assert n == common_length(rows) and n < len(a.prefix_ids) + 12  # stops inside the instruction
+    prefix = PrefixScorer(export / "onnx" / "prefix" / "model.onnx", "p", "fp32")
+    got, _ = score_rows(None, prefix, rows, [[0, 1, 2, 3]], 8, "left", a.tokens.pad_id)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(export / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for i, row in enumerate(rows):
+        (ref,) = session.run(["logits"], {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), np.int64)})
+        assert abs(got[i] - ref[0, 0]) <= 1e-5
+
+
+def test_plan_sharing_falls_back_where_nothing_is_shared():
+    rows = [[1, 2, 3], [9, 8, 7, 6], list(range(40)), list(range(40)) + [5]]
+    plan = plan_sharing(rows, [[0, 1], [2, 3]], min_shared=16)
+    assert plan.full == (0, 1) and plan.groups == ((39, (2, 3)),) and plan.template == 0
+    # Identical rows still keep one token each for their own run (the score is read there).
+    assert common_length([[1, 2, 3], [1, 2, 3]]) == 2
