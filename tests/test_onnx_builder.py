@@ -291,6 +291,7 @@ def test_no_fp32_writes_only_the_named_variants(tiny_models, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert [v["mode"] for v in result["variants"]] == ["int8", "q4f16"] and result["verification"] is None
-    assert sorted(p.name for p in (tmp_path / "out" / "onnx").iterdir()) == ["model_q4f16.onnx", "model_quantized.onnx"]
+    assert sorted(p.name for p in (tmp_path / "out" / "onnx").iterdir()) == ["model_q4f16.onnx", "model_quantized.onnx", "prefix"]
+    assert sorted(p.name for p in (tmp_path / "out" / "onnx" / "prefix").iterdir()) == ["model_q4f16.onnx", "model_quantized.onnx"]
     code, _, err = _cli("export-onnx", tiny_models["untied_bf16_sharded"], tmp_path / "none", "--no-fp32", "--no-verify")
     assert code == 1 and err.count("\n") == 1 and "--quantize" in err and not (tmp_path / "none").exists()

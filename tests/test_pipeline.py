@@ -160,7 +160,7 @@ def test_recipe_without_fp32_writes_no_fp32_graph_and_gates_against_the_causal_r
     result = run_cli(str(recipe), "--out", str(out), "--json")
     assert result.exit_code == 0, result.output
     files = {p.name for p in (out / "onnx" / "onnx").iterdir()}
-    assert files == {"model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"}, files  # no model.onnx(_data), no fp16
+    assert files == {"model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx", "prefix"}, files  # no model.onnx(_data), no fp16
     settings = json.loads((out / "onnx" / "quantize_config.json").read_text())
     assert settings["exporter"] == "builder" and list(settings["files"]) == ["int8", "q4", "q4f16"]
 

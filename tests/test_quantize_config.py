@@ -69,7 +69,7 @@ def test_keeps_every_key_of_quantize_settings(export):
     assert settings["shape"]["attention"] == "com.microsoft GroupQueryAttention" and not settings["shape"]["notes"]
     # How the weights were prepared before encoding (calibration, tests/test_calibration.py) is its own key.
     assert settings["quantization"]["method"] == "calibrated"
-    written = {k: v for k, v in settings.items() if k not in ("qconv_version", "exporter", "opset", "files", "shape", "quantization")}
+    written = {k: v for k, v in settings.items() if k not in ("qconv_version", "exporter", "opset", "files", "shape", "quantization", "prefix")}
     kept = settings["quantization"].get("mixed_precision", {}).get("kept", {})
     # what export wrote is this function (with what calibration kept at higher precision written in)
     assert written == json.loads(json.dumps(describe_kept(precision_settings(options), kept)))

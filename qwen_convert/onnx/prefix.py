@@ -29,6 +29,8 @@ The single-input graphs (onnx/model*.onnx) are not touched: ORTModel and transfo
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +133,25 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
         return self.linear(p + "o_proj", attn)
 
 
+@contextmanager
+def _quiet_shape_inference():
+    """onnxruntime's symbolic shape inference warns that it "cannot determine if -sequence +
+    total_sequence < 0" at the Slice of the new tokens' columns (total - sequence is the past
+    length, never negative): a warning on stderr about nothing, once per layer."""
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_prefix_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
                       threshold: int = EXTERNAL_DATA_THRESHOLD, fold=None, keep: frozenset[str] = frozenset()) -> BuildResult:
     """Write `mode`'s with-past graph of the reranker in `ckpt` to `path` (+ `<name>_data` above
     `threshold`): build_onnx with this module's builder, so a calibrated variant's folded scales and
     kept layers are the same in both graphs."""
-    return build_onnx(ckpt, path, mode, options, threshold, fold=fold, keep=keep, builder_class=Qwen3PrefixBuilder,
-                      graph_name="qwen3_reranker_with_past")
+    with _quiet_shape_inference():
+        return build_onnx(ckpt, path, mode, options, threshold, fold=fold, keep=keep, builder_class=Qwen3PrefixBuilder,
+                          graph_name="qwen3_reranker_with_past")

@@ -1,0 +1,272 @@
+"""Prefix-shared scoring vs full prompts vs torch bf16, and q4 vs int8, on the real-shaped 0.6B (issue #20).
+
+    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_prefix.py [--rounds 3] [--queries 4]
+
+Part `prefix`: realistic rerank requests (official template, default instruction, queries with 20
+documents of 60-100 tokens from a fixed generated text set) through `score_documents`:
+  * qconv int8 full prompts   (--no-share-prefix: length-ordered batches of 8)
+  * qconv int8 prefix-shared  (onnx/prefix/model_quantized.onnx)
+  * torch bf16: qconv's seq-cls conversion + AutoModelForSequenceClassification (the peer)
+Part `q4`: shape A (batch 8 x 256 tokens, 3 rows left-padded) through the builder's int8 graph and
+its q4 graph at MatMulNBits accuracy_level 0, 1 and 4.
+
+Every engine runs in its own process (load excluded, one warm-up request), rounds interleaved,
+2 threads, inside a memory cgroup when /sys/fs/cgroup/memory is writable, peak RSS by
+/usr/bin/time. The checkpoint is random (benchmarks/make_checkpoint.py), the tokenizer the package's
+small one, so prompts have more tokens than Qwen's tokenizer would give them: the template prefix
+with a query is ~86 tokens here (~55-65 with Qwen's). Writes its section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work"
+CKPT = WORK / "qwen3-reranker-0.6b"
+EXPORT = WORK / "prefix-int8"
+SEQCLS = WORK / "prefix-seqcls"
+PAIRS = WORK / "prefix-pairs.jsonl"
+CGROUP = Path("/sys/fs/cgroup/memory/qconv-bench-prefix")
+START, END = "<!-- bench_prefix:start -->", "<!-- bench_prefix:end -->"
+THREADS = 2
+LEVELS = (0, 1, 4)
+
+WORDS = ("the of and to in is that for it as with was on are by this be from or have an they which one you were all "
+         "we when there can more has been if will their so would about what out up into them some could time these "
+         "two may then do first any my now such like our over man me even most made after also did many before must "
+         "through back years where much your way well down should because each just those people how too little state "
+         "good very make world still own see men work long get here between both life being under never day same "
+         "another know while last might us great old year off come since against go came right used take three "
+         "energy water system light solar river market protein science history city music health climate data ocean "
+         "plant cell river engine signal planet metal carbon theory animal forest island policy").split()
+QUERIES = ("what causes the northern lights to appear", "how do vaccines train the immune system",
+           "why did the roman empire fall", "which metals conduct electricity best", "how does a heat pump work",
+           "what is the tallest mountain in africa", "when were the first cities built", "how do bees find flowers")
+
+
+def log(msg: str) -> None:
+    print(f"[bench_prefix {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def py() -> str:
+    return sys.executable
+
+
+def qconv(*args: str) -> None:
+    subprocess.run([str(Path(py()).parent / "qconv"), *args], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+def make_pairs(queries: int) -> None:
+    """queries x 20 documents of 60-100 tokens (this tokenizer), from a seeded generator."""
+    import random
+
+    from qwen_convert.reranker import open_tokenizer
+
+    tok = open_tokenizer(CKPT)
+    rng = random.Random(20)
+    rows = []
+    for q in QUERIES[:queries]:
+        for _ in range(20):
+            target, words = rng.randint(60, 100), []
+            while len(tok.encode(" ".join(words))) < target:
+                words.append(rng.choice(WORDS))
+            rows.append({"query": q, "document": " ".join(words).capitalize() + "."})
+    PAIRS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def setup(args) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not (CKPT / "model.safetensors").exists():
+        log("writing the 0.6B random checkpoint")
+        subprocess.run([py(), str(ROOT / "benchmarks" / "make_checkpoint.py"), "0.6b", str(CKPT)], check=True)
+    if not (EXPORT / "onnx" / "prefix" / "model_quantized.onnx").exists():
+        log("exporting int8 (+ its with-past graph) with the builder")
+        qconv("export-onnx", str(CKPT), str(EXPORT), "--no-fp32", "--quantize", "int8", "--no-verify", "--force", "--quiet")
+    if not (SEQCLS / "config.json").exists():
+        log("converting to seq-cls for the torch peer")
+        qconv("seqcls", str(CKPT), str(SEQCLS), "--force", "--quiet")
+    for level in LEVELS:
+        path = WORK / f"q4-level{level}.onnx"
+        if not path.exists():
+            log(f"building q4 at accuracy_level {level}")
+            code = ("import sys; from pathlib import Path; from qwen_convert.checkpoint.files import open_checkpoint; "
+                    "from qwen_convert.onnx.build import build_onnx; from qwen_convert.onnx.quantize import QuantizeOptions; "
+                    "from qwen_convert.formats import QuantMode; "
+                    f"build_onnx(open_checkpoint(Path({str(CKPT)!r})), Path({str(path)!r}), QuantMode.Q4, QuantizeOptions(accuracy_level={level}))")
+            subprocess.run([py(), "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    make_pairs(args.queries)
+
+
+# --- workers (one engine, one process) ------------------------------------------------------------
+
+def worker_score(kind: str) -> dict:
+    """Realistic requests through score_documents: one request per query, timed after a warm-up."""
+    from qwen_convert.scoring.probes import load_pairs
+    from qwen_convert.scoring.score import ScoreOptions, score_documents
+
+    pairs = load_pairs(PAIRS)
+    queries: dict[str, list[str]] = {}
+    for p in pairs:
+        queries.setdefault(p.query, []).append(p.document)
+    if kind == "torch-bf16":
+        import torch
+
+        torch.set_num_threads(THREADS)
+        model, options = SEQCLS, ScoreOptions(dtype="bfloat16", engine="transformers")
+    else:
+        model, options = EXPORT, ScoreOptions(variant="int8", share_prefix=kind == "int8-prefix")
+    first = next(iter(queries))
+    score_documents(model, first, queries[first][:4], options=options)  # load + warm-up
+    started, shared = time.perf_counter(), 0
+    for q, docs in queries.items():
+        shared += score_documents(model, q, docs, options=options).shared_pairs
+    seconds = time.perf_counter() - started
+    return {"pairs": len(pairs), "seconds": seconds, "pairs_per_s": len(pairs) / seconds, "shared_pairs": shared}
+
+
+def worker_shape_a(path: str) -> dict:
+    """Batch 8 x 256 tokens, 3 rows left-padded (to 200), random ids: pairs/s of one graph."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, 5000, size=(8, 256), dtype=np.int64)
+    mask = np.ones((8, 256), dtype=np.int64)
+    mask[:3, :56] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    session.run(["logits"], feeds)
+    runs, started = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - started < 8:
+        session.run(["logits"], feeds)
+        runs += 1
+    seconds = time.perf_counter() - started
+    return {"pairs": 8 * runs, "seconds": seconds, "pairs_per_s": 8 * runs / seconds}
+
+
+def run_worker(args: list[str]) -> dict:
+    """One engine in a fresh process, in the memory cgroup when there is one; adds peak RSS."""
+    cmd = [py(), str(Path(__file__).resolve()), "--worker", *args]
+    if CGROUP.is_dir():
+        cmd = ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
+    out = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(THREADS)})
+    if out.returncode:
+        raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["peak_rss_mib"] = int(out.stderr.strip().splitlines()[-1]) / 1024
+    return result
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile") if f in flags]
+    return {"cpu": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(), "flags": wanted,
+            "load": os.getloadavg()}
+
+
+def setup_cgroup(limit_gib: int) -> None:
+    try:
+        CGROUP.mkdir(exist_ok=True)
+        (CGROUP / "memory.limit_in_bytes").write_text(str(limit_gib << 30))
+    except OSError as exc:
+        log(f"no memory cgroup ({exc.strerror}): running without one")
+
+
+def bench(args) -> dict:
+    setup(args)
+    setup_cgroup(args.memory_gib)
+    before = machine()
+    log(f"{before['cpu']}, flags {' '.join(before['flags'])}, load {before['load']}")
+    engines: list[tuple[str, list[str]]] = []
+    if "prefix" in args.parts:
+        engines += [(k, ["score", k]) for k in ("int8-full", "int8-prefix", "torch-bf16")]
+    if "q4" in args.parts:
+        engines += [("A int8", ["shape-a", str(EXPORT / "onnx" / "model_quantized.onnx")])]
+        engines += [(f"A q4 level {lv}", ["shape-a", str(WORK / f"q4-level{lv}.onnx")]) for lv in LEVELS]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in engines}
+    for r in range(args.rounds):
+        for name, worker in engines:
+            result = run_worker(worker)
+            runs[name].append(result)
+            log(f"round {r + 1} {name}: {result['pairs_per_s']:.2f} pairs/s, {result['peak_rss_mib']:.0f} MiB")
+    return {"machine": before, "load_after": os.getloadavg(), "rounds": args.rounds, "runs": runs,
+            "queries": args.queries}
+
+
+def median(runs: list[dict], key: str = "pairs_per_s") -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def section(r: dict) -> str:
+    m, runs = r["machine"], r["runs"]
+    lines = [START, "## Prefix-shared scoring and q4 vs int8 on CPU (benchmarks/bench_prefix.py, issue #20)", "",
+             f"{m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
+             f"{THREADS} threads; median of {r['rounds']} interleaved rounds, each engine in its own process. "
+             f"Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} after (other jobs shared the CPU: "
+             "compare ratios within this table, not absolute numbers across machines).", ""]
+    if "int8-full" in runs:
+        full = median(runs["int8-full"])
+        lines += [f"Realistic requests: {r['queries']} queries x 20 documents of 60-100 tokens, official template, default "
+                  "instruction, one `score_documents` call per query (tokenizing included, loading excluded); random 0.6B, "
+                  "the package's small tokenizer (template + query ~86 tokens, document + suffix ~93).", "",
+                  "| engine | pairs/s | vs int8 full prompts | peak RSS MiB | rounds (pairs/s) |", "|---|---|---|---|---|"]
+        for name in ("int8-full", "int8-prefix", "torch-bf16"):
+            v = median(runs[name])
+            lines.append(f"| {name} | {v:.2f} | {v / full:.2f}x | {median(runs[name], 'peak_rss_mib'):.0f} | "
+                         f"{', '.join(format(x['pairs_per_s'], '.2f') for x in runs[name])} |")
+        lines.append("")
+    if "A int8" in runs:
+        base = median(runs["A int8"])
+        lines += ["Shape A (batch 8 x 256 tokens, 3 rows left-padded), the builder's full-prompt graphs:", "",
+                  "| graph | pairs/s | vs int8 | peak RSS MiB |", "|---|---|---|---|"]
+        for name in [n for n in runs if n.startswith("A ")]:
+            v = median(runs[name])
+            lines.append(f"| {name[2:]} | {v:.2f} | {v / base:.2f}x | {median(runs[name], 'peak_rss_mib'):.0f} |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", nargs="+")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=4)
+    ap.add_argument("--parts", default="prefix,q4")
+    ap.add_argument("--memory-gib", type=int, default=8)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        kind, arg = args.worker[0], args.worker[1]
+        print(json.dumps(worker_score(arg) if kind == "score" else worker_shape_a(arg)))
+        return
+    result = bench(args)
+    (WORK / "bench_prefix.json").write_text(json.dumps(result, indent=2))
+    text = section(result)
+    print(text)
+    if not args.no_write:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from report import write_section
+
+        write_section(text, START, END)
+
+
+if __name__ == "__main__":
+    main()
