@@ -43,6 +43,13 @@ bench-onnx: optimum
 bench-onnx-speed: optimum
 	flock /tmp/qconv-heavy.lock $(OPTIMUM_VENV)/bin/python benchmarks/bench_onnx_speed.py
 
+# ~20 min on 2 busy cores, ~2 GB of exports in benchmarks/.work: realistic rerank requests (queries x 20
+# documents of 60-100 tokens) through int8 full prompts vs prefix-shared int8 vs torch bf16, and q4 at
+# MatMulNBits accuracy levels 0/1/4 vs int8 at batch 8x256 (benchmarks/bench_prefix.py, issue #20).
+.PHONY: bench-prefix
+bench-prefix: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_prefix.py
+
 # ~15 min, <1 GB for the builder, ~10 GB once for the optimum path: five-variant export of the 0.6B shape,
 # builder vs optimum side by side, and of the 8b-wide checkpoint (benchmarks/bench_export.py).
 .PHONY: bench-export bench-8b

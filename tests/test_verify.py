@@ -445,10 +445,13 @@ def test_cli_real_onnx_export_with_variant(tiny_models, candidates, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr == ""  # --quiet: not even transformers' own "Loading weights" bar
     data = json.loads(r.stdout)
-    assert [(c["name"], c["precision"]) for c in data["candidates"]] == [("onnx/fp32", "fp32"), ("onnx/fp16", "fp16"), ("seqcls", "fp32")]
-    fp32, fp16, seqcls = data["candidates"]
-    assert fp32["max_abs_logit"] < 1e-5 and seqcls["max_abs_logit"] < 1e-5
+    # Each variant's with-past graph (onnx/prefix/) is a candidate of its own, under the variant's gate.
+    assert [(c["name"], c["precision"]) for c in data["candidates"]] == [
+        ("onnx/fp32", "fp32"), ("onnx/fp32+prefix", "fp32"), ("onnx/fp16", "fp16"), ("onnx/fp16+prefix", "fp16"), ("seqcls", "fp32")]
+    fp32, fp32_prefix, fp16, fp16_prefix, seqcls = data["candidates"]
+    assert fp32["max_abs_logit"] < 1e-5 and seqcls["max_abs_logit"] < 1e-5 and fp32_prefix["max_abs_logit"] < 1e-5
     assert 1e-6 < fp16["max_abs_logit"] < 2e-2 and fp16["gate"]["max_abs_logit"] == 2e-2
+    assert 1e-6 < fp16_prefix["max_abs_logit"] < 2e-2 and fp16_prefix["passed"]
     assert "onnxruntime" in data["versions"] and data["ndcg"]["gains"] == "labels"
 
 

@@ -228,3 +228,35 @@ def check_documents_fit(encoder: PromptEncoder, pairs: Sequence[Pair]) -> None:
                 f"raise --max-length above {encoder.max_length - encoder.body_budget + used}, or shorten the query",
             )
 
+
+
+@dataclass
+class SharedPrefixScorer:
+    """A with-past graph behind the Scorer protocol, for `verify`: a padded batch is unpadded, the
+    tokens all its rows share run once, and each row's rest against them; where the rows share fewer
+    than MIN_SHARED tokens each row runs whole with an empty past. Either way every score comes
+    from the with-past graph, so verify holds it to the reference like any variant."""
+
+    prefix: PrefixScorer
+
+    def __post_init__(self):
+        self.path, self.name, self.precision = self.prefix.path, self.prefix.name, self.prefix.precision
+        self.threads, self.kind = self.prefix.threads, ArtifactKind.ONNX
+
+    def score(self, batch) -> np.ndarray:
+        rows = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+        plan = plan_sharing(rows, [list(range(len(rows)))])
+        out = np.empty(len(rows))
+        if plan.groups:
+            for i, v in score_shared(self.prefix, rows, plan).items():
+                out[i] = v
+        empty = self.prefix.empty() if plan.full else None
+        for i in plan.full:
+            out[i] = self.prefix.score_suffix(empty, rows[i])
+        return out
+
+
+def shared_prefix_candidate(scorer: Scorer) -> SharedPrefixScorer | None:
+    """verify's candidate for an ONNX variant's with-past graph, or None where there is none."""
+    prefix = load_prefix_scorer(scorer)
+    return SharedPrefixScorer(prefix) if prefix is not None else None

@@ -130,6 +130,10 @@ class CandidateRunner:
             self.results.append(_not_verified(path, kind.value, kind.value, "fp32", self.gates, choice))
             return
         scorers = load_scorers(path, self.options.variants, "float32", kind, engine=choice.engine, reporter=self.reporter)
+        if kind is ArtifactKind.ONNX:  # each variant's with-past graph too (onnx/prefix/), under the variant's gate
+            from qwen_convert.scoring.prefix import shared_prefix_candidate
+
+            scorers = [s for scorer in scorers for s in (scorer, shared_prefix_candidate(scorer)) if s is not None]
         while scorers:
             scorer = scorers.pop(0)  # dropped after use: one model (or ONNX session) in memory at a time
             self.score(path, kind, scorer, choice, failures, found, material)
