@@ -176,8 +176,12 @@ def test_export_verifies_every_variant_it_wrote(results):
     result = results["untied"]
     report = result.verification
     assert result.reference_note == "the causal source"
-    assert [c.precision for c in report.candidates] == ALL_MODES
-    by_mode = {c.precision: c for c in report.candidates}
+    # Each variant, then its with-past graph (onnx/prefix/) under the same gate.
+    assert [c.name for c in report.candidates] == [f"onnx/{m}{s}" for m in ALL_MODES for s in ("", "+prefix")]
+    by_mode = {c.precision: c for c in report.candidates if not c.name.endswith("+prefix")}
+    shared = {c.precision: c for c in report.candidates if c.name.endswith("+prefix")}
+    assert shared["fp32"].passed and shared["fp32"].max_abs_logit <= FP32_TOL
+    assert shared["fp16"].passed and shared["fp16"].max_abs_logit <= FP16_TOL
     assert by_mode["fp32"].passed and by_mode["fp32"].max_abs_logit <= FP32_TOL
     assert by_mode["fp16"].passed and by_mode["fp16"].max_abs_logit <= FP16_TOL
     # Random weights rank by noise, so q4 may well miss the retention gate here (the trained tiny

@@ -170,7 +170,7 @@ def test_recipe_without_fp32_writes_no_fp32_graph_and_gates_against_the_causal_r
     assert report["reference"]["path"] == str(builtin_path("tiny-reranker").resolve())
     ndcg_ref = report["reference"]["ndcg"]
     by_name = {c["name"]: c for c in report["candidates"]}
-    assert set(by_name) == {"seqcls", "onnx/int8", "onnx/q4", "onnx/q4f16"}
+    assert set(by_name) == {"seqcls", "onnx/int8", "onnx/q4", "onnx/q4f16", "onnx/int8+prefix", "onnx/q4+prefix", "onnx/q4f16+prefix"}
     gated = {(m["artifact"], m["name"]): m for m in manifest["metrics"] if m["gate"]}
     for mode in ("int8", "q4", "q4f16"):
         c = by_name[f"onnx/{mode}"]
