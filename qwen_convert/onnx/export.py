@@ -229,7 +229,7 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
                               "QCONV_DEBUG=1 shows the traceback") from exc
         task.advance()
         reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
-        if options.prefix_graphs:
+        if options.prefix_graphs and prefix_supported(source.config):
             from .prefix import build_prefix_onnx
 
             path = tmp / ONNX_DIR / PREFIX_DIR / mode.file_name
@@ -454,6 +454,15 @@ def _settings(exporter: str, options: QuantizeOptions) -> dict:
         if describe is not None:
             return describe(options)
     return quantize_settings(options)
+
+
+def prefix_supported(config: dict) -> bool:
+    """The with-past graph takes its cache through GroupQueryAttention only: a head_dim whose
+    attention falls back to plain ops (shapes.py) gets no onnx/prefix/ (qconv score then runs full prompts)."""
+    from .shapes import GQA, attention_kind
+
+    heads = int(config.get("num_attention_heads") or 1)
+    return attention_kind(int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)) == GQA
 
 
 def _prefix_settings(variants) -> dict:
