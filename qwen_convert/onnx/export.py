@@ -50,6 +50,7 @@ from qwen_convert.seqcls.sidecars import Provenance, write_sidecars
 from .. import __version__
 from .calibration import calibration_set, describe_kept
 from .card import onnx_card, onnx_config
+from .prefix import build_prefix_onnx, prefix_settings, prefix_supported
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
 from .shapes import record_shape, shape_choices
 
@@ -230,8 +231,6 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
         task.advance()
         reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
         if options.prefix_graphs and prefix_supported(source.config):
-            from .prefix import build_prefix_onnx
-
             path = tmp / ONNX_DIR / PREFIX_DIR / mode.file_name
             path.parent.mkdir(exist_ok=True)
             result = build_prefix_onnx(ckpt, path, mode, options.quantize_options(), options.external_data_threshold,
@@ -412,7 +411,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
             record_shape(settings, shape_choices(source.config, options.block_size, options.quantize_embedding))
         describe_kept(settings)
         if (tmp / ONNX_DIR / PREFIX_DIR).is_dir():
-            settings["prefix"] = _prefix_settings(variants)
+            settings["prefix"] = prefix_settings(variants)
         write_sidecars(tmp, path, onnx_config(source.config, variants), source.provenance,
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -456,25 +455,8 @@ def _settings(exporter: str, options: QuantizeOptions) -> dict:
     return quantize_settings(options)
 
 
-def prefix_supported(config: dict) -> bool:
-    """The with-past graph takes its cache through GroupQueryAttention only: a head_dim whose
-    attention falls back to plain ops (shapes.py) gets no onnx/prefix/ (qconv score then runs full prompts)."""
-    from .shapes import GQA, attention_kind
-
-    heads = int(config.get("num_attention_heads") or 1)
-    return attention_kind(int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)) == GQA
 
 
-def _prefix_settings(variants) -> dict:
-    """quantize_config.json's `prefix`: where each variant's with-past graph is and what it takes."""
-    return {
-        "files": {v.mode: f"{ONNX_DIR}/{PREFIX_DIR}/{Path(v.path).name}" for v in variants},
-        "inputs": "input_ids [batch, sequence]; attention_mask [batch, past_sequence + sequence] (past columns 1); "
-                  "past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim], activation dtype",
-        "outputs": "logits [batch, 1] (last real new token); present.{i}.key/.value [batch, kv_heads, past_sequence + sequence, head_dim]",
-        "use": "run the shared prefix with past_sequence = 0 for its present.*, then each pair's own tokens (batch 1 "
-               "when sequence > 1: onnxruntime's GroupQueryAttention) with those as past; `qconv score` does this itself",
-    }
 
 
 def _opset(path: Path) -> int:

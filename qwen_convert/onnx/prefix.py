@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_convert.checkpoint.files import Checkpoint
-from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, QuantMode
+from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, ONNX_DIR, PREFIX_DIR, QuantMode
 
 from .build import FLOAT, FLOAT16, INT32, BuildResult, Qwen3RerankerBuilder, build_onnx, inv_freq
 from .quantize import QuantizeOptions
@@ -155,3 +155,25 @@ def build_prefix_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: Qu
     with _quiet_shape_inference():
         return build_onnx(ckpt, path, mode, options, threshold, fold=fold, keep=keep, builder_class=Qwen3PrefixBuilder,
                           graph_name="qwen3_reranker_with_past")
+
+
+def prefix_supported(config: dict) -> bool:
+    """The with-past graph takes its cache through GroupQueryAttention only: a head_dim whose
+    attention falls back to plain ops (shapes.py) gets no onnx/prefix/ (qconv score then runs full prompts)."""
+    from .shapes import GQA, attention_kind
+
+    heads = int(config.get("num_attention_heads") or 1)
+    return attention_kind(int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)) == GQA
+
+
+def prefix_settings(variants) -> dict:
+    """quantize_config.json's `prefix`: where each variant's with-past graph is and what it takes."""
+    return {
+        "files": {v.mode: f"{ONNX_DIR}/{PREFIX_DIR}/{Path(v.path).name}" for v in variants},
+        "inputs": "input_ids [batch, sequence]; attention_mask [batch, past_sequence + sequence] (past columns 1); "
+                  "past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim], activation dtype",
+        "outputs": "logits [batch, 1] (last real new token); present.{i}.key/.value [batch, kv_heads, past_sequence + sequence, head_dim]",
+        "use": "run the shared prefix with past_sequence = 0 for its present.*, then each pair's own tokens (batch 1 "
+               "when sequence > 1: onnxruntime's GroupQueryAttention) with those as past; `qconv score` does this itself",
+    }
+
