@@ -72,7 +72,7 @@ def test_export_names_the_variant_whose_run_failed(tiny_models, tmp_path, int8_f
 def test_export_names_the_variant_whose_build_failed(tiny_models, tmp_path, monkeypatch):
     import qwen_convert.onnx.build as build
 
-    def broken(ckpt, path, mode, *args):
+    def broken(ckpt, path, mode, *args, **kwargs):  # kwargs: the calibrated fold and keep
         raise ValueError("cannot pack\nsecond line")
 
     monkeypatch.setattr(build, "build_onnx", broken)

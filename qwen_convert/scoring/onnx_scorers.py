@@ -47,6 +47,22 @@ def check_variant_files(onnx_path: Path) -> None:
             raise SourceError(f"{data} is missing (external data of {onnx_path.name})", "copy it next to the .onnx file, or re-export")
 
 
+def cpu_session(scorer):
+    """An onnxruntime CPU session of `scorer.path` with `scorer.threads` threads; a failure to load is
+    one EngineError line naming the variant (run_failure)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
+    if scorer.threads:
+        opts.intra_op_num_threads = scorer.threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(scorer.path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise run_failure(scorer, exc, "load") from exc
+
+
 @dataclass
 class OnnxScorer:
     path: Path
@@ -59,17 +75,7 @@ class OnnxScorer:
     @property
     def session(self):
         if self._session is None:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-            try:
-                self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-                raise run_failure(self, exc, "load") from exc
+            self._session = cpu_session(self)
         return self._session
 
     def score(self, batch: EncodedBatch) -> np.ndarray:

@@ -32,6 +32,7 @@ from qwen_convert.formats import PREFIX_DIR, ArtifactKind
 from qwen_convert.reranker import PaddingSide, Pair, PromptEncoder, format_body, pad_rows
 
 from .base import Scorer
+from .onnx_scorers import check_variant_files, cpu_session
 
 # A shared run costs one session call: below this many shared tokens it saves less than it costs.
 MIN_SHARED = 16
@@ -66,18 +67,7 @@ class PrefixScorer:
     @property
     def session(self):
         if self._session is None:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-            try:
-                self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise SourceError(f"onnxruntime cannot load {self.path}: {first}", "re-export it with qconv export-onnx") from exc
+            self._session = cpu_session(self)
             self._past_names = [i.name for i in self._session.get_inputs() if i.name.startswith(PAST)]
             if not self._past_names:
                 raise SourceError(f"{self.path} has no {PAST}* inputs: not a with-past graph", "re-export it with qconv export-onnx")
@@ -203,8 +193,6 @@ def load_prefix_scorer(scorer: Scorer) -> PrefixScorer | None:
     graph = prefix_graph(Path(path))
     if not graph.is_file():
         return None
-    from .onnx_scorers import check_variant_files
-
     check_variant_files(graph)
     return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, getattr(scorer, "threads", None))
 
