@@ -44,7 +44,8 @@ def qconv_score(model: Path, query: str, docs: list[str], variant: str) -> dict[
     activations per batch tensor, so its scores depend on a pair's batch companions."""
     from qwen_convert.scoring.score import ScoreOptions, score_documents
 
-    result = score_documents(model, query, docs, options=ScoreOptions(variant=variant, batch_size=64, max_length=2048))
+    result = score_documents(model, query, docs, options=ScoreOptions(variant=variant, batch_size=64, max_length=2048,
+                                                                     share_prefix=False))  # serve runs full prompts
     return {d.document: d.p_yes for d in result.queries[0].documents}
 
 

@@ -44,7 +44,8 @@ def offline_scores(model: Path, docs: list[str]) -> dict[str, float]:
     """`qconv score`'s library function on one batch (as the server batches one request alone)."""
     from qwen_convert.scoring.score import ScoreOptions, score_documents
 
-    result = score_documents(model, QUERY, docs, options=ScoreOptions(variant="int8", batch_size=64, max_length=2048))
+    result = score_documents(model, QUERY, docs, options=ScoreOptions(variant="int8", batch_size=64, max_length=2048,
+                                                                     share_prefix=False))  # serve runs full prompts
     return {d.document: d.p_yes for d in result.queries[0].documents}
 
 

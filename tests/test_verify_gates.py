@@ -28,7 +28,7 @@ def naive_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("gates")
     clean = builtin_path("tiny-reranker")
     outliers = inject_outliers(clean, root / "outliers", OutlierSpec(scale=50.0, channels=3, seed=0))
-    options = ExportOptions(modes=("int8", "q4", "q4f16"), fp32=False, verify=False, quant_method="naive")
+    options = ExportOptions(modes=("int8", "q4", "q4f16"), fp32=False, verify=False, quant_method="naive", prefix_graphs=False)
     return {name: (src, export_onnx(src, root / f"{name}-onnx", options).out) for name, src in
             (("clean", clean), ("outliers", outliers))}
 

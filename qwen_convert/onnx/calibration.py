@@ -340,6 +340,9 @@ def prepare_calibration(path: Path | str, calibration_file: Path | str | None) -
 def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settings: SearchSettings = SearchSettings(),
                   reporter: Reporter = NULL) -> VariantPlans:
     """One calibration pass for every quantized variant in `modes` (options: QuantizeOptions)."""
+    from qwen_convert.checkpoint.files import load_config
+
+    from .shapes import q4_embedding_block
     from .smoothing import simulation
 
     wanted = sorted({VARIANT_METHOD[m.value] for m in modes if m.value in VARIANT_METHOD})
@@ -351,8 +354,11 @@ def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settin
               "methods": {m: cal.summary(m) for m in wanted}}
     keep: dict[str, frozenset] = {}
     four_bit = [v for v in plans if VARIANT_METHOD[v] == "awq"]
-    if four_bit and options.quantize_embedding:
-        dp = embedding_drift(path, cset, cal.logits, options.block_size, options.symmetric, reporter)
+    # The block the 4-bit embedding is really written with (shapes.py: a smaller one, or int8 rows,
+    # where the requested block does not divide the hidden size): int8 rows need no drift check.
+    block = q4_embedding_block(int(load_config(path)["hidden_size"]), options.block_size)
+    if four_bit and options.quantize_embedding and block is not None:
+        dp = embedding_drift(path, cset, cal.logits, block, options.symmetric, reporter)
         kept = dp > EMBEDDING_MAX_DP
         keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if kept else {}
         record["mixed_precision"] = {"embedding_4bit_max_dp_on_calibration": float(f"{dp:.4g}"), "budget": EMBEDDING_MAX_DP,
