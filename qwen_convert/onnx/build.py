@@ -174,21 +174,26 @@ class Qwen3RerankerBuilder:
         (shape,) = g.node("Shape", [mask], name="mask.shape")
         (self.batch,) = g.node("Gather", [shape, self.const("const_dim0", [0])], name="mask.batch", axis=0)
         (self.seq,) = g.node("Gather", [shape, self.const("const_dim1", [1])], name="mask.seq", axis=0)
-        # Key padding bias [batch, 1, seq, seq]: 0 where the key is real, a large finite negative at pads.
+        self.make_key_bias(mask, self.seq, "seq")
+        self.mask = mask
+        self.make_rope_cache()
+
+    def make_key_bias(self, mask: str, keys: str, label: str) -> None:
+        """Key padding bias [batch, 1, seq, keys] (0 where the key is real, a large finite negative at
+        pads) and GroupQueryAttention's lengths: every row `keys` long (padding is in the bias), int32.
+        `keys`: the key count (seq here; past + seq in prefix.py's with-past graph)."""
+        g = self.g
         (keep,) = g.node("Cast", [mask], name="mask.bool", to=9)
         low = np.finfo(self.act).min
         (bias,) = g.node("Where", [keep, self.const("mask.zero", 0, self.act), self.const("mask.low", low, self.act)], name="mask.bias")
         (bias4,) = g.node("Unsqueeze", [bias, self.const("const_axes12", [1, 2])], name="mask.bias4")
         self.one_1d = self.const("const_one_1d", [1])
-        (full,) = g.node("Concat", [self.batch, self.one_1d, self.seq, self.seq], name="mask.bias_shape", axis=0)
+        (full,) = g.node("Concat", [self.batch, self.one_1d, self.seq, keys], name="mask.bias_shape", axis=0)
         (self.key_bias,) = g.node("Expand", [bias4, full], name="attention_bias")
-        # GroupQueryAttention: every row full length (padding is in the bias), as int32.
-        (seq32,) = g.node("Cast", [self.seq], name="mask.seq32", to=INT32)
-        (self.total_len,) = g.node("Squeeze", [seq32], name="total_sequence_length")
-        (lens,) = g.node("Sub", [seq32, self.const("const_one_i32", [1], np.int32)], name="mask.seq_minus_one")
+        (keys32,) = g.node("Cast", [keys], name=f"mask.{label}32", to=INT32)
+        (self.total_len,) = g.node("Squeeze", [keys32], name="total_sequence_length")
+        (lens,) = g.node("Sub", [keys32, self.const("const_one_i32", [1], np.int32)], name=f"mask.{label}_minus_one")
         (self.seqlens_k,) = g.node("Expand", [lens, self.batch], name="seqlens_k")
-        self.mask = mask
-        self.make_rope_cache()
 
     def make_rope_cache(self) -> None:
         """cos/sin [sequence, head_dim / 2] for positions 0..sequence-1, computed in fp32 per run:

@@ -38,7 +38,7 @@ import numpy as np
 from qwen_convert.checkpoint.files import Checkpoint
 from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, ONNX_DIR, PREFIX_DIR, QuantMode
 
-from .build import FLOAT, FLOAT16, INT32, BuildResult, Qwen3RerankerBuilder, build_onnx, inv_freq
+from .build import FLOAT, FLOAT16, BuildResult, Qwen3RerankerBuilder, build_onnx, inv_freq
 from .quantize import QuantizeOptions
 from .weights import MS_DOMAIN
 
@@ -88,17 +88,7 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
         # The new tokens' columns of the positions and of the mask (the last-token pick reads the latter).
         (self.positions,) = g.node("Slice", [all_pos, past, big, axis1], name="positions")
         (self.mask,) = g.node("Slice", [mask, past, big, axis1], name="mask.new")
-        (keep,) = g.node("Cast", [mask], name="mask.bool", to=9)
-        low = np.finfo(self.act).min
-        (bias,) = g.node("Where", [keep, self.const("mask.zero", 0, self.act), self.const("mask.low", low, self.act)], name="mask.bias")
-        (bias4,) = g.node("Unsqueeze", [bias, self.const("const_axes12", [1, 2])], name="mask.bias4")
-        self.one_1d = self.const("const_one_1d", [1])
-        (full,) = g.node("Concat", [self.batch, self.one_1d, self.seq, self.total], name="mask.bias_shape", axis=0)
-        (self.key_bias,) = g.node("Expand", [bias4, full], name="attention_bias")
-        (total32,) = g.node("Cast", [self.total], name="mask.total32", to=INT32)
-        (self.total_len,) = g.node("Squeeze", [total32], name="total_sequence_length")
-        (lens,) = g.node("Sub", [total32, self.const("const_one_i32", [1], np.int32)], name="mask.total_minus_one")
-        (self.seqlens_k,) = g.node("Expand", [lens, self.batch], name="seqlens_k")
+        self.make_key_bias(mask, self.total, "total")
         self.make_rope_table(self.total)
 
     def make_rope_table(self, length: str) -> None:
