@@ -194,7 +194,9 @@ def test_every_error_has_its_status_and_one_shape(server):
 
 def test_full_queue_answers_503_with_retry_after(export, no_torch, tmp_path):
     with serving(str(export), "--max-queue", "6", "--max-batch-size", "1", block_torch=no_torch, log_dir=tmp_path) as s:
-        slow = {"query": "q", "documents": [f"{i} {LONG_DOC}" for i in range(6)]}
+        # Long enough that the six pairs are still admitted when the next request arrives, also on a busy
+        # CI machine (one LONG_DOC each was answered in full first there, and "one more" got a 200).
+        slow = {"query": "q", "documents": [f"{i} {' '.join([LONG_DOC] * 12)}" for i in range(6)]}
         results = {}
         worker = threading.Thread(target=lambda: results.setdefault("slow", s.client().post("/v1/rerank", json=slow)))
         worker.start()
