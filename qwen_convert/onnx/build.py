@@ -176,7 +176,7 @@ class Qwen3RerankerBuilder:
         (self.seq,) = g.node("Gather", [shape, self.const("const_dim1", [1])], name="mask.seq", axis=0)
         self.make_key_bias(mask, self.seq, "seq")
         self.mask = mask
-        self.make_rope_cache()
+        self.make_rope_cache(self.seq, "seq")
 
     def make_key_bias(self, mask: str, keys: str, label: str) -> None:
         """Key padding bias [batch, 1, seq, keys] (0 where the key is real, a large finite negative at
@@ -195,13 +195,14 @@ class Qwen3RerankerBuilder:
         (lens,) = g.node("Sub", [keys32, self.const("const_one_i32", [1], np.int32)], name=f"mask.{label}_minus_one")
         (self.seqlens_k,) = g.node("Expand", [lens, self.batch], name="seqlens_k")
 
-    def make_rope_cache(self) -> None:
-        """cos/sin [sequence, head_dim / 2] for positions 0..sequence-1, computed in fp32 per run:
+    def make_rope_cache(self, length: str, label: str) -> None:
+        """cos/sin [length, head_dim / 2] for positions 0..length-1 (length: the sequence here, past +
+        sequence in prefix.py's with-past graph), computed in fp32 per run:
         a table of max_position_embeddings rows would be ~20 MB of floats in every variant, and
         positions (cumsum of the mask) never reach the sequence length."""
         g = self.g
-        (seq_f,) = g.node("Cast", [self.seq], name="rope.seq", to=FLOAT)
-        (steps,) = g.node("Range", [self.const("rope.start", 0.0, np.float32), g.node("Squeeze", [seq_f], name="rope.seq_scalar")[0],
+        (n,) = g.node("Cast", [length], name=f"rope.{label}", to=FLOAT)
+        (steps,) = g.node("Range", [self.const("rope.start", 0.0, np.float32), g.node("Squeeze", [n], name=f"rope.{label}_scalar")[0],
                                     self.const("rope.delta", 1.0, np.float32)], name="rope.positions")
         (col,) = g.node("Unsqueeze", [steps, self.const("const_axes1", [1])], name="rope.column")
         (freqs,) = g.node("Mul", [col, g.initializer("rope.inv_freq", inv_freq(self.shape)[None, :])], name="rope.freqs")

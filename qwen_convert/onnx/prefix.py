@@ -38,7 +38,7 @@ import numpy as np
 from qwen_convert.checkpoint.files import Checkpoint
 from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, ONNX_DIR, PREFIX_DIR, QuantMode
 
-from .build import FLOAT, FLOAT16, BuildResult, Qwen3RerankerBuilder, build_onnx, inv_freq
+from .build import BuildResult, Qwen3RerankerBuilder, build_onnx
 from .quantize import QuantizeOptions
 from .weights import MS_DOMAIN
 
@@ -89,22 +89,7 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
         (self.positions,) = g.node("Slice", [all_pos, past, big, axis1], name="positions")
         (self.mask,) = g.node("Slice", [mask, past, big, axis1], name="mask.new")
         self.make_key_bias(mask, self.total, "total")
-        self.make_rope_table(self.total)
-
-    def make_rope_table(self, length: str) -> None:
-        """cos/sin for positions 0..total-1 (past and new), fp32 then cast like build.py's."""
-        g = self.g
-        (n,) = g.node("Cast", [length], name="rope.total", to=FLOAT)
-        (steps,) = g.node("Range", [self.const("rope.start", 0.0, np.float32), g.node("Squeeze", [n], name="rope.total_scalar")[0],
-                                    self.const("rope.delta", 1.0, np.float32)], name="rope.positions")
-        (col,) = g.node("Unsqueeze", [steps, self.const("const_axes1", [1])], name="rope.column")
-        (freqs,) = g.node("Mul", [col, g.initializer("rope.inv_freq", inv_freq(self.shape)[None, :])], name="rope.freqs")
-        (cos,) = g.node("Cos", [freqs], name="rope.cos")
-        (sin,) = g.node("Sin", [freqs], name="rope.sin")
-        if self.fp16:
-            (cos,) = g.node("Cast", [cos], name="rope.cos16", to=FLOAT16)
-            (sin,) = g.node("Cast", [sin], name="rope.sin16", to=FLOAT16)
-        self.cos, self.sin = cos, sin
+        self.make_rope_cache(self.total, "total")
 
     def make_attention(self, prefix: str, x: str) -> str:
         return self.make_attention_with_past(prefix, x)
