@@ -93,7 +93,9 @@ def test_export_writes_prefix_graphs_and_leaves_the_plain_graphs_alone(export, t
     outputs = [o.name for o in graph.graph.output]
     assert inputs[:2] == ["input_ids", "attention_mask"] and len(inputs) == 2 + 2 * layers
     assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"] and len(outputs) == 1 + 2 * layers
+    assert outputs[0] == "logits" and outputs[1:3] == ["new_key_values.0.key", "new_key_values.0.value"] and len(outputs) == 1 + 2 * layers
+    # The past's batch is its own dimension: one prefix cache serves a batch of documents.
+    assert graph.graph.input[2].type.tensor_type.shape.dim[0].dim_param == "past_batch"
     # The single-input graphs ORTModel and transformers.js load are byte for byte what they were.
     plain = tmp_path / "plain"
     export_onnx(tiny_models["tied_fp32"], plain, ExportOptions(modes=("int8",), verify=False, prefix_graphs=False))
@@ -196,3 +198,28 @@ def test_plan_sharing_falls_back_where_nothing_is_shared():
     assert plan.full == (0, 1) and plan.groups == ((39, (2, 3)),) and plan.template == 0
     # Identical rows still keep one token each for their own run (the score is read there).
     assert common_length([[1, 2, 3], [1, 2, 3]]) == 2
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_documents_run_in_padded_batches_on_one_cache_and_score_like_full_prompts(export, side):
+    """Step 3 batches a query's documents on one prefix cache (past batch 1, broadcast): every batch
+    padded on `side`, and each score equals its full prompt run alone (no padding anywhere)."""
+    import onnxruntime as ort
+
+    enc = PromptEncoder(load_tokenizer(export), max_length=MAX_LENGTH)
+    rows = [enc.ids(Pair(QUERY, d)) for d in DOCS]
+    n = common_length(rows)
+    prefix = PrefixScorer(export / "onnx" / "prefix" / "model.onnx", "p", "fp32")
+    cache = prefix.extend(prefix.empty(), rows[0][:n])
+    assert {a.shape[0] for a in cache.past.values()} == {1} and {a.shape[2] for a in cache.past.values()} == {n}
+    runs = []
+    session = prefix.session
+    real_run = session.run
+    prefix._session = type("Spy", (), {"run": lambda self, names, feeds: runs.append(feeds["input_ids"].shape) or real_run(names, feeds),
+                                       "get_inputs": session.get_inputs, "get_outputs": session.get_outputs})()
+    got = prefix.score_suffixes(cache, [r[n:] for r in rows], batch_size=3, padding_side=side, pad_id=enc.tokens.pad_id)
+    assert max(b for b, _ in runs) > 1 and sum(b for b, _ in runs) == len(rows)  # batched, every row once
+    full = ort.InferenceSession(str(export / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for i, row in enumerate(rows):
+        (ref,) = full.run(["logits"], {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), np.int64)})
+        assert abs(got[i] - ref[0, 0]) <= 1e-5, (side, i)

@@ -6,23 +6,29 @@ tokens after such a shared prefix, attending to the prefix's cache:
 
     input_ids            [batch, sequence]                         int64: the new tokens
     attention_mask       [batch, past_sequence + sequence]         int64: prefix columns (all 1), then the new ones
-    past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim]   (the activation dtype)
+    past_key_values.{i}.key/.value [past_batch, kv_heads, past_sequence, head_dim]   (the activation dtype)
   ->
     logits               [batch, 1]                                float32: the last real new token's score
-    present.{i}.key/.value [batch, kv_heads, past_sequence + sequence, head_dim]
+    new_key_values.{i}.key/.value [batch, kv_heads, sequence, head_dim]   the new tokens' keys and values
 
-The same graph with past_sequence = 0 computes a prefix's cache (its `present.*`; the names and
-layout are optimum's / onnxruntime-genai's decoder-with-past, BNSH). One graph, not a prefix graph
-plus a suffix graph, because each graph holds all the weights: a second file would double the
-export. The price is that a scoring run also writes its `present.*` (a copy of the batch's cache:
-~15 MB per row for the 0.6B with an 80-token prefix, a few percent of the run).
+The same graph with past_sequence = 0 computes a prefix's cache (past + new along the sequence axis
+is the longer prefix's cache; the layout is optimum's / onnxruntime-genai's BNSH). One graph, not a
+prefix graph plus a suffix graph, because each graph holds all the weights: a second file would
+double the export.
+
+past_batch is 1 when many documents share one prefix: the attention (Qwen3SharedPrefixBuilder,
+standard ops) broadcasts it over the batch instead of tiling it, which onnxruntime's
+GroupQueryAttention cannot (1.32: a past only for batch 1 when more than one new token comes). So a
+query's documents run as one padded batch: measured on the 0.6B shape, int8, 2 threads, that and
+the larger GEMMs make step 3 ~1.5x faster than one document at a time (BENCHMARKS.md, bench_prefix).
 
 RoPE positions and the key padding bias come from the whole mask, so a new row may be padded on
 either side (left padding puts the pads between prefix and document: they are masked keys like any
-pad), and position p of a row gets the same rotation as in the full prompt. GroupQueryAttention
-takes the past as `past_key`/`past_value` (its causal mask offsets the new queries by the past
-length); every row is declared full length (`seqlens_k` = total - 1) and padding is the additive
-bias, as in build.py.
+pad), and position p of a row gets the same rotation as in the full prompt. The causal mask offsets
+the new queries by the past length.
+
+Qwen3PrefixBuilder, the GroupQueryAttention form with full `present.*` outputs (a decoder's
+with-past layout, batch = past batch), stays for subclasses that want that layout.
 
 The single-input graphs (onnx/model*.onnx) are not touched: ORTModel and transformers.js load those.
 """
@@ -44,6 +50,7 @@ from .weights import MS_DOMAIN
 
 PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
+NEW_KEY, NEW_VALUE = "new_key_values.{}.key", "new_key_values.{}.value"
 
 
 class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
@@ -72,6 +79,13 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
 
     def make_inputs_with_past(self, ids: str, mask: str) -> None:
         """Positions of the new tokens, the key bias [batch, 1, sequence, total], GQA's lengths."""
+        self.make_new_columns(ids, mask)
+        self.make_key_bias(mask, self.total, "total")
+        self.make_rope_cache(self.total, "total")
+
+    def make_new_columns(self, ids: str, mask: str) -> None:
+        """batch, seq, total and past (1-D), and the new tokens' columns of the positions and of the
+        mask (the last-token pick reads the latter)."""
         g = self.g
         one = self.const("const_one", 1)
         (cumsum,) = g.node("CumSum", [mask, self.const("const_axis1", 1)], name="positions.cumsum")
@@ -82,14 +96,11 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
         (self.batch,) = g.node("Gather", [ids_shape, self.const("const_dim0", [0])], name="ids.batch", axis=0)
         (self.seq,) = g.node("Gather", [ids_shape, self.const("const_dim1", [1])], name="ids.seq", axis=0)
         (self.total,) = g.node("Gather", [mask_shape, self.const("const_dim1b", [1])], name="mask.total", axis=0)
-        (past,) = g.node("Sub", [self.total, self.seq], name="mask.past")
-        big = self.const("const_end", [np.iinfo(np.int64).max])
+        (self.past_len,) = g.node("Sub", [self.total, self.seq], name="mask.past")
+        self.end = self.const("const_end", [np.iinfo(np.int64).max])
         axis1 = self.const("const_slice_axis1", [1])
-        # The new tokens' columns of the positions and of the mask (the last-token pick reads the latter).
-        (self.positions,) = g.node("Slice", [all_pos, past, big, axis1], name="positions")
-        (self.mask,) = g.node("Slice", [mask, past, big, axis1], name="mask.new")
-        self.make_key_bias(mask, self.total, "total")
-        self.make_rope_cache(self.total, "total")
+        (self.positions,) = g.node("Slice", [all_pos, self.past_len, self.end, axis1], name="positions")
+        (self.mask,) = g.node("Slice", [mask, self.past_len, self.end, axis1], name="mask.new")
 
     def make_attention(self, prefix: str, x: str) -> str:
         return self.make_attention_with_past(prefix, x)
@@ -106,6 +117,102 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
                                  outputs=[p + "attn/out", PRESENT_KEY.format(i), PRESENT_VALUE.format(i)],
                                  num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5))
         return self.linear(p + "o_proj", attn)
+
+
+class Qwen3SharedPrefixBuilder(Qwen3PrefixBuilder):
+    """The with-past graph qconv scores with: one prefix's cache (past batch 1) serves a whole batch
+    of documents. GroupQueryAttention (onnxruntime 1.32) takes a past only for batch 1 when more than
+    one new token comes, so this graph's attention is standard ops, split at the past: scores against
+    the past keys (MatMul broadcasts the past's batch of 1 over the documents, nothing is tiled), then
+    against the new keys, one softmax over both, and P.V likewise. Its cache outputs are the new
+    tokens' keys and values only (new_key_values.*): past + new is the longer prefix's cache, which
+    the caller concatenates for a batch of 1 instead of the graph copying the past for every row."""
+
+    def build(self) -> None:
+        g, s = self.g, self.shape
+        g.symbolic_value_info = False  # see weights.GraphWriter
+        ids = g.input("input_ids", np.int64, ["batch", "sequence"])
+        mask = g.input("attention_mask", np.int64, ["batch", "total_sequence"])
+        self.past = [[g.input(name.format(i), self.act, ["past_batch", s.kv_heads, "past_sequence", s.head_dim])
+                      for name in (PAST_KEY, PAST_VALUE)] for i in range(s.layers)]
+        self.make_new_columns(ids, mask)
+        self.make_rope_cache(self.total, "total")
+        self.make_split_bias(mask)
+        hidden = self.make_embedding(ids)
+        residual = None
+        for i in range(s.layers):
+            hidden, residual = self.make_layer(i, hidden, residual)
+        self.make_head(self.make_last_token(hidden, residual))
+        for i in range(s.layers):
+            for name in (NEW_KEY, NEW_VALUE):
+                g.output(name.format(i), self.act, ["batch", s.kv_heads, "sequence", s.head_dim])
+
+    def make_split_bias(self, mask: str) -> None:
+        """fp32 [batch, 1, groups * sequence, total]: 0 where a new token may attend a key (the key is
+        real and not after it: column t <= past + row i), a large finite negative elsewhere. Every new
+        row sees the whole past, so no row is all masked (no NaN) on either padding side."""
+        g, s = self.g, self.shape
+        self.one_1d = self.const("const_one_1d", [1])  # the last-token pick's (make_key_bias makes it in the parent)
+        zero, one = self.const("split.zero", 0), self.const("split.one", 1)
+        (rows,) = g.node("Range", [zero, g.node("Squeeze", [self.seq], name="split.seq")[0], one], name="split.rows")
+        (last,) = g.node("Add", [rows, g.node("Squeeze", [self.past_len], name="split.past")[0]], name="split.last_key")
+        (cols,) = g.node("Range", [zero, g.node("Squeeze", [self.total], name="split.total")[0], one], name="split.cols")
+        (row,) = g.node("Unsqueeze", [last, self.const("split.axis1", [1])], name="split.row")  # [s, 1]
+        (causal,) = g.node("LessOrEqual", [cols, row], name="split.causal")  # [s, total]
+        (keep,) = g.node("Cast", [mask], name="split.keep", to=9)
+        (keep5,) = g.node("Unsqueeze", [keep, self.const("split.axes123", [1, 2, 3])], name="split.keep5")  # [b, 1, 1, 1, t]
+        (allowed,) = g.node("And", [keep5, causal], name="split.allowed")  # [b, 1, 1, s, t]
+        low = np.finfo(np.float32).min
+        (bias,) = g.node("Where", [allowed, self.const("split.bias_zero", 0.0, np.float32), self.const("split.low", low, np.float32)],
+                         name="split.bias5")
+        groups = s.heads // s.kv_heads
+        (full,) = g.node("Expand", [bias, self.const("split.groups", [1, 1, groups, 1, 1])], name="split.bias_groups")
+        (shape,) = g.node("Concat", [self.batch, self.one_1d, self.const("split.rows_dim", [-1]), self.total], name="split.shape", axis=0)
+        (self.split_bias,) = g.node("Reshape", [full, shape], name="split.bias")
+        self.split_start, self.split_axis = self.const("split.start", [0]), self.const("split.axis3", [3])
+
+    def make_attention(self, prefix: str, x: str) -> str:
+        s, p = self.shape, prefix + "self_attn."
+        q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", self.linear(p + "q_proj", x), s.heads), s.heads)
+        k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", self.linear(p + "k_proj", x), s.kv_heads), s.kv_heads)
+        v = self.linear(p + "v_proj", x)
+        return self.linear(p + "o_proj", self.make_split_attention(p, int(prefix.split(".")[2]), q, k, v))
+
+    def _fp32(self, name: str, x: str) -> str:
+        return self.g.node("Cast", [x], name=name, to=1)[0] if self.fp16 else x
+
+    def make_split_attention(self, p: str, i: int, q: str, k: str, v: str) -> str:
+        """q [b, s, heads * d], k and v [b, s, kv * d] -> [b, s, heads * d]; writes new_key_values.i.*.
+        Query heads are grouped under their KV head ([b, kv, groups * s, d]), so each product is one
+        MatMul per (row, KV head) with no K/V repetition; scores, softmax and P.V run in fp32."""
+        g, s = self.g, self.shape
+        kv, groups, d = s.kv_heads, s.heads // s.kv_heads, s.head_dim
+        past_key, past_value = self.past[i]
+        (q5,) = g.node("Reshape", [q, self.const(p + "split_q.shape", [0, 0, kv, groups, d])], name=p + "split_q.heads")
+        (qt,) = g.node("Transpose", [q5], name=p + "split_q.grouped", perm=[0, 2, 3, 1, 4])  # [b, kv, groups, s, d]
+        (q4,) = g.node("Reshape", [qt, self.const(p + "split_q.rows", [0, kv, -1, d])], name=p + "split_q.rows")
+        (qs,) = g.node("Mul", [self._fp32(p + "split_q.fp32", q4), self.const(p + "split.scale", d ** -0.5, np.float32)],
+                       name=p + "split_q.scaled")
+        (k4,) = g.node("Reshape", [k, self.const(p + "split_k.shape", [0, 0, kv, d])], name=p + "split_k.heads")
+        g.node("Transpose", [k4], name=p + "split_k.new", perm=[0, 2, 1, 3], outputs=[NEW_KEY.format(i)])
+        (kt,) = g.node("Transpose", [k4], name=p + "split_k.t", perm=[0, 2, 3, 1])  # [b, kv, d, s]
+        (v4,) = g.node("Reshape", [v, self.const(p + "split_v.shape", [0, 0, kv, d])], name=p + "split_v.heads")
+        (vn,) = g.node("Transpose", [v4], name=p + "split_v.new", perm=[0, 2, 1, 3], outputs=[NEW_VALUE.format(i)])
+        (pkt,) = g.node("Transpose", [past_key], name=p + "split_past_k.t", perm=[0, 1, 3, 2])  # [1, kv, d, past]
+        (on_past,) = g.node("MatMul", [qs, self._fp32(p + "split_past_k.fp32", pkt)], name=p + "split.scores_past")
+        (on_new,) = g.node("MatMul", [qs, self._fp32(p + "split_k.fp32", kt)], name=p + "split.scores_new")
+        (scores,) = g.node("Concat", [on_past, on_new], name=p + "split.scores", axis=3)
+        (masked,) = g.node("Add", [scores, self.split_bias], name=p + "split.masked")
+        (probs,) = g.node("Softmax", [masked], name=p + "split.softmax", axis=-1)
+        (p_past,) = g.node("Slice", [probs, self.split_start, self.past_len, self.split_axis], name=p + "split.probs_past")
+        (p_new,) = g.node("Slice", [probs, self.past_len, self.end, self.split_axis], name=p + "split.probs_new")
+        (c_past,) = g.node("MatMul", [p_past, self._fp32(p + "split_past_v.fp32", past_value)], name=p + "split.context_past")
+        (c_new,) = g.node("MatMul", [p_new, self._fp32(p + "split_v.fp32", vn)], name=p + "split.context_new")
+        (ctx,) = g.node("Add", [c_past, c_new], name=p + "split.context")  # [b, kv, groups * s, d]
+        (c5,) = g.node("Reshape", [ctx, self.const(p + "split_o.shape", [0, kv, groups, -1, d])], name=p + "split_o.grouped")
+        (ct,) = g.node("Transpose", [c5], name=p + "split_o.tokens", perm=[0, 3, 1, 2, 4])  # [b, s, kv, groups, d]
+        (out,) = g.node("Reshape", [ct, self.const(p + "split_o.merge", [0, 0, s.heads * d])], name=p + "split_o.merge")
+        return g.node("Cast", [out], name=p + "split_o.fp16", to=10)[0] if self.fp16 else out
 
 
 @contextmanager
@@ -128,7 +235,7 @@ def build_prefix_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: Qu
     `threshold`): build_onnx with this module's builder, so a calibrated variant's folded scales and
     kept layers are the same in both graphs."""
     with _quiet_shape_inference():
-        return build_onnx(ckpt, path, mode, options, threshold, fold=fold, keep=keep, builder_class=Qwen3PrefixBuilder,
+        return build_onnx(ckpt, path, mode, options, threshold, fold=fold, keep=keep, builder_class=Qwen3SharedPrefixBuilder,
                           graph_name="qwen3_reranker_with_past")
 
 
@@ -146,9 +253,10 @@ def prefix_settings(variants) -> dict:
     return {
         "files": {v.mode: f"{ONNX_DIR}/{PREFIX_DIR}/{Path(v.path).name}" for v in variants},
         "inputs": "input_ids [batch, sequence]; attention_mask [batch, past_sequence + sequence] (past columns 1); "
-                  "past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim], activation dtype",
-        "outputs": "logits [batch, 1] (last real new token); present.{i}.key/.value [batch, kv_heads, past_sequence + sequence, head_dim]",
-        "use": "run the shared prefix with past_sequence = 0 for its present.*, then each pair's own tokens (batch 1 "
-               "when sequence > 1: onnxruntime's GroupQueryAttention) with those as past; `qconv score` does this itself",
+                  "past_key_values.{i}.key/.value [past_batch (1, or batch), kv_heads, past_sequence, head_dim], activation dtype",
+        "outputs": "logits [batch, 1] (last real new token); new_key_values.{i}.key/.value [batch, kv_heads, sequence, head_dim] "
+                   "(the new tokens' only: past + new along axis 2 is the cache of the longer prefix)",
+        "use": "run the shared prefix with past_sequence = 0 for its cache, then a batch of pairs' own tokens (either padding "
+               "side) on that one cache (past batch 1); `qconv score` does this itself",
     }
 

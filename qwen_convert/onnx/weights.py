@@ -89,6 +89,10 @@ class GraphWriter:
         self._offset = 0
         self._external: list = []  # TensorProto stubs (no data) of the tensors in the data file
         self.weight_bytes = 0  # every initializer's bytes, inline ones included
+        # False: value_info keeps only fully static shapes. The symbolic tool's auto-merge can equate
+        # two sequence dims it cannot tell apart (prefix.py's split attention), and onnxruntime's
+        # memory planner then reuses a buffer of the wrong size; onnxruntime infers the rest at load.
+        self.symbolic_value_info = True
         if self.path is not None:
             self.data_path = self.path.with_name(self.path.name + "_data")
             self.data_path.unlink(missing_ok=True)
@@ -325,7 +329,8 @@ class GraphWriter:
         if not complete:  # (the tool's own wrapper would also dump a temp model into the cwd)
             raise ExportError("graph builder: shape inference left tensors untyped", "this is a bug in qconv")
         del self.graph.value_info[:]
-        self.graph.value_info.extend(inference.out_mp_.graph.value_info)
+        self.graph.value_info.extend(v for v in inference.out_mp_.graph.value_info
+                                     if self.symbolic_value_info or not any(d.dim_param for d in v.type.tensor_type.shape.dim))
 
     def _save_external(self) -> None:
         graph = self.graph

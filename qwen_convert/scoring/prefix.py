@@ -10,9 +10,11 @@ the tokens each score sees are exactly the full prompt's and only the arithmetic
   2. each query's prefix (that plus `<Query>: ...`) once, on top of (1),
   3. each document's remaining tokens (its body and the template suffix) on top of (2).
 
-Step 3 runs one document at a time: onnxruntime's GroupQueryAttention (1.32) takes a past only for
-batch 1 when more than one new token comes ("batch_size must be 1 when sequence_length > 1 and past
-context is given"). One row needs no padding either, so the padding side plays no part here.
+Step 3 runs the documents in length-ordered padded batches (either padding side: the pads are
+masked keys like any), all on the one prefix cache: the with-past graph's attention broadcasts a
+past of batch 1 over the rows (onnx/prefix.py). Graphs written before that (their attention was
+onnxruntime's GroupQueryAttention, which takes a past only for batch 1 when more than one new token
+comes, and whose outputs are `present.*`) still score, one document at a time.
 
 Rows that share less than MIN_SHARED tokens with another row of their query (a query with one
 document, or pairs that share nothing), and exports without the with-past graph, are scored with
@@ -37,7 +39,8 @@ from .onnx_scorers import check_variant_files, cpu_session
 # A shared run costs one session call: below this many shared tokens it saves less than it costs.
 MIN_SHARED = 16
 PAST = "past_key_values."
-PRESENT = "present."
+PRESENT = "present."  # GroupQueryAttention graphs: past + new
+NEW = "new_key_values."  # split-attention graphs: the new tokens' only
 
 
 def prefix_graph(variant_path: Path) -> Path:
@@ -67,10 +70,14 @@ class PrefixScorer:
     @property
     def session(self):
         if self._session is None:
-            self._session = cpu_session(self)
-            self._past_names = [i.name for i in self._session.get_inputs() if i.name.startswith(PAST)]
+            session = cpu_session(self)
+            self._past_names = [i.name for i in session.get_inputs() if i.name.startswith(PAST)]
             if not self._past_names:
                 raise SourceError(f"{self.path} has no {PAST}* inputs: not a with-past graph", "re-export it with qconv export-onnx")
+            outputs = {o.name for o in session.get_outputs()}
+            self.batched = NEW + self._past_names[0][len(PAST):] in outputs
+            self._out_names = [(NEW if self.batched else PRESENT) + n[len(PAST):] for n in self._past_names]
+            self._session = session
         return self._session
 
     def empty(self) -> KVCache:
@@ -91,18 +98,43 @@ class PrefixScorer:
         tokens = tuple(tokens)
         if tokens[: len(base.tokens)] != base.tokens or len(tokens) <= len(base.tokens):
             raise ValueError("extend() needs tokens that continue the base prefix")
-        names = [PRESENT + n[len(PAST):] for n in self._past_names_ordered()]
-        outs = self.session.run(names, self._feeds(base, tokens[len(base.tokens):]))
-        return KVCache(tokens, {PAST + n[len(PRESENT):]: a for n, a in zip(names, outs)})
-
-    def _past_names_ordered(self) -> list[str]:
-        self.session  # noqa: B018 (loads and checks the graph)
-        return self._past_names
+        session = self.session
+        outs = session.run(self._out_names, self._feeds(base, tokens[len(base.tokens):]))
+        if not self.batched:
+            return KVCache(tokens, dict(zip(self._past_names, outs)))
+        return KVCache(tokens, {n: np.concatenate([base.past[n], a], axis=2) for n, a in zip(self._past_names, outs)})
 
     def score_suffix(self, cache: KVCache, suffix: Sequence[int]) -> float:
         """The logit of the row cache.tokens + suffix (suffix non-empty)."""
         (logits,) = self.session.run(["logits"], self._feeds(cache, suffix))
         return float(logits[0, 0])
+
+    def score_suffixes(self, cache: KVCache, suffixes: Sequence[Sequence[int]], batch_size: int = 8,
+                       padding_side: PaddingSide = "left", pad_id: int = 0,
+                       on_rows: Callable[[int], None] | None = None) -> np.ndarray:
+        """The logits of the rows cache.tokens + suffix, one per suffix (each non-empty): in
+        length-ordered padded batches of at most `batch_size` on the one cache, or one at a time
+        on a graph that cannot batch a past (GroupQueryAttention)."""
+        from .batches import length_batches
+
+        out = np.empty(len(suffixes))
+        self.session  # noqa: B018 (loads the graph: `batched` says what it can take)
+        if not self.batched:
+            for i, suffix in enumerate(suffixes):
+                out[i] = self.score_suffix(cache, suffix)
+                if on_rows is not None:
+                    on_rows(1)
+            return out
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        for a, b in length_batches([len(suffixes[i]) for i in order], batch_size):
+            idx = order[a:b]
+            batch = pad_rows([list(suffixes[i]) for i in idx], pad_id, padding_side)
+            mask = np.concatenate([np.ones((len(idx), len(cache.tokens)), np.int64), batch.attention_mask.astype(np.int64)], axis=1)
+            (logits,) = self.session.run(["logits"], {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": mask, **cache.past})
+            out[idx] = logits[:, 0]
+            if on_rows is not None:
+                on_rows(len(idx))
+        return out
 
 
 def common_length(rows: Sequence[Sequence[int]]) -> int:
@@ -149,18 +181,18 @@ def plan_sharing(rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
 
 
 def score_shared(prefix: PrefixScorer, rows: Sequence[Sequence[int]], plan: SharePlan,
-                 on_row: Callable[[int], None] | None = None) -> dict[int, float]:
-    """Logits of the plan's shared rows, by row index."""
+                 on_row: Callable[[int], None] | None = None, batch_size: int = 8, padding_side: PaddingSide = "left",
+                 pad_id: int = 0) -> dict[int, float]:
+    """Logits of the plan's shared rows, by row index (each query's documents in padded batches of
+    at most `batch_size`)."""
     empty = prefix.empty()
     template = prefix.extend(empty, rows[plan.groups[0][1][0]][: plan.template]) if plan.template else empty
     out: dict[int, float] = {}
     for n, idx in plan.groups:
         first = rows[idx[0]]
         cache = prefix.extend(template, first[:n]) if n > len(template.tokens) else template
-        for i in idx:
-            out[i] = prefix.score_suffix(cache, rows[i][n:])
-            if on_row is not None:
-                on_row(1)
+        logits = prefix.score_suffixes(cache, [rows[i][n:] for i in idx], batch_size, padding_side, pad_id, on_row)
+        out.update(zip(idx, logits.tolist()))
     return out
 
 
@@ -174,7 +206,7 @@ def score_rows(full: Scorer, prefix: PrefixScorer | None, rows: Sequence[Sequenc
     plan = plan_sharing(rows, groups) if prefix is not None else SharePlan(0, (), tuple(range(len(rows))))
     logits = np.empty(len(rows))
     if plan.groups:
-        for i, v in score_shared(prefix, rows, plan, on_rows).items():
+        for i, v in score_shared(prefix, rows, plan, on_rows, batch_size, padding_side, pad_id).items():
             logits[i] = v
     if plan.full:
         order = sorted(plan.full, key=lambda i: len(rows[i]))
