@@ -8,6 +8,7 @@ so listing five variants of a large model does not load five models at once.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,41 @@ def check_variant_files(onnx_path: Path) -> None:
             raise SourceError(f"{data} is missing (external data of {onnx_path.name})", "copy it next to the .onnx file, or re-export")
 
 
+# Sessions recently opened, by file and settings: `score_documents` called once per query (a library
+# user, the benchmarks) would otherwise start the same 0.6B session again on every call (~0.5-1 s).
+SESSION_CACHE = 2
+_sessions: OrderedDict = OrderedDict()
+
+
 def cpu_session(scorer):
     """An onnxruntime CPU session of `scorer.path` with `scorer.threads` threads; a failure to load is
-    one EngineError line naming the variant (run_failure)."""
+    one EngineError line naming the variant (run_failure). A 4-bit graph runs int8 kernels when
+    `scorer.expand_q4` (default) and memory allow (kernels.py); `scorer.kernels` then says so. The
+    last SESSION_CACHE sessions are reused while their file is unchanged."""
+    path = Path(scorer.path)
+    expand = getattr(scorer, "expand_q4", True)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise SourceError(f"{path} is missing", "re-export with qconv export-onnx") from exc
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, scorer.threads, expand)
+    if key in _sessions:
+        _sessions.move_to_end(key)
+        session, kernels = _sessions[key]
+    else:
+        session, kernels = _open_session(scorer, path, expand)
+        _sessions[key] = (session, kernels)
+        while len(_sessions) > SESSION_CACHE:
+            _sessions.popitem(last=False)
+    if hasattr(scorer, "kernels"):
+        scorer.kernels = kernels
+    return session
+
+
+def _open_session(scorer, path: Path, expand: bool):
     import onnxruntime as ort
+
+    from .kernels import expand_q4
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
@@ -58,9 +90,12 @@ def cpu_session(scorer):
         opts.intra_op_num_threads = scorer.threads
         opts.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(scorer.path), opts, providers=["CPUExecutionProvider"])
+        expansion = expand_q4(path) if expand and scorer.precision in ("q4", "int4") else None
+        model = expansion.model if expansion is not None and expansion.model is not None else str(path)
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise run_failure(scorer, exc, "load") from exc
+    return session, expansion.kernels if expansion is not None else ""
 
 
 @dataclass
@@ -70,6 +105,8 @@ class OnnxScorer:
     precision: str
     threads: int | None = None
     kind: ArtifactKind = ArtifactKind.ONNX
+    expand_q4: bool = True  # q4 on CPU: int8 kernels from the 4-bit weights at load (kernels.py)
+    kernels: str = ""  # what the session runs where that differs from the file (set at load)
     _session: object = field(default=None, repr=False)
 
     @property
@@ -84,7 +121,8 @@ class OnnxScorer:
         return np.asarray(logits, dtype=np.float64)[:, 0]
 
 
-def load_onnx_scorers(path: Path | str, variants: Sequence[str] = (), threads: int | None = None) -> list[Scorer]:
+def load_onnx_scorers(path: Path | str, variants: Sequence[str] = (), threads: int | None = None,
+                      expand_q4: bool = True) -> list[Scorer]:
     """Scorers for the variants in PATH/onnx (all present, or exactly `variants`)."""
     root = Path(path) / ONNX_DIR
     if variants:
@@ -98,5 +136,5 @@ def load_onnx_scorers(path: Path | str, variants: Sequence[str] = (), threads: i
     for mode in modes:
         file = root / mode.file_name
         check_variant_files(file)
-        scorers.append(OnnxScorer(file, f"{ONNX_DIR}/{mode.value}", mode.value, threads))
+        scorers.append(OnnxScorer(file, f"{ONNX_DIR}/{mode.value}", mode.value, threads, expand_q4=expand_q4))
     return scorers
