@@ -187,7 +187,7 @@ def score(
     instruction: InstructionOpt = None,
     max_length: MaxLenOpt = 8192,
     batch_size: BatchOpt = 8,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="ONNX exports: which graph (fp32, fp16, int8, q4, q4f16; default fp32).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="ONNX exports: which graph (fp32, fp16, int8, q4, q4f16; default: the fastest that passed its gate, measured once on this machine; unverified exports: int8 or fp32).")] = None,
     dtype: Annotated[ScoreDtype, typer.Option("--dtype", help="Torch models: compute dtype.")] = ScoreDtype.float32,
     engine: EngineOpt = Engine.auto,
     share_prefix: Annotated[bool, typer.Option("--share-prefix/--no-share-prefix", help="ONNX exports with onnx/prefix/ graphs: run each query's shared prompt prefix once.")] = True,

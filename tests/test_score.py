@@ -99,7 +99,8 @@ def test_pairs_file_groups_queries_and_keeps_labels(tiny_models, tmp_path):
 
 
 def test_onnx_export_scores_with_fp32_unless_told(tiny_models, seqcls_dir, monkeypatch, tmp_path):
-    """The ONNX seam: an export dir asks the ONNX loader for fp32 by default, or the named variant."""
+    """The ONNX seam: an export dir without variant files asks the ONNX loader for fp32 (whose error
+    names the missing file), or the named variant."""
     export = tmp_path / "export"
     shutil.copytree(seqcls_dir, export)
     (export / "onnx").mkdir()
@@ -155,9 +156,12 @@ def test_real_onnx_export_scores_like_the_reference(tiny_models, tmp_path):
     src = tiny_models["untied_fp32"]
     out = export_onnx(src, tmp_path / "onnx", ExportOptions(modes=("int8",), verify=False)).out
     expected = _expected_logits(src, DOCS)
-    [q] = score_documents(out, QUERY, DOCS, options=ScoreOptions(batch_size=2)).queries
+    [q] = score_documents(out, QUERY, DOCS, options=ScoreOptions(batch_size=2, variant="fp32")).queries
     for d in q.documents:
         assert d.logit == pytest.approx(expected[d.index], abs=1e-5)
+    # Without --variant: the faster of int8 and fp32 (no verify report) on this machine, measured once.
+    default = score_documents(out, QUERY, DOCS[:2])
+    assert default.precision in ("int8", "fp32") and default.variant_choice in ("measured", "cached measurement")
     r = CliRunner().invoke(app, ["score", str(out), "--variant", "int8", "--json", "--query", QUERY, "--doc", DOCS[0], "--doc", DOCS[1]])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)

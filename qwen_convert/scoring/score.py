@@ -1,7 +1,8 @@
 """score_documents(model, query, documents) -> ScoreResult: rank documents with any reranker artifact.
 
-Works the same on the original causal reranker, a seq-cls directory and an ONNX export (the fp32
-graph unless a variant is named), because all three go through scoring.load_scorers. P(yes) is
+Works the same on the original causal reranker, a seq-cls directory and an ONNX export (the
+fastest verified variant on this machine unless one is named: choose.py), because all three go
+through scoring.load_scorers. P(yes) is
 sigmoid(logit) in every case.
 """
 
@@ -28,7 +29,7 @@ class ScoreOptions:
     instruction: str | None = None
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = 8
-    variant: str | None = None  # ONNX exports only (default fp32)
+    variant: str | None = None  # ONNX exports only (default: the fastest verified one here, scoring/choose.py)
     dtype: str = "float32"  # torch models only: float32 | bfloat16 | float16
     padding_side: PaddingSide = "left"
     engine: str = "auto"  # torch models: auto | transformers | streamed (qwen_convert/scoring/streamed)
@@ -71,11 +72,13 @@ class ScoreResult:
     queries: tuple[QueryResult, ...]
     engine: str = ""  # transformers | streamed | onnxruntime
     shared_pairs: int = 0  # pairs scored through a shared prefix (the rest with full prompts)
+    variant_choice: str = ""  # ONNX without --variant: why this variant (choose.py: measured, only candidate ...)
+    kernels: str = ""  # what the session runs where it differs from the file (a q4 graph's int8 kernels on CPU)
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "kind": self.kind, "scorer": self.scorer, "precision": self.precision, "engine": self.engine,
-            "shared_pairs": self.shared_pairs,
+            "shared_pairs": self.shared_pairs, "variant_choice": self.variant_choice, "kernels": self.kernels,
             "instruction": self.instruction, "max_length": self.max_length,
             "queries": [q.to_dict() for q in self.queries],
         }
@@ -122,8 +125,10 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     pairs = _collect_pairs(query, list(documents), pairs_file)
     resolved = resolve_model(model, reporter=reporter)
     kind = detect_kind(resolved.path)
+    choice = None
     if kind is ArtifactKind.ONNX:
-        variants: tuple[str, ...] = (options.variant or ONNX_DEFAULT_VARIANT,)
+        choice = _onnx_variant(resolved.path, options.variant)
+        variants: tuple[str, ...] = (choice.mode.value if choice is not None else options.variant or ONNX_DEFAULT_VARIANT,)
     elif options.variant is not None:
         raise QconvError(f"--variant {options.variant} applies to ONNX exports; {resolved.path} is a {kind.value} model", "drop --variant")
     else:
@@ -155,4 +160,17 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
         model=str(resolved.path), kind=kind.value, scorer=scorer.name, precision=scorer.precision,
         instruction=encoder.instruction, max_length=options.max_length, queries=tuple(queries),
         engine=getattr(scorer, "engine", "onnxruntime"), shared_pairs=plan.shared_rows,
+        variant_choice=choice.reason if choice is not None else "", kernels=getattr(scorer, "kernels", ""),
     )
+
+
+def _onnx_variant(path: Path, requested: str | None):
+    """The named variant, else the fastest verified one on this machine (choose.py); None where the
+    export holds no variant file (the loader then says what is missing)."""
+    from qwen_convert.formats import ONNX_DIR, QuantMode
+
+    from .choose import choose_variant
+
+    if requested is not None or not any((path / ONNX_DIR / m.file_name).is_file() for m in QuantMode):
+        return None
+    return choose_variant(path)
