@@ -1,20 +1,27 @@
-"""Prefix-shared scoring vs full prompts vs torch bf16, and q4 vs int8, on the real-shaped 0.6B (issue #20).
+"""Prefix-shared scoring vs full prompts, q4 kernels vs int8, shape A vs the CPU's int8 peak (issue #20).
 
-    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_prefix.py [--rounds 3] [--queries 4]
+    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_prefix.py [--rounds 3] [--queries 4] [--torch]
 
 Part `prefix`: realistic rerank requests (official template, default instruction, queries with 20
-documents of 60-100 tokens from a fixed generated text set) through `score_documents`:
-  * qconv int8 full prompts   (--no-share-prefix: length-ordered batches of 8)
-  * qconv int8 prefix-shared  (onnx/prefix/model_quantized.onnx)
-  * torch bf16: qconv's seq-cls conversion + AutoModelForSequenceClassification (the peer)
-Part `q4`: shape A (batch 8 x 256 tokens, 3 rows left-padded) through the builder's int8 graph and
-its q4 graph at MatMulNBits accuracy_level 0, 1 and 4.
+documents of 60-100 tokens from a fixed generated text set) through `score_documents`, one call per
+query (sessions stay open across calls, as in a library user's or a server's process):
+  * int8-full        full prompts (--no-share-prefix: length-ordered batches of 8)
+  * int8-prefix      prefix-shared, each query's documents in padded batches of 8 on one cache
+  * int8-prefix-b1   prefix-shared, one document at a time (what GroupQueryAttention allowed)
+  * torch-bf16       (--torch) qconv's seq-cls conversion + AutoModelForSequenceClassification
+Part `q4`: shape A (batch 8 x 256 tokens, 3 rows left-padded) through the builder's int8 graph, its
+q4 graph at MatMulNBits accuracy_level 0 and 4, and the level-4 file with its 4-bit weights
+expanded to int8 at load (scoring/kernels.py, what `qconv score` and verify run on a CPU).
+Part `peak`: the CPU's int8 GEMM rate through onnxruntime (MatMulInteger and DynamicQuantizeMatMul,
+2048^3, as bench_peers measures it); shape A int8 is reported as a share of it (2 x 440M matmul
+weights x 256 tokens = 225 GOP a pair). `--profile` adds onnxruntime's per-op profile of shape A int8.
 
 Every engine runs in its own process (load excluded, one warm-up request), rounds interleaved,
 2 threads, inside a memory cgroup when /sys/fs/cgroup/memory is writable, peak RSS by
-/usr/bin/time. The checkpoint is random (benchmarks/make_checkpoint.py), the tokenizer the package's
-small one, so prompts have more tokens than Qwen's tokenizer would give them: the template prefix
-with a query is ~86 tokens here (~55-65 with Qwen's). Writes its section of BENCHMARKS.md.
+/usr/bin/time, the 1-minute load average before each run. The checkpoint is random
+(benchmarks/make_checkpoint.py), the tokenizer the package's small one, so prompts have more tokens
+than Qwen's tokenizer would give them: the template prefix with a query is ~86 tokens here (~55-65
+with Qwen's). Writes its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ PAIRS = WORK / "prefix-pairs.jsonl"
 CGROUP = Path("/sys/fs/cgroup/memory/qconv-bench-prefix")
 START, END = "<!-- bench_prefix:start -->", "<!-- bench_prefix:end -->"
 THREADS = 2
-LEVELS = (0, 1, 4)
+LEVELS = (0, 4)
+GOP_A = 2 * 440e6 * 256  # matmul ops of one 256-token pair of the 0.6B (embedding excluded)
 
 WORDS = ("the of and to in is that for it as with was on are by this be from or have an they which one you were all "
          "we when there can more has been if will their so would about what out up into them some could time these "
@@ -91,7 +99,7 @@ def setup(args) -> None:
         subprocess.run([py(), str(ROOT / "benchmarks" / "make_checkpoint.py"), "0.6b", str(CKPT)], check=True)
     if not (EXPORT / "onnx" / "prefix" / "model_quantized.onnx").exists():
         log("exporting int8 (+ its with-past graph) with the builder")
-        qconv("export-onnx", str(CKPT), str(EXPORT), "--no-fp32", "--quantize", "int8", "--no-verify", "--force", "--quiet")
+        qconv("export-onnx", str(CKPT), str(EXPORT), "--no-fp32", "--quantize", "int8", "--quant-method", "naive", "--no-verify", "--force", "--quiet")
     if not (SEQCLS / "config.json").exists():
         log("converting to seq-cls for the torch peer")
         qconv("seqcls", str(CKPT), str(SEQCLS), "--force", "--quiet")
@@ -124,7 +132,8 @@ def worker_score(kind: str) -> dict:
         torch.set_num_threads(THREADS)
         model, options = SEQCLS, ScoreOptions(dtype="bfloat16", engine="transformers")
     else:
-        model, options = EXPORT, ScoreOptions(variant="int8", share_prefix=kind == "int8-prefix")
+        model = EXPORT
+        options = ScoreOptions(variant="int8", share_prefix=kind != "int8-full", batch_size=1 if kind.endswith("-b1") else 8)
     first = next(iter(queries))
     score_documents(model, first, queries[first][:4], options=options)  # load + warm-up
     started, shared = time.perf_counter(), 0
@@ -134,14 +143,22 @@ def worker_score(kind: str) -> dict:
     return {"pairs": len(pairs), "seconds": seconds, "pairs_per_s": len(pairs) / seconds, "shared_pairs": shared}
 
 
-def worker_shape_a(path: str) -> dict:
-    """Batch 8 x 256 tokens, 3 rows left-padded (to 200), random ids: pairs/s of one graph."""
+def worker_shape_a(path: str, how: str = "file", profile: str = "") -> dict:
+    """Batch 8 x 256 tokens, 3 rows left-padded (to 200), random ids: pairs/s of one graph (how:
+    "file" as written, "expand" with its 4-bit weights expanded to int8 at load)."""
     import numpy as np
     import onnxruntime as ort
 
+    from qwen_convert.scoring.kernels import expand_q4
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    if profile:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile
+    model = expand_q4(Path(path)).model if how == "expand" else path
+    if model is None:
+        raise SystemExit(f"{path}: nothing to expand")
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ids = rng.integers(100, 5000, size=(8, 256), dtype=np.int64)
     mask = np.ones((8, 256), dtype=np.int64)
@@ -153,11 +170,63 @@ def worker_shape_a(path: str) -> dict:
         session.run(["logits"], feeds)
         runs += 1
     seconds = time.perf_counter() - started
-    return {"pairs": 8 * runs, "seconds": seconds, "pairs_per_s": 8 * runs / seconds}
+    out = {"pairs": 8 * runs, "seconds": seconds, "pairs_per_s": 8 * runs / seconds}
+    if profile:
+        out["profile"] = profile_summary(session.end_profiling())
+    return out
+
+
+def profile_summary(trace: str) -> dict:
+    """onnxruntime's profile -> {op type: share of the node time}, largest first."""
+    events = json.loads(Path(trace).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + float(e.get("dur", 0))
+    Path(trace).unlink(missing_ok=True)
+    total = sum(per_op.values()) or 1.0
+    return {k: round(v / total, 4) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+def worker_peak() -> dict:
+    """The CPU's int8 GEMM rate through onnxruntime at THREADS threads (ops/s), as bench_peers measures it."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = k = n = 2048
+    rng = np.random.default_rng(0)
+    b = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+    rates = {}
+    for op in ("MatMulInteger", "DynamicQuantizeMatMul"):
+        if op == "MatMulInteger":
+            a, feed = helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k]), rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+            node, y, inits = helper.make_node(op, ["a", "b"], ["y"]), TensorProto.INT32, [numpy_helper.from_array(b, "b")]
+        else:
+            a, feed = helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k]), rng.standard_normal((m, k), dtype=np.float32)
+            node, y = helper.make_node(op, ["a", "b", "s"], ["y"], domain="com.microsoft"), TensorProto.FLOAT
+            inits = [numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "s")]
+        graph = helper.make_graph([node], "g", [a], [helper.make_tensor_value_info("y", y, [m, n])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session.run(None, {"a": feed})
+        best = float("inf")
+        for _ in range(3):
+            started, runs = time.perf_counter(), 0
+            while runs < 3 or time.perf_counter() - started < 1:
+                session.run(None, {"a": feed})
+                runs += 1
+            best = min(best, (time.perf_counter() - started) / runs)
+        rates[op] = 2.0 * m * k * n / best
+    return {"peak_ops": max(rates.values()), "rates": rates}
 
 
 def run_worker(args: list[str]) -> dict:
     """One engine in a fresh process, in the memory cgroup when there is one; adds peak RSS."""
+    load = os.getloadavg()[0]
     cmd = [py(), str(Path(__file__).resolve()), "--worker", *args]
     if CGROUP.is_dir():
         cmd = ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *cmd]
@@ -167,6 +236,7 @@ def run_worker(args: list[str]) -> dict:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["peak_rss_mib"] = int(out.stderr.strip().splitlines()[-1]) / 1024
+    result["load"] = load
     return result
 
 
@@ -196,22 +266,33 @@ def bench(args) -> dict:
     log(f"{before['cpu']}, flags {' '.join(before['flags'])}, load {before['load']}")
     engines: list[tuple[str, list[str]]] = []
     if "prefix" in args.parts:
-        engines += [(k, ["score", k]) for k in ("int8-full", "int8-prefix", "torch-bf16")]
+        engines += [(k, ["score", k]) for k in ("int8-full", "int8-prefix", "int8-prefix-b1") + (("torch-bf16",) if args.torch else ())]
     if "q4" in args.parts:
         engines += [("A int8", ["shape-a", str(EXPORT / "onnx" / "model_quantized.onnx")])]
         engines += [(f"A q4 level {lv}", ["shape-a", str(WORK / f"q4-level{lv}.onnx")]) for lv in LEVELS]
+        engines += [("A q4 level 4, int8 kernels at load", ["shape-a", str(WORK / "q4-level4.onnx"), "expand"])]
     runs: dict[str, list[dict]] = {name: [] for name, _ in engines}
     for r in range(args.rounds):
         for name, worker in engines:
             result = run_worker(worker)
             runs[name].append(result)
-            log(f"round {r + 1} {name}: {result['pairs_per_s']:.2f} pairs/s, {result['peak_rss_mib']:.0f} MiB")
-    return {"machine": before, "load_after": os.getloadavg(), "rounds": args.rounds, "runs": runs,
-            "queries": args.queries}
+            log(f"round {r + 1} {name}: {result['pairs_per_s']:.2f} pairs/s, {result['peak_rss_mib']:.0f} MiB, load {result['load']:.1f}")
+    out = {"machine": before, "load_after": os.getloadavg(), "rounds": args.rounds, "runs": runs, "queries": args.queries}
+    if "peak" in args.parts:
+        out["peak"] = run_worker(["peak", "-"])
+        log(f"int8 peak {out['peak']['peak_ops'] / 1e12:.2f} TOPS ({out['peak']['rates']}), load {out['peak']['load']:.1f}")
+    if args.profile:
+        out["profile"] = run_worker(["shape-a", str(EXPORT / "onnx" / "model_quantized.onnx"), "file", str(WORK / "profile")])
+    return out
 
 
 def median(runs: list[dict], key: str = "pairs_per_s") -> float:
     return statistics.median(r[key] for r in runs)
+
+
+def _loads(runs: list[dict]) -> str:
+    loads = [x["load"] for x in runs if "load" in x]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
 
 
 def section(r: dict) -> str:
@@ -219,27 +300,38 @@ def section(r: dict) -> str:
     lines = [START, "## Prefix-shared scoring and q4 vs int8 on CPU (benchmarks/bench_prefix.py, issue #20)", "",
              f"{m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
              f"{THREADS} threads; median of {r['rounds']} interleaved rounds, each engine in its own process. "
-             f"Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} after (other jobs shared the CPU: "
-             "compare ratios within this table, not absolute numbers across machines).", ""]
+             f"Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} after; the load column is the 1-minute "
+             "load before each engine's runs (other jobs shared the CPU: compare ratios within a table, not absolute "
+             "numbers across machines).", ""]
     if "int8-full" in runs:
         full = median(runs["int8-full"])
         lines += [f"Realistic requests: {r['queries']} queries x 20 documents of 60-100 tokens, official template, default "
-                  "instruction, one `score_documents` call per query (tokenizing included, loading excluded); random 0.6B, "
-                  "the package's small tokenizer (template + query ~86 tokens, document + suffix ~93).", "",
-                  "| engine | pairs/s | vs int8 full prompts | peak RSS MiB | rounds (pairs/s) |", "|---|---|---|---|---|"]
-        for name in ("int8-full", "int8-prefix", "torch-bf16"):
+                  "instruction, one `score_documents` call per query (tokenizing included, loading excluded, sessions open "
+                  "across calls); random 0.6B, the package's small tokenizer (template + query ~86 tokens, document + suffix ~93).", "",
+                  "| engine | pairs/s | vs int8 full prompts | peak RSS MiB | load | rounds (pairs/s) |", "|---|---|---|---|---|---|"]
+        for name in [n for n in runs if not n.startswith("A ")]:
             v = median(runs[name])
-            lines.append(f"| {name} | {v:.2f} | {v / full:.2f}x | {median(runs[name], 'peak_rss_mib'):.0f} | "
+            lines.append(f"| {name} | {v:.2f} | {v / full:.2f}x | {median(runs[name], 'peak_rss_mib'):.0f} | {_loads(runs[name])} | "
                          f"{', '.join(format(x['pairs_per_s'], '.2f') for x in runs[name])} |")
         lines.append("")
     if "A int8" in runs:
         base = median(runs["A int8"])
+        peak = r.get("peak", {}).get("peak_ops")
         lines += ["Shape A (batch 8 x 256 tokens, 3 rows left-padded), the builder's full-prompt graphs:", "",
-                  "| graph | pairs/s | vs int8 | peak RSS MiB |", "|---|---|---|---|"]
+                  "| graph | pairs/s | vs int8 | % of int8 peak | peak RSS MiB | load |", "|---|---|---|---|---|---|"]
         for name in [n for n in runs if n.startswith("A ")]:
             v = median(runs[name])
-            lines.append(f"| {name[2:]} | {v:.2f} | {v / base:.2f}x | {median(runs[name], 'peak_rss_mib'):.0f} |")
+            share = f"{100 * v * GOP_A / peak:.1f}%" if peak else "—"
+            lines.append(f"| {name[2:]} | {v:.2f} | {v / base:.2f}x | {share} | {median(runs[name], 'peak_rss_mib'):.0f} | {_loads(runs[name])} |")
         lines.append("")
+        if peak:
+            rates = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in r["peak"]["rates"].items())
+            lines += [f"int8 peak through onnxruntime (2048^3 GEMM, {THREADS} threads, load {r['peak']['load']:.1f}): {rates} TOPS; "
+                      f"shape A counts 2 x 440M x 256 = {GOP_A / 1e9:.0f} GOP a pair.", ""]
+    if r.get("profile"):
+        prof = r["profile"]["profile"]
+        lines += ["Per-op profile of shape A int8 (onnxruntime profiling, share of node time): "
+                  + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(prof.items())[:8]) + ".", ""]
     lines.append(END)
     return "\n".join(lines)
 
@@ -249,13 +341,16 @@ def main() -> None:
     ap.add_argument("--worker", nargs="+")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--queries", type=int, default=4)
-    ap.add_argument("--parts", default="prefix,q4")
+    ap.add_argument("--parts", default="prefix,q4,peak")
+    ap.add_argument("--torch", action="store_true", help="also torch bf16 (bench_peers compares the peers)")
+    ap.add_argument("--profile", action="store_true", help="add a per-op profile of shape A int8")
     ap.add_argument("--memory-gib", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.worker:
-        kind, arg = args.worker[0], args.worker[1]
-        print(json.dumps(worker_score(arg) if kind == "score" else worker_shape_a(arg)))
+        kind, rest = args.worker[0], args.worker[1:]
+        result = worker_score(rest[0]) if kind == "score" else worker_peak() if kind == "peak" else worker_shape_a(*rest)
+        print(json.dumps(result))
         return
     result = bench(args)
     (WORK / "bench_prefix.json").write_text(json.dumps(result, indent=2))

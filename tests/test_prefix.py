@@ -149,7 +149,7 @@ def test_truncated_documents_score_like_truncated_full_prompts(export):
     file_logits = {}
     for share in (True, False):
         result = score_documents(export, QUERY, [p.document for p in pairs],
-                                 options=ScoreOptions(max_length=120, share_prefix=share))
+                                 options=ScoreOptions(max_length=120, share_prefix=share, variant="fp32"))
         assert result.shared_pairs == (3 if share else 0)
         file_logits[share] = np.array(sorted((d.index, d.logit) for q in result.queries for d in q.documents))[:, 1]
     assert np.abs(file_logits[True] - file_logits[False]).max() <= 1e-5
