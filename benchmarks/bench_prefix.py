@@ -100,7 +100,7 @@ def setup(args) -> None:
     if not (EXPORT / "onnx" / "prefix" / "model_quantized.onnx").exists():
         log("exporting int8 (+ its with-past graph) with the builder")
         qconv("export-onnx", str(CKPT), str(EXPORT), "--no-fp32", "--quantize", "int8", "--quant-method", "naive", "--no-verify", "--force", "--quiet")
-    if not (SEQCLS / "config.json").exists():
+    if args.torch and not (SEQCLS / "config.json").exists():
         log("converting to seq-cls for the torch peer")
         qconv("seqcls", str(CKPT), str(SEQCLS), "--force", "--quiet")
     for level in LEVELS:

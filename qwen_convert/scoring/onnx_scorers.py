@@ -115,6 +115,12 @@ class OnnxScorer:
             self._session = cpu_session(self)
         return self._session
 
+    @property
+    def engine(self) -> str:
+        """Known before the session starts (verify keys its score cache by it): a q4 graph on the CPU
+        runs int8 kernels unless told not to."""
+        return "onnxruntime q4-as-int8" if self.expand_q4 and self.precision in ("q4", "int4") else "onnxruntime"
+
     def score(self, batch: EncodedBatch) -> np.ndarray:
         feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64)}
         (logits,) = self.session.run(["logits"], feeds)

@@ -150,11 +150,11 @@ class CandidateRunner:
         started = time.perf_counter()
         if kind is ArtifactKind.ONNX and getattr(scorer, "path", None) is not None:  # sessions start on first use
             found, material = self.cached(path, scorer.name, scorer.precision, Path(scorer.path),
-                                          getattr(scorer, "threads", None), "onnxruntime")
+                                          getattr(scorer, "threads", None), getattr(scorer, "engine", "onnxruntime"))
             if found is not None and found.scores is not None:
                 self.reporter.log(f"candidate: {path} [{scorer.name}]: cached scores {found.path}")
                 self.finish(compare(self.base, path, scorer, found.scores, self.gates, failures), found.scores, started,
-                            "onnxruntime", None, None, found, material)
+                            getattr(scorer, "engine", "onnxruntime"), None, None, found, material)
                 return
         fit = _variant_fit(scorer, choice, self.options, self.plan.batches)
         if not fit.fits:
