@@ -223,3 +223,17 @@ def test_documents_run_in_padded_batches_on_one_cache_and_score_like_full_prompt
     for i, row in enumerate(rows):
         (ref,) = full.run(["logits"], {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), np.int64)})
         assert abs(got[i] - ref[0, 0]) <= 1e-5, (side, i)
+
+
+def test_sessions_stay_open_across_score_documents_calls(export, monkeypatch):
+    """score_documents per query (a library user, the benchmark) opens each graph once, not per call."""
+    from qwen_convert.scoring import onnx_scorers
+
+    opened = []
+    real = onnx_scorers._open_session
+    monkeypatch.setattr(onnx_scorers, "_open_session", lambda s, p, e: opened.append(p.name) or real(s, p, e))
+    monkeypatch.setattr(onnx_scorers, "_sessions", type(onnx_scorers._sessions)())
+    for _ in range(3):
+        assert _scored(export)[0].shared_pairs == len(DOCS)
+        _scored(export, share=False)
+    assert sorted(opened) == ["model.onnx", "model.onnx"]  # the full-prompt graph and the with-past graph, once each
