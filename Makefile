@@ -50,6 +50,12 @@ bench-onnx-speed: optimum
 bench-prefix: install
 	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_prefix.py
 
+# ~20 min, ~6 GB once (optimum's trace of the 0.6B shape; the builder stays under 1 GB): the query-expansion
+# causal LM, builder vs optimum export, greedy parity and decode tokens/s (benchmarks/bench_causal_lm.py).
+.PHONY: bench-causal-lm
+bench-causal-lm: install optimum
+	flock /tmp/qconv-heavy.lock env OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python $(BIN)/python benchmarks/bench_causal_lm.py
+
 # ~15 min, <1 GB for the builder, ~10 GB once for the optimum path: five-variant export of the 0.6B shape,
 # builder vs optimum side by side, and of the 8b-wide checkpoint (benchmarks/bench_export.py).
 .PHONY: bench-export bench-8b

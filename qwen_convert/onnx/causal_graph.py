@@ -44,6 +44,9 @@ from .shapes import GQA, GQA_HEAD_DIM_MULTIPLE, attention_kind
 from .weights import GraphWriter, WeightReader
 
 GRAPH_NAME = "qwen3_causal_lm_with_past"
+# optimum's symbolic dim names: transformers.js sizes the empty first-step cache by looking the past
+# inputs' dims up by these names (batch_size; an unknown name becomes 0, and GQA refuses a batch of 0).
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
 
 
 def check_causal_shape(config: dict, root: Path) -> Qwen3Shape:
@@ -62,12 +65,12 @@ class Qwen3CausalLMBuilder(Qwen3PrefixBuilder):
 
     def build(self) -> None:
         g, s = self.g, self.shape
-        ids = g.input("input_ids", np.int64, ["batch", "sequence"])
-        mask = g.input("attention_mask", np.int64, ["batch", "total_sequence"])
-        positions = g.input("position_ids", np.int64, ["batch", "sequence"])
+        ids = g.input("input_ids", np.int64, [BATCH, SEQ])
+        mask = g.input("attention_mask", np.int64, [BATCH, TOTAL])
+        positions = g.input("position_ids", np.int64, [BATCH, SEQ])
         self.past = []
         for i in range(s.layers):
-            self.past.append([g.input(name.format(i), self.act, ["batch", s.kv_heads, "past_sequence", s.head_dim])
+            self.past.append([g.input(name.format(i), self.act, [BATCH, s.kv_heads, PAST, s.head_dim])
                               for name in (PAST_KEY, PAST_VALUE)])
         self.make_causal_inputs(ids, mask, positions)
         hidden = self.make_embedding(ids)
@@ -77,7 +80,7 @@ class Qwen3CausalLMBuilder(Qwen3PrefixBuilder):
         self.make_lm_head(hidden, residual)
         for i in range(s.layers):
             for name in (PRESENT_KEY, PRESENT_VALUE):
-                g.output(name.format(i), self.act, ["batch", s.kv_heads, "total_sequence", s.head_dim])
+                g.output(name.format(i), self.act, [BATCH, s.kv_heads, TOTAL, s.head_dim])
 
     def make_causal_inputs(self, ids: str, mask: str, positions: str) -> None:
         """Batch/sequence/total sizes, the key bias over every key, GQA's lengths, the RoPE table."""
@@ -107,7 +110,7 @@ class Qwen3CausalLMBuilder(Qwen3PrefixBuilder):
             g.node("Cast", [logits], name="logits.fp32", outputs=["logits"], to=FLOAT)
         else:
             g.node("Identity", [logits], name="logits.out", outputs=["logits"])
-        g.output("logits", np.float32, ["batch", "sequence", s.vocab])
+        g.output("logits", np.float32, [BATCH, SEQ, s.vocab])
 
 
 def build_causal_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: QuantizeOptions = QuantizeOptions(),
