@@ -86,10 +86,10 @@ bench-verify-8b: install
 
 # `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
 # artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails. A causal-lm recipe
-# (query expansion) needs qconv[optimum], so it runs from the optimum venv.
-KIND    := $(shell sed -n 's/^kind *= *"\(.*\)".*/\1/p' $(RECIPE) 2>/dev/null)
-RUN_VENV := $(if $(filter causal-lm,$(KIND)),$(OPTIMUM_VENV),$(VENV))
-artifacts: $(if $(filter causal-lm,$(KIND)),optimum,install)
+# with exporter = "optimum" needs qconv[optimum], so it runs from the optimum venv.
+EXPORTER := $(shell sed -n 's/^exporter *= *"\(.*\)".*/\1/p' $(RECIPE) 2>/dev/null)
+RUN_VENV := $(if $(filter optimum,$(EXPORTER)),$(OPTIMUM_VENV),$(VENV))
+artifacts: $(if $(filter optimum,$(EXPORTER)),optimum,install)
 	$(RUN_VENV)/bin/qconv run $(RECIPE) --out $(OUT)/$(NAME) $(foreach kv,$(SET),--set '$(kv)')
 	$(RUN_VENV)/bin/qconv run --check $(OUT)/$(NAME)
 
