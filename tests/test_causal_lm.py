@@ -148,6 +148,21 @@ def test_position_ids_are_honoured(untied):
     assert np.abs(got - shifted).max() < 2e-5 and np.abs(got - plain).max() > 1e-3
 
 
+def test_qconv_verify_runs_the_causal_check_on_a_causal_export(untied):
+    from typer.testing import CliRunner
+
+    from qwen_convert.cli import app
+
+    src, out, _ = untied
+    result = CliRunner().invoke(app, ["verify", str(src), str(out), "--variant", "fp32", "--variant", "fp16", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [c["name"] for c in report["candidates"]] == ["onnx/fp32", "onnx/fp16"] and report["passed"]
+    assert report["candidates"][0]["greedy_match"] == 1.0 and report["candidates"][0]["max_abs_logit"] < 2e-5
+    strict = CliRunner().invoke(app, ["verify", str(src), str(out), "--variant", "fp32", "--tol-logit", "1e-12", "--quiet"])
+    assert strict.exit_code == 1 and "FAIL onnx/fp32: max |Δlogit|" in strict.stdout
+
+
 # --- bad input: one line, nothing written ------------------------------------------------------------
 
 def test_a_reranker_without_chat_template_is_refused(tmp_path):

@@ -231,3 +231,38 @@ def verify_causal_lm(reference: str | Path, export_dir: str | Path, prompts: Seq
     refs, eos_ids = _reference_runs(reference, encoded, max_new_tokens, pad_id, reporter)
     checks = [check_variant(path, mode.value, refs, max_new_tokens, eos_ids, gates, reporter) for mode, path in files]
     return CausalVerifyReport(str(reference), tuple(prompts), max_new_tokens, checks, bool(getattr(tokenizer, "chat_template", None)))
+
+
+# --- `qconv verify REFERENCE EXPORT` on a causal-LM export ---------------------------------------------
+
+DEFAULT_PROMPTS = (  # pipeline/recipe.py's causal-lm default, for a verify without a recipe
+    "Expand the search query into related search queries: cheap flights to tokyo",
+    "Rewrite the query with synonyms: how to fix a leaking tap",
+)
+
+
+def is_causal_export(path: str | Path) -> bool:
+    """A directory written by export_causal_lm (its quantize_config.json names the with-past task)."""
+    import json
+
+    settings = Path(path) / "quantize_config.json"
+    try:
+        return json.loads(settings.read_text(encoding="utf-8")).get("task") == "text-generation-with-past"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def verify_causal_export(reference: str, export_dir: str | Path, variants: Sequence[str] = (), tol_logit: float | None = None,
+                         prompts: Sequence[str] = DEFAULT_PROMPTS, max_new_tokens: int = 16,
+                         reporter: Reporter = NULL) -> CausalVerifyReport:
+    """verify_causal_lm on every variant the export holds (or `variants`), the reference resolved as
+    `qconv verify` resolves it (directory, qconv:NAME or hub id)."""
+    import json
+
+    from qwen_convert.hub.resolve import resolve_model
+
+    files = json.loads((Path(export_dir) / "quantize_config.json").read_text(encoding="utf-8")).get("files", {})
+    modes = tuple(variants) or tuple(files)
+    gates = CausalGates() if tol_logit is None else CausalGates(tol_logit=tol_logit)
+    path = resolve_model(reference, reporter=reporter).path
+    return verify_causal_lm(path, export_dir, prompts, max_new_tokens, modes, gates, reporter)
