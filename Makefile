@@ -50,6 +50,12 @@ bench-onnx-speed: optimum
 bench-prefix: install
 	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_prefix.py
 
+# ~20 min, ~6 GB once (optimum's trace of the 0.6B shape; the builder stays under 1 GB): the query-expansion
+# causal LM, builder vs optimum export, greedy parity and decode tokens/s (benchmarks/bench_causal_lm.py).
+.PHONY: bench-causal-lm
+bench-causal-lm: install optimum
+	flock /tmp/qconv-heavy.lock env OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python $(BIN)/python benchmarks/bench_causal_lm.py
+
 # ~15 min, <1 GB for the builder, ~10 GB once for the optimum path: five-variant export of the 0.6B shape,
 # builder vs optimum side by side, and of the 8b-wide checkpoint (benchmarks/bench_export.py).
 .PHONY: bench-export bench-8b
@@ -80,10 +86,10 @@ bench-verify-8b: install
 
 # `make artifacts RECIPE=recipes/qwen3-reranker-0.6b.toml [SET="source.hub=huggingface ..."]`: what the
 # artifacts workflow (.github/workflows/artifacts.yml) runs; exit 1 if a gate fails. A causal-lm recipe
-# (query expansion) needs qconv[optimum], so it runs from the optimum venv.
-KIND    := $(shell sed -n 's/^kind *= *"\(.*\)".*/\1/p' $(RECIPE) 2>/dev/null)
-RUN_VENV := $(if $(filter causal-lm,$(KIND)),$(OPTIMUM_VENV),$(VENV))
-artifacts: $(if $(filter causal-lm,$(KIND)),optimum,install)
+# with exporter = "optimum" needs qconv[optimum], so it runs from the optimum venv.
+EXPORTER := $(shell sed -n 's/^exporter *= *"\(.*\)".*/\1/p' $(RECIPE) 2>/dev/null)
+RUN_VENV := $(if $(filter optimum,$(EXPORTER)),$(OPTIMUM_VENV),$(VENV))
+artifacts: $(if $(filter optimum,$(EXPORTER)),optimum,install)
 	$(RUN_VENV)/bin/qconv run $(RECIPE) --out $(OUT)/$(NAME) $(foreach kv,$(SET),--set '$(kv)')
 	$(RUN_VENV)/bin/qconv run --check $(OUT)/$(NAME)
 

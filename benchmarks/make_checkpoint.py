@@ -40,6 +40,8 @@ class Shape:
 SHAPES = {
     # Qwen/Qwen3-Reranker-0.6B, exactly (single 1.19 GB file, tied head).
     "0.6b": Shape(151669, 1024, 28, 16, 8, 128, 3072, tied=True, max_shard_bytes=0),
+    # Qwen/Qwen3-0.6B (the query-expansion chat model): the reranker's shape with its 151936-row vocabulary.
+    "0.6b-chat": Shape(151936, 1024, 28, 16, 8, 128, 3072, tied=True, max_shard_bytes=0),
     # Qwen3-Reranker-4B widths (hidden 2560, 32/8 heads, intermediate 9728) with 4 of its 36 layers
     # and an untied head, sharded like the hub release: the big-vocabulary, wide case in 2.4 GB.
     "4b-wide-untied": Shape(151669, 2560, 4, 32, 8, 128, 9728, tied=False, max_shard_bytes=1 << 30),

@@ -230,10 +230,20 @@ def verify(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check candidates against the causal reference on padded batches.
+    """Check candidates against the causal reference on padded batches (a causal-LM export: greedy
+    generation and logits against torch, run with onnxruntime alone).
 
     Exit 0: every candidate passed; 1: a gate failed (or the reference depends on padding);
     3: nothing failed, but a candidate was not verified (it would not fit in memory)."""
+    from qwen_convert.onnx.causal_verify import is_causal_export, verify_causal_export
+
+    if len(candidates) == 1 and is_causal_export(candidates[0]):  # a query-expansion export (kind causal-lm)
+        with _reporter(quiet) as rep:
+            report = verify_causal_export(reference, candidates[0], tuple(variant or ()), tol_logit, reporter=rep)
+        emit(report, as_json)
+        if not report.passed:
+            raise typer.Exit(1)
+        return
     from qwen_convert.scoring.memory import parse_size
     from qwen_convert.scoring.remote import ServerOptions, is_server_url, parse_api
     from qwen_convert.verify import VerifyOptions

@@ -2,7 +2,8 @@
 
 optimum-onnx is the `optimum` extra, not part of `convert`/`all`: its only release (0.1.0) pins
 transformers < 4.58, so installing it beside transformers 5 would downgrade the user's stack. It is
-needed only by `--exporter optimum` (the traced cross-check) and the query-expansion causal LM.
+needed only by `--exporter optimum` (the traced cross-check) and the query-expansion causal LM's
+`artifacts.exporter = "optimum"` (the graph builder writes both kinds without it).
 """
 
 from __future__ import annotations

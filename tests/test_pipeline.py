@@ -281,14 +281,11 @@ def test_output_directory_of_another_recipe_is_refused(small, tmp_path):
 
 # --- the causal-LM recipe kind --------------------------------------------------------------------------
 
-@pytest.mark.optimum
 def test_causal_lm_recipe_runs_end_to_end(tmp_path):
-    from qwen_convert.onnx.causal_lm import build_tiny_causal_lm
-
-    src = build_tiny_causal_lm(tmp_path / "lm", seed=3)
+    """The tiny query-expansion recipe as shipped (qconv:tiny-chat-lm, graph builder, no optimum)."""
     out = tmp_path / "out"
     recipe = ROOT / "recipes" / "tiny-query-expansion.toml"
-    result = run_cli(str(recipe), "--out", str(out), "--set", f"source.path={src}", "--set", "gates.min_token_agreement=0")
+    result = run_cli(str(recipe), "--out", str(out))
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / MANIFEST).read_text())
     kinds = {a["name"]: (a["kind"], a["mode"]) for a in manifest["artifacts"]}
@@ -296,17 +293,33 @@ def test_causal_lm_recipe_runs_end_to_end(tmp_path):
     metrics = {(m["artifact"], m["name"]): m for m in manifest["metrics"]}
     assert metrics[("onnx/fp32", "greedy_match")]["value"] == 1.0 and metrics[("onnx/fp32", "greedy_match")]["passed"]
     assert metrics[("onnx/fp32", "max_abs_logit")]["value"] < 1e-4
+    assert metrics[("onnx/q4f16", "token_agreement")]["value"] >= 0.6  # measured 0.75 (recipe gate 0.6)
+    settings = json.loads((out / "onnx" / "quantize_config.json").read_text())
+    assert settings["exporter"] == "builder" and settings["quantization"]["method"] == "calibrated"
     assert check_manifest(out).passed
+
+
+@pytest.mark.optimum
+def test_causal_lm_recipe_with_the_optimum_exporter(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(str(ROOT / "recipes" / "tiny-query-expansion.toml"), "--out", str(out), "--set", "artifacts.exporter=optimum",
+                     "--set", "gates.min_token_agreement=0")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "onnx" / "quantize_config.json").read_text())["exporter"] == "optimum"
+    metrics = {(m["artifact"], m["name"]): m for m in json.loads((out / MANIFEST).read_text())["metrics"]}
+    assert metrics[("onnx/fp32", "greedy_match")]["value"] == 1.0 and metrics[("onnx/fp32", "max_abs_logit")]["value"] < 1e-4
 
 
 def test_causal_lm_recipe_without_the_optimum_extra_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     for name in ("optimum", "optimum.exporters", "optimum.exporters.onnx", "optimum.onnxruntime"):
         monkeypatch.setitem(sys.modules, name, None)  # as in the main venv, without qconv[optimum]
     out = tmp_path / "out"
-    result = runner.invoke(app, ["run", str(ROOT / "recipes" / "tiny-query-expansion.toml"), "--out", str(out), "--quiet"])
+    result = runner.invoke(app, ["run", str(ROOT / "recipes" / "tiny-query-expansion.toml"), "--out", str(out), "--quiet",
+                                 "--set", "artifacts.exporter=optimum", "--set", "quantization.method=naive"])
     assert result.exit_code == 1
-    assert result.stderr == ("error: recipe kind causal-lm (tiny-query-expansion) needs optimum-onnx, which is not installed "
-                             "(pip install 'qconv[optimum]' in a venv of its own: optimum-onnx pins transformers < 4.58)\n")
+    assert result.stderr == ("error: recipe tiny-query-expansion (kind causal-lm, artifacts.exporter optimum) needs optimum-onnx, "
+                             "which is not installed (pip install 'qconv[optimum]' in a venv of its own: optimum-onnx pins "
+                             "transformers < 4.58)\n")
     assert not out.exists()
 
 

@@ -108,10 +108,22 @@ def test_large_recipes_default_to_the_variants_a_16gb_runner_verifies(size, disk
     assert load_recipe(recipe, ['artifacts.onnx=["fp32","int8"]']).artifacts.onnx == ("fp32", "int8")
 
 
-def test_only_causal_lm_recipes_need_fp32(tmp_path):
+def test_only_the_optimum_causal_lm_exporter_needs_fp32(tmp_path):
     assert recipe_from_dict({"name": "x", "source": {"path": "p"}, "artifacts": {"onnx": ["q4"]}}).artifacts.onnx == ("q4",)
+    built = recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"}, "artifacts": {"onnx": ["q4f16", "int8"]}})
+    assert built.artifacts.exporter == "builder" and built.quantization.method == "calibrated"
     with pytest.raises(RecipeError, match="artifacts.onnx needs fp32"):
-        recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"}, "artifacts": {"onnx": ["q4f16"]}})
+        recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"},
+                          "artifacts": {"onnx": ["q4f16"], "exporter": "optimum"}})
+    traced = recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"}, "artifacts": {"exporter": "optimum"}})
+    assert traced.quantization.method == "naive"  # onnxruntime's quantizers: the only method that path has
+    with pytest.raises(RecipeError, match="needs artifacts.exporter"):
+        recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"},
+                          "artifacts": {"exporter": "optimum"}, "quantization": {"method": "calibrated"}})
+    with pytest.raises(RecipeError, match="unknown artifacts.exporter 'torch'"):
+        recipe_from_dict({"name": "x", "kind": "causal-lm", "source": {"path": "p"}, "artifacts": {"exporter": "torch"}})
+    with pytest.raises(RecipeError, match="artifacts.exporter does not apply to a reranker recipe"):
+        recipe_from_dict({"name": "x", "source": {"path": "p"}, "artifacts": {"exporter": "builder"}})
 
 
 def test_dry_run_round_trips_as_toml_and_json(tmp_path):

@@ -17,7 +17,7 @@ from qwen_convert.progress import NULL, Reporter
 from .download import HUB_ID
 
 BUILTIN_PREFIX = "qconv:"
-BUILTINS = {"tiny-reranker": "data/tiny-reranker"}
+BUILTINS = {"tiny-reranker": "data/tiny-reranker", "tiny-chat-lm": "data/tiny-chat-lm"}
 
 
 @dataclass(frozen=True)

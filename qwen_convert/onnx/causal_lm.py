@@ -1,45 +1,66 @@
 """The query-expansion model of a search stack: a Qwen3 causal LM as ONNX *with* KV cache.
 
-`export_causal_lm` runs optimum's exporter with task "text-generation-with-past" (inputs input_ids,
-attention_mask, position_ids, past_key_values.*; outputs logits, present.*), so optimum's
-`ORTModelForCausalLM` can `generate()` from it; quantized variants come from the same mode table
-as the reranker's (quantize.py). Layout, as for the reranker export (transformers.js style):
-    OUT/config.json, generation_config.json, tokenizer files
+`export_causal_lm` writes the "text-generation-with-past" decoder (inputs input_ids,
+attention_mask, position_ids, past_key_values.*; outputs logits, present.*) that optimum's
+ORTModelForCausalLM, transformers.js and a plain onnxruntime loop (decode.py) generate() from.
+Two exporters (CAUSAL_EXPORTERS):
+  * builder (default): causal_graph.py writes every variant straight from the safetensors, one
+    streaming pass each, no torch (torch runs only for the calibrated variants' calibration pass);
+    int8/q4/q4f16 are calibrated (SmoothQuant / AWQ folded into the weights, calibration.py) unless
+    quant_method is "naive".
+  * optimum: optimum-onnx traces a torch model to fp32 and onnxruntime's whole-graph quantizers make
+    the other variants (the cross-check; needs qconv[optimum] and several times the fp32 weights in RAM).
+Layout, as for the reranker export (transformers.js style):
+    OUT/config.json, generation_config.json, tokenizer files, chat template, quantize_config.json
     OUT/onnx/model.onnx (+ model.onnx_data), OUT/onnx/model_q4f16.onnx ...
 
-`verify_causal_lm` compares each variant with the torch model on the same prompts: greedy
-generate() token for token (the KV-cache decode path), the per-step logits of that decode while the
-tokens agree, and the teacher-forced next-token argmax along torch's greedy continuation.
+causal_verify.py checks each variant against torch (greedy tokens, logits).
 """
 
 from __future__ import annotations
 
-import gc
+import json
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from qwen_convert.errors import ExportError, QconvError, SourceError
-from qwen_convert.formats import ONNX_DIR, QuantMode, VariantFile, parse_modes
-from qwen_convert.fsutil import atomic_output_dir
+from qwen_convert.errors import ExportError, QconvError, SourceError, first_line
+from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, ONNX_DIR, QUANTIZE_CONFIG, QuantMode, VariantFile, parse_modes
+from qwen_convert.fsutil import atomic_output_dir, check_output_dir
 from qwen_convert.progress import NULL, Reporter
 
+from .. import __version__
 from .export import quantize_variants, variant_file
 from .quantize import QuantizeOptions, quiet_logs
 
 TASK = "text-generation-with-past"
+CAUSAL_EXPORTERS = ("builder", "optimum")
+SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                 "added_tokens.json", "chat_template.jinja", "generation_config.json", "LICENSE")
+# transformers.js 3.x sizes the empty first-step cache from this key (4.x reads the session's inputs).
+FP16_CACHE = {"fp16": "float16", "q4f16": "float16"}
 
 
 @dataclass(frozen=True)
 class CausalExportOptions:
-    modes: tuple[str, ...] = ("fp32", "q4f16")  # fp32 is always written: every variant derives from it
+    modes: tuple[str, ...] = ("fp32", "q4f16")  # the optimum exporter writes fp32 whatever is listed
     block_size: int = 32
     quantize_embedding: bool = True
+    per_channel: bool = False
     force: bool = False
+    exporter: str = "builder"  # builder | optimum
+    quant_method: str | None = None  # calibrated | naive; None: calibrated with the builder, naive with optimum
+    calibration_file: Path | None = None  # JSONL pairs (as export-onnx --calibration); None: the built-in probes
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+    def method(self) -> str:
+        return self.quant_method or ("calibrated" if self.exporter == "builder" else "naive")
+
+    def quantize_options(self) -> QuantizeOptions:
+        return QuantizeOptions(block_size=self.block_size, quantize_embedding=self.quantize_embedding,
+                               per_channel=self.per_channel, external_data_threshold=self.external_data_threshold)
 
 
 @dataclass(frozen=True)
@@ -48,60 +69,189 @@ class CausalExportResult:
     source: str
     variants: tuple[VariantFile, ...]
     seconds: float
+    exporter: str = "builder"
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "source": self.source, "task": TASK,
+        return {"out": str(self.out), "source": self.source, "task": TASK, "exporter": self.exporter,
                 "variants": [v.to_dict() for v in self.variants], "seconds": round(self.seconds, 3)}
 
+    def render(self) -> str:
+        lines = [f"wrote {self.out}  (causal LM with KV cache, {self.exporter} exporter, {self.seconds:.1f} s)"]
+        lines += [f"  {v.mode:<6} {v.path:<28} {v.bytes / 2**20:9.1f} MiB" for v in self.variants]
+        return "\n".join(lines)
 
-def _modes(names: Sequence[str]) -> list[QuantMode]:
-    """fp32 first (every variant derives from it), then the quantized modes as quantize parses them."""
-    return [QuantMode.FP32, *parse_modes([n for n in names if n.strip().lower() != QuantMode.FP32.value])]
+
+def causal_modes(names: Sequence[str], exporter: str = "builder") -> list[QuantMode]:
+    """The modes to write, fp32 first when listed; the optimum path always writes fp32 (its
+    quantizers start from that graph)."""
+    rest = list(parse_modes([n for n in names if n.strip().lower() != QuantMode.FP32.value]))
+    fp32 = exporter == "optimum" or any(n.strip().lower() == QuantMode.FP32.value for n in names)
+    modes = ([QuantMode.FP32] if fp32 else []) + rest
+    if not modes:
+        raise ExportError("nothing to export: no ONNX mode listed", 'list modes, e.g. ["fp32", "q4f16"]')
+    return modes
+
+
+def has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").is_file():
+        return True
+    cfg = path / "tokenizer_config.json"
+    try:
+        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")) if cfg.is_file() else False
+    except (OSError, ValueError):
+        return False
+
+
+def check_causal_source(path: Path, exporter: str = "builder") -> dict:
+    """Refuse, before OUT exists, what the query-expansion export cannot take; returns config.json."""
+    from qwen_convert.checkpoint.files import open_checkpoint
+    from qwen_convert.checkpoint.kind import check_causal_qwen3
+
+    ckpt = open_checkpoint(path)  # a missing config or weights: one error naming the file
+    check_causal_qwen3(ckpt)  # not Qwen3, or already a seq-cls model
+    if not has_chat_template(path):
+        # A Qwen3-Reranker (and qconv:tiny-reranker) is a Qwen3ForCausalLM too, but a scoring model:
+        # generate() from chat prompts needs the instruct model's chat template.
+        raise SourceError(f"{path} has no chat template, so it is not a chat model to generate queries with "
+                          "(a reranker?)", "point the causal-lm recipe at an instruct model, e.g. Qwen/Qwen3-0.6B")
+    if exporter == "builder":
+        from qwen_convert.checkpoint.validate import check_checkpoint
+
+        from .causal_graph import check_causal_shape
+
+        check_causal_shape(ckpt.config, path)
+        check_checkpoint(ckpt)
+    return ckpt.config
 
 
 def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOptions = CausalExportOptions(),
                      reporter: Reporter = NULL) -> CausalExportResult:
     """Export a local Qwen3 causal LM directory to ONNX with KV cache (+ quantized variants), atomically."""
-    from ..extras import require_optimum
-
-    require_optimum("the query-expansion export (causal LM)")
-    from optimum.exporters.onnx import main_export
-
-    from qwen_convert.checkpoint.files import load_config
-    from qwen_convert.checkpoint.kind import check_qwen3
+    from .calibration import calibration_set
 
     started = time.perf_counter()
     src, out = Path(src), Path(out)
-    config = load_config(src)
-    check_qwen3(config, src)
-    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
-        raise SourceError(f"{src} is not a causal LM ({config.get('architectures')})", "a causal-lm recipe needs a Qwen3ForCausalLM")
-    modes = _modes(options.modes)
-    qopts = QuantizeOptions(block_size=options.block_size, quantize_embedding=options.quantize_embedding)
-    with atomic_output_dir(out, options.force) as tmp:
-        reporter.log(f"exporting {src} -> {out}/{ONNX_DIR}/model.onnx (task {TASK})")
-        task = reporter.task("export fp32 (with past)", total=None)
-        with quiet_logs():
-            try:
-                # fp32 whatever the checkpoint's storage dtype; optimum's own validation is skipped
-                # because verify_causal_lm checks far more (generation, decode logits).
-                main_export(str(src), output=str(tmp), task=TASK, device="cpu", dtype="fp32",
-                            do_validation=False, local_files_only=True)
-            except Exception as exc:  # the exporter raises every type
-                raise ExportError(f"ONNX export failed: {exc}".splitlines()[0], "run with QCONV_DEBUG=1 for the traceback") from exc
-        task.advance()
-        onnx_dir = tmp / ONNX_DIR
-        onnx_dir.mkdir()
-        for f in tmp.glob("model.onnx*"):
-            shutil.move(str(f), onnx_dir / f.name)  # .onnx and its _data keep their relative location
-        fp32 = onnx_dir / QuantMode.FP32.file_name
-        import onnx
+    if options.exporter not in CAUSAL_EXPORTERS:
+        raise ExportError(f"unknown exporter {options.exporter!r}", f"valid exporters: {', '.join(CAUSAL_EXPORTERS)}")
+    if options.exporter == "optimum":
+        from ..extras import require_optimum
 
-        # On the path (works past 2 GB): the fp16 pass relies on value_info from shape inference.
-        onnx.shape_inference.infer_shapes_path(str(fp32), str(fp32))
-        quantize_variants(onnx_dir, modes[1:], qopts, reporter)
+        require_optimum("the query-expansion export with --exporter optimum")
+    modes = causal_modes(options.modes, options.exporter)
+    check_output_dir(out, options.force)
+    if out.resolve() == src.resolve():
+        raise SourceError(f"OUT {out} is the source directory", "choose a new OUT")
+    config = check_causal_source(src, options.exporter)
+    calibration = calibration_set(src, modes, options.method(), options.exporter, options.calibration_file)
+    with atomic_output_dir(out, options.force) as tmp:
+        (tmp / ONNX_DIR).mkdir()
+        reporter.log(f"exporting {src} -> {out}/{ONNX_DIR} ({options.exporter} exporter, {TASK}: "
+                     f"{', '.join(m.value for m in modes)})")
+        write = _write_builder if options.exporter == "builder" else _write_optimum
+        record = write(src, tmp, modes, options, reporter, calibration)
         variants = tuple(variant_file(tmp, m) for m in modes)
-    return CausalExportResult(out, str(src), variants, time.perf_counter() - started)
+        write_causal_sidecars(tmp, src, config, fp16_cache=options.exporter == "builder")
+        settings = causal_settings(options, variants, record)
+        (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return CausalExportResult(out, str(src), variants, time.perf_counter() - started, options.exporter, settings)
+
+
+def _write_builder(src: Path, tmp: Path, modes: list[QuantMode], options: CausalExportOptions, reporter: Reporter,
+                   calibration=None) -> dict:
+    """Every variant from the checkpoint (causal_graph.py); with a calibration set, one calibration
+    pass first and each quantized variant's scales folded in."""
+    from qwen_convert.checkpoint.files import open_checkpoint
+
+    from .causal_graph import build_causal_onnx
+    from .shapes import shape_choices
+
+    ckpt = open_checkpoint(src)
+    qopts = options.quantize_options()
+    plans, keep, record = {}, {}, {"method": "naive"}
+    if calibration is not None:
+        from .calibration import plan_variants
+
+        planned = plan_variants(src, calibration, modes, qopts, reporter=reporter)
+        plans, keep, record = planned.plans, planned.keep, planned.record
+    q4 = any(m in (QuantMode.Q4, QuantMode.Q4F16) for m in modes)
+    for note in shape_choices(ckpt.config, options.block_size, options.quantize_embedding).notes(q4):
+        reporter.log(note)
+    for mode in modes:
+        task = reporter.task(f"build {mode.value}", total=None)
+        try:
+            result = build_causal_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, qopts, options.external_data_threshold,
+                                       fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset()))
+        except (QconvError, OSError, MemoryError):
+            raise  # OSError: atomic_output_dir tells a full disk from other write failures
+        except Exception as exc:  # onnx's writer, onnxruntime's 4-bit kernel, numpy: one line naming the variant
+            raise ExportError(f"{ONNX_DIR}/{mode.value}: building {mode.file_name} failed: {first_line(exc)}",
+                              "QCONV_DEBUG=1 shows the traceback") from exc
+        task.advance()
+        reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+    return record
+
+
+def _write_optimum(src: Path, tmp: Path, modes: list[QuantMode], options: CausalExportOptions, reporter: Reporter,
+                   calibration=None) -> dict:
+    """fp32 traced by optimum-onnx, then onnxruntime's whole-graph quantizers (naive)."""
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    trace = tmp / ".optimum"
+    task = reporter.task("export fp32 (with past, optimum)", total=None)
+    with quiet_logs():
+        try:
+            # fp32 whatever the checkpoint's storage dtype; optimum's own validation is skipped
+            # because causal_verify checks far more (generation, decode logits).
+            main_export(str(src), output=str(trace), task=TASK, device="cpu", dtype="fp32",
+                        do_validation=False, local_files_only=True)
+        except Exception as exc:  # the exporter raises every type
+            raise ExportError(f"ONNX export failed: {first_line(exc)}", "run with QCONV_DEBUG=1 for the traceback") from exc
+    task.advance()
+    for f in trace.glob("model.onnx*"):
+        shutil.move(str(f), tmp / ONNX_DIR / f.name)  # .onnx and its _data keep their relative location
+    shutil.rmtree(trace)
+    fp32 = tmp / ONNX_DIR / QuantMode.FP32.file_name
+    # On the path (works past 2 GB): the fp16 pass relies on value_info from shape inference.
+    onnx.shape_inference.infer_shapes_path(str(fp32), str(fp32))
+    quantize_variants(tmp / ONNX_DIR, modes[1:], options.quantize_options(), reporter)
+    return {"method": "naive"}
+
+
+def write_causal_sidecars(out: Path, src: Path, config: dict, fp16_cache: bool) -> list[str]:
+    """config.json (+ the cache dtype transformers.js 3 reads), tokenizer, chat template, generation config."""
+    written = []
+    for name in SIDECAR_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            written.append(name)
+    config = {**config, "use_cache": True}
+    if fp16_cache:
+        config["transformers.js_config"] = {**config.get("transformers.js_config", {}), "kv_cache_dtype": FP16_CACHE}
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ["config.json", *written]
+
+
+def causal_settings(options: CausalExportOptions, variants: Sequence[VariantFile], record: dict) -> dict:
+    """quantize_config.json: how each variant was made, and the graph's inputs and outputs."""
+    from .precision import precision_settings
+
+    settings = {"qconv_version": __version__, "task": TASK, "exporter": options.exporter,
+                "files": {v.mode: v.path for v in variants}, "quantization": record}
+    if options.exporter == "builder":
+        encoders = precision_settings(options.quantize_options())["encoders"]
+        encoders.pop("all", None)
+        settings["encoders"] = {v.mode: encoders[v.mode] for v in variants}
+        settings["io"] = {
+            "inputs": "input_ids, attention_mask [batch, past + sequence], position_ids int64; "
+                      "past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim] in the activation dtype",
+            "outputs": "logits [batch, sequence, vocab] float32; present.{i}.key/.value [batch, kv_heads, past + sequence, head_dim]",
+            "head": "final RMSNorm on every position, lm_head (the embedding when tied) in the variant's precision",
+            "limits": "onnxruntime's GroupQueryAttention: more than one new token with a non-empty past only at batch 1 "
+                      "(generate() prefills with an empty past, then decodes one token a step)",
+        }
+    return settings
 
 
 def load_ort_causal_lm(path: str | Path, mode: str = "fp32"):
@@ -122,189 +272,21 @@ def load_ort_causal_lm(path: str | Path, mode: str = "fp32"):
     return model
 
 
-# --- verification ---------------------------------------------------------------------------------
-
-@dataclass
-class VariantCheck:
-    mode: str
-    prompts: int
-    greedy_identical: int  # prompts whose greedy continuation equals torch's token for token
-    first_divergence: list[int | None]  # per prompt: index of the first differing new token
-    decode_max_abs_logit: float  # generate() logits (KV-cache path) while the tokens agree
-    prefill_max_abs_logit: float  # teacher-forced logits over torch's greedy continuation
-    token_agreement: float  # teacher-forced argmax == torch's greedy token, fraction of positions
-    checks: list[dict] = field(default_factory=list)  # {name, value, gate, passed}: the manifest's metrics
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def greedy_match(self) -> float:
-        return self.greedy_identical / self.prompts
-
-    @property
-    def max_abs_logit(self) -> float:
-        return max(self.decode_max_abs_logit, self.prefill_max_abs_logit)
-
-    @property
-    def gate(self) -> str:
-        return ", ".join(f"{c['name']} {c['gate']}" for c in self.checks if c["gate"]) or "none"
-
-    def to_dict(self) -> dict:
-        return {"name": f"onnx/{self.mode}", "mode": self.mode, "passed": self.passed, "gate": self.gate,
-                "prompts": self.prompts, "greedy_identical": self.greedy_identical, "greedy_match": self.greedy_match,
-                "first_divergence": self.first_divergence, "max_abs_logit": self.max_abs_logit,
-                "decode_max_abs_logit": self.decode_max_abs_logit, "prefill_max_abs_logit": self.prefill_max_abs_logit,
-                "token_agreement": self.token_agreement, "checks": self.checks, "failures": self.failures}
-
-    def gated(self, gates: "CausalGates") -> "VariantCheck":
-        """Fill checks and failures: fp32 must generate identically within tol_logit; quantized
-        variants must agree on the next token at least min_token_agreement of the time."""
-        fp32 = self.mode == QuantMode.FP32.value
-        self.checks = [
-            {"name": "greedy_match", "value": self.greedy_match, "gate": ">= 1" if fp32 else None,
-             "passed": self.greedy_match >= 1 if fp32 else None},
-            {"name": "max_abs_logit", "value": self.max_abs_logit, "gate": f"<= {gates.tol_logit:g}" if fp32 else None,
-             "passed": bool(self.max_abs_logit <= gates.tol_logit) if fp32 else None},
-            {"name": "token_agreement", "value": self.token_agreement, "gate": None if fp32 else f">= {gates.min_token_agreement:g}",
-             "passed": None if fp32 else bool(self.token_agreement >= gates.min_token_agreement)},
-        ]
-        details = {
-            "greedy_match": f"greedy generation differs from torch on {self.prompts - self.greedy_identical} of {self.prompts} prompts",
-            "max_abs_logit": f"max |Δlogit| {self.max_abs_logit:.3e} > {gates.tol_logit:.1e}",
-            "token_agreement": f"teacher-forced top-1 agreement {self.token_agreement:.3f} < {gates.min_token_agreement:g}",
-        }
-        self.failures = [f"onnx/{self.mode}: {details[c['name']]}" for c in self.checks if c["passed"] is False]
-        return self
-
-
-@dataclass
-class CausalVerifyReport:
-    reference: str
-    prompts: tuple[str, ...]
-    max_new_tokens: int
-    variants: list[VariantCheck]
-    chat_template: bool
-
-    @property
-    def passed(self) -> bool:
-        return all(v.passed for v in self.variants)
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "reference": self.reference, "prompts": list(self.prompts),
-                "max_new_tokens": self.max_new_tokens, "chat_template": self.chat_template,
-                "candidates": [v.to_dict() for v in self.variants]}
-
-    def render(self) -> str:
-        lines = [f"reference {self.reference} (torch fp32), {len(self.prompts)} prompts x {self.max_new_tokens} greedy tokens"]
-        for v in self.variants:
-            lines.append(f"  onnx/{v.mode:<6} greedy {v.greedy_identical}/{v.prompts} identical  max|Δlogit| {v.max_abs_logit:.2e}  "
-                         f"top-1 agreement {v.token_agreement:.3f}  gate {v.gate}  {'PASS' if v.passed else 'FAIL'}")
-            lines += [f"    FAIL {f}" for f in v.failures]
-        lines.append("PASSED" if self.passed else "FAILED")
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class CausalGates:
-    tol_logit: float = 1e-3  # fp32: max |Δlogit| (decode and prefill), and greedy tokens identical
-    min_token_agreement: float = 0.9  # quantized: teacher-forced top-1 agreement with torch's greedy tokens
-
-
-def _encode(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        except TypeError:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt, add_special_tokens=False)
-
-
-def _greedy(model, ids: list[int], max_new_tokens: int, pad_id: int) -> tuple[list[int], np.ndarray]:
-    """Greedy continuation and the raw logits of each generated step (float64 [steps, vocab])."""
-    import torch
-
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(ids):].tolist()
-    logits = np.stack([step[0].float().numpy() for step in out.logits]).astype(np.float64)
-    return tokens, logits
-
-
-def _forward_logits(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
-    return out.logits[0].float().numpy().astype(np.float64)
-
-
-def verify_causal_lm(reference: str | Path, export_dir: str | Path, prompts: Sequence[str], max_new_tokens: int = 16,
-                     modes: Sequence[str] = ("fp32",), gates: CausalGates = CausalGates(), reporter: Reporter = NULL) -> CausalVerifyReport:
-    """Each ONNX variant against the torch model: greedy tokens, decode logits, teacher-forced argmax."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not prompts:
-        raise QconvError("no prompts to verify on", "give at least one prompt")
-    reference, export_dir = Path(reference), Path(export_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(reference))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [_encode(tokenizer, p) for p in prompts]
-
-    with quiet_logs():
-        ref_model = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
-    ref_runs = []
-    task = reporter.task("reference (torch)", total=len(encoded))
-    for ids in encoded:
-        tokens, step_logits = _greedy(ref_model, ids, max_new_tokens, pad_id)
-        full = ids + tokens
-        ref_runs.append((tokens, step_logits, full, _forward_logits(ref_model, full)))
-        task.advance()
-    del ref_model
-    gc.collect()
-
-    checks = []
-    for mode in _modes(modes):
-        model = load_ort_causal_lm(export_dir, mode.value)
-        identical, divergence, decode_max, prefill_max = 0, [], 0.0, 0.0
-        agree = total = 0
-        task = reporter.task(f"onnx/{mode.value}", total=len(encoded))
-        for ids, (ref_tokens, ref_steps, full, ref_full) in zip(encoded, ref_runs):
-            tokens, steps = _greedy(model, ids, max_new_tokens, pad_id)
-            first = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
-            if first is None and len(tokens) != len(ref_tokens):
-                first = min(len(tokens), len(ref_tokens))
-            identical += first is None
-            divergence.append(first)
-            upto = len(ref_tokens) if first is None else first + 1  # the diverging step's logits still share a prefix
-            upto = min(upto, len(steps), len(ref_steps))
-            decode_max = max(decode_max, float(np.max(np.abs(steps[:upto] - ref_steps[:upto]))) if upto else 0.0)
-            logits = _forward_logits(model, full)
-            # Positions whose prediction is a generated token: len(ids)-1 ... len(full)-2.
-            span = slice(len(ids) - 1, len(full) - 1)
-            prefill_max = max(prefill_max, float(np.max(np.abs(logits[span] - ref_full[span]))))
-            agree += int(np.sum(np.argmax(logits[span], axis=-1) == np.asarray(ref_tokens)))
-            total += len(ref_tokens)
-            task.advance()
-        del model
-        gc.collect()
-        agreement = agree / total if total else 1.0
-        checks.append(VariantCheck(mode.value, len(encoded), identical, divergence, decode_max, prefill_max, agreement).gated(gates))
-    return CausalVerifyReport(str(reference), tuple(prompts), max_new_tokens, checks, bool(getattr(tokenizer, "chat_template", None)))
-
-
 # --- a tiny local causal LM (tests, CI) --------------------------------------------------------------
 
-def build_tiny_causal_lm(out: str | Path, seed: int = 0, head_dim: int = 32) -> Path:
-    """A random tiny Qwen3ForCausalLM with the package tokenizer. head_dim deliberately differs from
-    hidden_size // num_attention_heads (as in the real Qwen3-0.6B) so the cache-shape pitfall shows."""
+# Qwen3's chat format, reduced to what generation from one user turn needs (no tools, no reasoning
+# history); enable_thinking=False adds the empty think block as Qwen3's template does.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def build_tiny_causal_lm(out: str | Path, seed: int = 0, head_dim: int = 32, tied: bool = True, dtype: str = "float32") -> Path:
+    """A random tiny Qwen3ForCausalLM with the package tokenizer and a chat template. head_dim
+    deliberately differs from hidden_size // num_attention_heads (as in the real Qwen3-0.6B) so the
+    cache-shape pitfall shows."""
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -312,8 +294,9 @@ def build_tiny_causal_lm(out: str | Path, seed: int = 0, head_dim: int = 32) -> 
 
     out = Path(out)
     copy_tokenizer(out)
+    (out / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE, encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(str(out))
-    config = tiny_config(TinySpec(head_dim=head_dim, seed=seed), len(tok), tok.pad_token_id, tok.eos_token_id)
+    config = tiny_config(TinySpec(head_dim=head_dim, seed=seed, tied=tied, dtype=dtype), len(tok), tok.pad_token_id, tok.eos_token_id)
     config.pad_token_id = tok.pad_token_id
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
@@ -321,5 +304,5 @@ def build_tiny_causal_lm(out: str | Path, seed: int = 0, head_dim: int = 32) -> 
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)  # spread the logits so greedy choices are not near-ties
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(str(out), safe_serialization=True)
     return out

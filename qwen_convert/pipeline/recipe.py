@@ -26,7 +26,8 @@ from qwen_convert.formats import SCORE_DTYPES
 
 KINDS = ("reranker", "causal-lm")
 HUBS = ("auto", "modelscope", "huggingface")
-CAUSAL_LM_MODES = ("fp32", "q4f16")
+CAUSAL_LM_MODES = ("fp32", "q4f16")  # causal-lm's default; any ONNX mode is valid
+CAUSAL_EXPORTERS = ("builder", "optimum")  # onnx/causal_lm.py's; builder needs no optional extra
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_PROMPTS = (
     "Expand the search query into related search queries: cheap flights to tokyo",
@@ -58,6 +59,7 @@ class Artifacts:
     seqcls: bool = True  # reranker: one-logit Qwen3ForSequenceClassification (vLLM, TEI, ST)
     score_dtype: str = "float32"  # reranker: storage dtype of score.weight
     onnx: tuple[str, ...] = ()  # ONNX modes; filled per kind by load_recipe
+    exporter: str = "builder"  # causal-lm: builder (graph from the safetensors) | optimum (traced; qconv[optimum])
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,10 @@ class Quantization:
     block_size: int = 32  # q4/q4f16: weights per scale
     quantize_embedding: bool = True  # q4/q4f16: 4-bit embedding Gather as well
     per_channel: bool = False  # int8: one scale per output channel
-    method: str = "calibrated"  # reranker int8/q4/q4f16: calibrated (SmoothQuant / AWQ, folded) | naive (round-to-nearest)
-    calibration: str | None = None  # reranker: JSONL calibration pairs (as verify.pairs); unset = the built-in probes
+    # int8/q4/q4f16: calibrated (SmoothQuant / AWQ, folded) | naive (round-to-nearest); causal-lm with
+    # the optimum exporter: naive only (its default there)
+    method: str = "calibrated"
+    calibration: str | None = None  # JSONL calibration pairs (as verify.pairs); unset = the built-in probes
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,6 @@ KIND_ONLY = {
     "instruction": "reranker",
     "artifacts.seqcls": "reranker",
     "artifacts.score_dtype": "reranker",
-    "quantization.per_channel": "reranker",
-    "quantization.method": "reranker",
-    "quantization.calibration": "reranker",
     "gates.tol_fp16": "reranker",
     "gates.min_retention": "reranker",
     "gates.max_prob_drift": "reranker",
@@ -141,6 +142,7 @@ KIND_ONLY = {
     "verify.max_length": "reranker",
     "verify.batch_size": "reranker",
     "verify.padding_check": "reranker",
+    "artifacts.exporter": "causal-lm",
     "gates.min_token_agreement": "causal-lm",
     "verify.prompts": "causal-lm",
     "verify.max_new_tokens": "causal-lm",
@@ -149,7 +151,7 @@ KIND_ONLY = {
 TYPES: dict[str, Any] = {
     "name": str, "kind": str, "instruction": str,
     "source.modelscope": str, "source.huggingface": str, "source.path": str, "source.revision": str, "source.hub": str,
-    "artifacts.seqcls": bool, "artifacts.score_dtype": str, "artifacts.onnx": ("list", str),
+    "artifacts.seqcls": bool, "artifacts.score_dtype": str, "artifacts.onnx": ("list", str), "artifacts.exporter": str,
     "quantization.block_size": int, "quantization.quantize_embedding": bool, "quantization.per_channel": bool,
     "quantization.method": str, "quantization.calibration": str,
     "gates.tol_logit": float, "gates.tol_fp16": float, "gates.min_retention": float, "gates.min_token_agreement": float,
@@ -307,7 +309,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe", base_dir: Path | None = N
 
 
 def _fill_kind_defaults(recipe: Recipe, given: set[str]) -> Recipe:
-    artifacts, gates, verify = recipe.artifacts, recipe.gates, recipe.verify
+    artifacts, gates, verify, quantization = recipe.artifacts, recipe.gates, recipe.verify, recipe.quantization
     instruction = recipe.instruction
     if recipe.kind == "reranker":
         from qwen_convert.reranker import DEFAULT_INSTRUCTION
@@ -323,7 +325,9 @@ def _fill_kind_defaults(recipe: Recipe, given: set[str]) -> Recipe:
             gates = replace(gates, tol_logit=1e-3)
         if "verify.prompts" not in given:
             verify = replace(verify, prompts=DEFAULT_PROMPTS)
-    return replace(recipe, instruction=instruction, artifacts=artifacts, gates=gates, verify=verify)
+        if artifacts.exporter == "optimum" and "quantization.method" not in given:
+            quantization = replace(quantization, method="naive")
+    return replace(recipe, instruction=instruction, artifacts=artifacts, gates=gates, verify=verify, quantization=quantization)
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path | None) -> Recipe:
@@ -353,17 +357,24 @@ def _check_values(r: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: source.hub is huggingface but source.huggingface is unset", "set source.huggingface")
     if r.artifacts.score_dtype not in SCORE_DTYPES:
         raise RecipeError(f"{where}: unknown artifacts.score_dtype {r.artifacts.score_dtype!r}", f"valid: {', '.join(SCORE_DTYPES)}")
-    valid_modes = reranker_modes() if r.kind == "reranker" else CAUSAL_LM_MODES
+    valid_modes = reranker_modes()
     for mode in r.artifacts.onnx:
         if mode not in valid_modes:
             raise RecipeError(f"{where}: unknown ONNX mode {mode!r} in artifacts.onnx", f"valid for {r.kind}: {', '.join(valid_modes)}")
     if len(set(r.artifacts.onnx)) != len(r.artifacts.onnx):
         raise RecipeError(f"{where}: artifacts.onnx lists a mode twice", "list each mode once")
-    # A reranker's variants are each built straight from the checkpoint (qwen_convert/onnx) and gated
-    # against the causal reference, so none needs the fp32 graph (the 8B's is ~30 GB). The causal-LM
-    # export still traces fp32 and quantizes that graph.
-    if r.kind == "causal-lm" and r.artifacts.onnx and "fp32" not in r.artifacts.onnx:
-        raise RecipeError(f"{where}: artifacts.onnx needs fp32", "every causal-LM variant is derived from the fp32 graph; add \"fp32\"")
+    # Variants built straight from the checkpoint (qwen_convert/onnx) are each gated against the torch
+    # reference, so none needs the fp32 graph (the 8B's is ~30 GB). The optimum exporter traces fp32
+    # and quantizes that graph.
+    if r.kind == "causal-lm" and r.artifacts.exporter not in CAUSAL_EXPORTERS:
+        raise RecipeError(f"{where}: unknown artifacts.exporter {r.artifacts.exporter!r}", f"valid: {', '.join(CAUSAL_EXPORTERS)}")
+    optimum = r.kind == "causal-lm" and r.artifacts.exporter == "optimum"
+    if optimum and r.artifacts.onnx and "fp32" not in r.artifacts.onnx:
+        raise RecipeError(f"{where}: artifacts.onnx needs fp32 with artifacts.exporter = \"optimum\"",
+                          "its variants are derived from the traced fp32 graph; add \"fp32\"")
+    if optimum and r.quantization.method != "naive":
+        raise RecipeError(f"{where}: quantization.method {r.quantization.method!r} needs artifacts.exporter = \"builder\"",
+                          "set quantization.method = \"naive\" (onnxruntime's quantizers) or drop artifacts.exporter")
     if r.kind == "reranker" and not (r.artifacts.seqcls or r.artifacts.onnx):
         raise RecipeError(f"{where}: nothing to build", "set artifacts.seqcls = true or list artifacts.onnx modes")
     if r.kind == "causal-lm" and not r.artifacts.onnx:

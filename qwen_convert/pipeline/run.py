@@ -220,15 +220,24 @@ def step_verify(ctx: Context) -> Outcome:
 def step_causal_onnx(ctx: Context) -> Outcome:
     from qwen_convert.onnx.causal_lm import CausalExportOptions, export_causal_lm
 
-    r = ctx.recipe
-    options = CausalExportOptions(modes=r.artifacts.onnx, block_size=r.quantization.block_size,
-                                  quantize_embedding=r.quantization.quantize_embedding, force=True)
+    r, q = ctx.recipe, ctx.recipe.quantization
+    options = CausalExportOptions(modes=r.artifacts.onnx, block_size=q.block_size, quantize_embedding=q.quantize_embedding,
+                                  per_channel=q.per_channel, force=True, exporter=r.artifacts.exporter,
+                                  quant_method=q.method, calibration_file=_pairs_file(q.calibration))
     result = export_causal_lm(_source_path(ctx), ctx.out / ONNX_OUT, options, reporter=ctx.reporter)
-    return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants]})
+    return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants], "exporter": r.artifacts.exporter})
+
+
+def _check_causal_source(recipe: Recipe) -> None:
+    """Not Qwen3, no chat template (a reranker), a shape the builder refuses: one error, nothing written."""
+    from qwen_convert.hub.resolve import resolve_model
+    from qwen_convert.onnx.causal_lm import check_causal_source
+
+    check_causal_source(Path(resolve_model(recipe.source.path).path), recipe.artifacts.exporter)
 
 
 def step_causal_verify(ctx: Context) -> Outcome:
-    from qwen_convert.onnx.causal_lm import CausalGates, verify_causal_lm
+    from qwen_convert.onnx.causal_verify import CausalGates, verify_causal_lm
 
     r = ctx.recipe
     gates = CausalGates(tol_logit=r.gates.tol_logit, min_token_agreement=r.gates.min_token_agreement)
@@ -288,7 +297,8 @@ def step_config(recipe: Recipe, step: str) -> dict:
         return {"artifacts": {"score_dtype": recipe.artifacts.score_dtype}}
     if step in ("onnx", "causal-onnx"):
         return {"artifacts": {"onnx": r["artifacts"]["onnx"], "seqcls": recipe.artifacts.seqcls,
-                              "score_dtype": recipe.artifacts.score_dtype}, "quantization": r["quantization"]}
+                              "score_dtype": recipe.artifacts.score_dtype, "exporter": recipe.artifacts.exporter},
+                "quantization": r["quantization"]}
     return {k: r.get(k) for k in ("instruction", "gates", "verify")}
 
 
@@ -389,10 +399,12 @@ def run_recipe(spec: str | Path | Recipe, out: Path | None = None, overrides: tu
     """Run every step of the recipe into `out`, skipping those whose outputs are intact."""
     recipe = spec if isinstance(spec, Recipe) else load_recipe(spec, overrides)
     published = Path(out) if out is not None else default_out(recipe)
-    if recipe.kind == "causal-lm":  # before OUT is claimed: a missing extra leaves nothing behind
+    if recipe.kind == "causal-lm" and recipe.artifacts.exporter == "optimum":  # before OUT is claimed: a missing extra leaves nothing behind
         from ..extras import require_optimum
 
-        require_optimum(f"recipe kind causal-lm ({recipe.name})")
+        require_optimum(f"recipe {recipe.name} (kind causal-lm, artifacts.exporter optimum)")
+    if recipe.kind == "causal-lm" and recipe.source.path:  # a local source is checked before OUT exists too
+        _check_causal_source(recipe)
     check_owner(published, recipe)
     out = work_dir(published)  # a staging sibling when `published` holds a finished run (staging.py)
     state = claim_output(out, recipe)
