@@ -263,6 +263,34 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     assert seen == [(32, 32)] * 3
 
 
+def test_a_request_hashes_only_the_credential_it_sends(monkeypatch):
+    """The keys' digests are computed once, when the policy is built: a keyed request costs one SHA-256
+    (of what it sends), a public route or a server without a key none, and not even a header scan."""
+    from qwen_convert.serve.access import Access
+
+    hashed = []
+    real = access_mod.hashlib.sha256
+    monkeypatch.setattr(access_mod.hashlib, "sha256", lambda data: hashed.append(data) or real(data))
+    keyed, admin = Access(api_key=b"k1"), Access(api_key=b"k1", admin_key=b"a1", model_dirs=(Path("/m"),))
+    assert hashed == [b"k1", b"k1", b"a1"]
+    hashed.clear()
+    headers = [(b"host", b"x"), (b"authorization", b"Bearer k1")]
+    for _ in range(5):
+        assert keyed.check_request("/v1/rerank", headers) is None
+    assert hashed == [b"k1"] * 5
+    assert keyed.check_request("/v1/rerank", [(b"authorization", b"Bearer k2")]).status == 401
+    assert admin.check_request("/v1/models/load", headers).status == 403  # the API key on an admin route
+    assert admin.check_request("/v1/models/load", [(b"authorization", b"Bearer a1")]) is None
+    hashed.clear()
+
+    class NoScan(list):
+        def __iter__(self):
+            raise AssertionError("the headers were read")
+
+    assert keyed.check_request("/health", NoScan()) is None and Access().check_request("/v1/rerank", NoScan()) is None
+    assert hashed == []
+
+
 def test_bearer_credentials_are_parsed_strictly():
     assert bearer([(b"authorization", b"Bearer abc")]) == b"abc"
     assert bearer([(b"Authorization", b"bearer   abc  ")]) == b"abc"

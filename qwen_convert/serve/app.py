@@ -28,7 +28,7 @@ from qwen_convert.errors import QconvError
 from qwen_convert.serve import serving_rerank, serving_score
 
 from .. import __version__
-from .access import Access, bearer, redact, told_as
+from .access import Access, redact, told_as
 from .metrics import ServerMetrics
 from .options import ServeOptions
 from .protocol import (
@@ -116,7 +116,7 @@ class RequireKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refused = self.access.check(scope["path"], bearer(scope["headers"]))
+        refused = self.access.check_request(scope["path"], scope["headers"])
         if refused is None:
             return await self.app(scope, receive, send)
         response = error_response(refused.status, refused.type, str(refused), headers=refused.headers)
