@@ -179,7 +179,8 @@ async def unless_disconnected(request: Request, work):
 def _card(name: str, served: Served, default: str | None) -> ModelCard:
     m = served.model
     return ModelCard(id=name, created=served.created, root=str(m.path), kind=m.kind.value, variant=m.engine.variant,
-                     providers=m.engine.providers, max_model_len=m.max_length, default=name == default)
+                     providers=m.engine.providers, max_model_len=m.max_length, default=name == default,
+                     share_prefix=m.prefix is not None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
