@@ -382,6 +382,32 @@ def test_hot_swap_under_load_drops_nothing(export, fp32_only, no_torch, tmp_path
         assert any(by_fp32) and not all(by_fp32)  # both variants answered during the swaps
 
 
+def test_an_unloaded_model_is_freed(export):
+    """After unload (or a swap) nothing keeps the old model, its sessions and its template caches alive:
+    per-class caches keyed by the model once did, until 64 other entries pushed it out."""
+    import gc
+    import weakref
+
+    from qwen_convert.serve.metrics import ServerMetrics
+    from qwen_convert.serve.options import ModelSpec, ServeOptions
+    from qwen_convert.serve.registry import ModelRegistry
+
+    async def main():
+        registry = ModelRegistry(ServeOptions(), ServerMetrics())
+        model = registry.preload(ModelSpec(str(export), "a"))
+        registry.start()
+        scores = await registry.score("a", [Pair(QUERY, d) for d in DOCS[:3]], "an instruction")
+        assert model.templates is not None and len(scores.p_yes) == 3
+        ref = weakref.ref(model)
+        del model
+        await registry.unload("a")
+        return ref
+
+    ref = asyncio.run(main())
+    gc.collect()
+    assert ref() is None
+
+
 def test_sigterm_drains_in_flight_requests(export, no_torch, tmp_path):
     with serving(str(export), "--max-batch-size", "1", block_torch=no_torch, log_dir=tmp_path) as s:
         body = {"query": "q", "documents": [f"{i} {LONG_DOC}" for i in range(6)]}

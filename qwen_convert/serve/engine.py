@@ -86,7 +86,7 @@ class TorchEngine(Engine):
         return np.asarray(self.scorer.score(batch), dtype=np.float64).reshape(-1)
 
 
-@dataclass(eq=False)  # hashed by identity: encoder() caches per model
+@dataclass(eq=False)
 class LoadedModel:
     name: str
     path: Path
@@ -99,19 +99,21 @@ class LoadedModel:
     templates: object = field(init=False, default=None)  # sharing.TemplateCache (the worker thread's)
 
     def __post_init__(self):
+        # Caches per model, not per class: a class-level lru_cache keyed by self kept an unloaded model
+        # (and its sessions) alive until 64 other entries pushed it out.
+        self.encoder = functools.lru_cache(maxsize=64)(self._encoder)
+        self.template = functools.lru_cache(maxsize=64)(self._template)
         self.pad_id = self.encoder(None).tokens.pad_id  # also checks the tokenizer is a reranker's
         if self.prefix is not None:
             from .sharing import TemplateCache
 
             self.templates = TemplateCache(self.prefix)
 
-    @functools.lru_cache(maxsize=64)
-    def encoder(self, instruction: str | None) -> PromptEncoder:
+    def _encoder(self, instruction: str | None) -> PromptEncoder:
         """One encoder per instruction (it tokenizes the template's prefix and suffix once)."""
         return PromptEncoder(self.tokenizer, instruction or DEFAULT_INSTRUCTION, self.max_length)
 
-    @functools.lru_cache(maxsize=64)
-    def template(self, instruction: str | None) -> tuple[int, ...]:
+    def _template(self, instruction: str | None) -> tuple[int, ...]:
         """The template tokens every prompt with this instruction starts with (sharing.template_tokens)."""
         from .sharing import template_tokens
 
