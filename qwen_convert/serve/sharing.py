@@ -80,10 +80,6 @@ class SharedGroup:
     cache: KVCache | None = field(default=None, repr=False)  # the query prefix's, once step 2 ran
     next: int = 0  # rows before this one are answered
 
-    @property
-    def width(self) -> int:
-        return max(len(r) for r in self.rows)
-
     def chunk(self, max_rows: int, max_tokens: int) -> list[int]:
         """The next rows to run: at most max_rows, and rows x their longest own part within max_tokens."""
         out: list[int] = []
