@@ -287,7 +287,9 @@ def run(args) -> dict:
     vocab = vocabulary()
     per_round = args.requests // args.rounds
     deadline = time.monotonic() + args.max_minutes * 60
-    servers = [Served("plain", None, args.threads), Served("keyed", secrets.token_urlsafe(32), args.threads)]
+    # --control: the second server has no key either (an A/A run: what two identical servers differ by here)
+    second = None if args.control else secrets.token_urlsafe(32)
+    servers = [Served("plain", None, args.threads), Served("keyed", second, args.threads)]
     unrefused = 0
     try:
         for s in servers:
@@ -482,10 +484,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="each server's onnxruntime threads (the client needs a core)")
     ap.add_argument("--max-minutes", type=float, default=40, help="stop (and fail) after this long")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A: the second server without a key too (implies --no-write; its 'key cost' is the noise floor)")
     ap.add_argument("--render", action="store_true", help="only rewrite the sections from the saved results")
     ap.add_argument("--measure-stack", action="store_true",
                     help="with --render: (re)measure the in-process stack cost into the saved results")
     args = ap.parse_args()
+    args.no_write = args.no_write or args.control
     if args.render:
         r = json.loads(RESULTS.read_text())
         if args.measure_stack:
@@ -495,6 +500,8 @@ def main() -> None:
     else:
         WORK.mkdir(parents=True, exist_ok=True)
         r = run(args)
+        if args.control:
+            RESULTS.with_name("bench_soak_control.json").write_text(json.dumps(r, indent=2) + "\n")
     text = render(r)
     if not args.no_write:
         if not args.render:
