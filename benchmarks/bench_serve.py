@@ -323,7 +323,7 @@ def render(r: dict) -> str:
              f"loaded once, one group per request. {len(r['rounds'])} rounds, each: offline prefix-shared, served "
              "prefix-shared, served full prompts, offline full prompts; the ratio is taken per round (the same minutes "
              "of the shared machine) and its median reported. Latency is the client's, per request (queueing included); "
-             "peak RSS is the server's VmHWM.", "",
+             "peak RSS is the server's VmHWM." + (f" {r['note']}" if r.get("note") else ""), "",
              "| mode | offline pairs/s (per round) | served pairs/s (per round) | served / offline (median) | requests | errors | p50 | p99 | peak RSS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, _, label in MODES:
@@ -361,7 +361,8 @@ def render_docs(r: dict) -> str:
             f"on a shared 2-core x86_64 machine: the real-shaped random 0.6B's int8 export, `/rerank` requests of one query and "
             f"{DOCS_PER_REQUEST} documents of {DOC_TOKENS[0]}-{DOC_TOKENS[1]} tokens from {CLIENTS} concurrent clients. "
             f"Prefix-shared, the server delivered {statistics.median(p['served']):.2f} pairs/s, {p['ratio']:.2f}× offline "
-            f"`qconv score` on the same requests (median of {len(p['ratios'])} interleaved rounds; target ≥ 0.9×), "
+            f"`qconv score` on the same requests (median of {len(p['ratios'])} interleaved rounds, each "
+            f"{_figures(p['ratios'])}×; target ≥ 0.9×), "
             f"{p['errors']} errors, peak RSS {mib(p['peak_rss'])}")
     if "full" in s:
         f = s["full"]

@@ -407,7 +407,7 @@ def render(r: dict) -> str:
              f"of {WORDS[0]} to {WORDS[1]} words "
              "over /rerank, /v1/rerank, /v2/rerank, /score and /v1/score; every answer is checked. RSS and open file "
              "descriptors are read from /proc after warm-up and after every round (its client closed). Latency is the "
-             "client's, per request, with the client on the same 2 cores.", "",
+             "client's, per request, with the client on the same 2 cores." + (f" {r['note']}" if r.get("note") else ""), "",
              "| server | requests | errors | req/s | pairs/s | p50 | p99 | RSS after warm-up → end (max) | growth end (max) | fds after warm-up → end |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, x in (("no key", plain), ("`QCONV_API_KEY`", keyed)):
