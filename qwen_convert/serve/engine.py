@@ -86,7 +86,7 @@ class TorchEngine(Engine):
         return np.asarray(self.scorer.score(batch), dtype=np.float64).reshape(-1)
 
 
-@dataclass(eq=False)  # hashed by identity: encoder() caches per model
+@dataclass(eq=False)
 class LoadedModel:
     name: str
     path: Path
@@ -94,15 +94,30 @@ class LoadedModel:
     engine: Engine
     tokenizer: object  # reranker.FastTokenizer
     max_length: int
+    prefix: object = None  # scoring.prefix.PrefixScorer: the with-past graph, when prefix sharing is on
     pad_id: int = field(init=False)
+    templates: object = field(init=False, default=None)  # sharing.TemplateCache (the worker thread's)
 
     def __post_init__(self):
+        # Caches per model, not per class: a class-level lru_cache keyed by self kept an unloaded model
+        # (and its sessions) alive until 64 other entries pushed it out.
+        self.encoder = functools.lru_cache(maxsize=64)(self._encoder)
+        self.template = functools.lru_cache(maxsize=64)(self._template)
         self.pad_id = self.encoder(None).tokens.pad_id  # also checks the tokenizer is a reranker's
+        if self.prefix is not None:
+            from .sharing import TemplateCache
 
-    @functools.lru_cache(maxsize=64)
-    def encoder(self, instruction: str | None) -> PromptEncoder:
+            self.templates = TemplateCache(self.prefix)
+
+    def _encoder(self, instruction: str | None) -> PromptEncoder:
         """One encoder per instruction (it tokenizes the template's prefix and suffix once)."""
         return PromptEncoder(self.tokenizer, instruction or DEFAULT_INSTRUCTION, self.max_length)
+
+    def _template(self, instruction: str | None) -> tuple[int, ...]:
+        """The template tokens every prompt with this instruction starts with (sharing.template_tokens)."""
+        from .sharing import template_tokens
+
+        return template_tokens(self.encoder(instruction))
 
 
 def model_dir(path: Path) -> Path:
@@ -200,6 +215,24 @@ ENGINES: dict[ArtifactKind, Callable[[Path, ModelSpec, ServeOptions], Engine]] =
 }
 
 
+def load_prefix(engine: Engine, options: ServeOptions):
+    """The with-past graph beside an ONNX variant (onnx/prefix/<file>), opened, or None: sharing off,
+    an export without one (older exports, the optimum exporter), a torch model, or a GPU provider
+    (the prefix scorer runs on CPU, where sharing pays; on CUDA the full-prompt graph stays)."""
+    if not options.share_prefix or not isinstance(engine, OnnxEngine) or engine.providers[0] != CPU:
+        return None
+    from qwen_convert.scoring.onnx_scorers import check_variant_files
+    from qwen_convert.scoring.prefix import PrefixScorer, prefix_graph
+
+    graph = prefix_graph(engine.path)
+    if not graph.is_file():
+        return None
+    check_variant_files(graph)
+    prefix = PrefixScorer(graph, f"{engine.variant}+prefix", engine.variant, options.threads)
+    prefix.session  # noqa: B018 (opens it now: a broken graph fails at start-up, not on a request)
+    return prefix
+
+
 def load_model(spec: ModelSpec, options: ServeOptions) -> LoadedModel:
     """Open SPEC's directory for serving (blocking: run it off the event loop)."""
     path = Path(spec.path).expanduser()
@@ -209,4 +242,4 @@ def load_model(spec: ModelSpec, options: ServeOptions) -> LoadedModel:
     kind = detect_kind(path)
     tokenizer = load_fast_tokenizer(path)
     engine = ENGINES[kind](path, spec, options)
-    return LoadedModel(spec.served_name, path, kind, engine, tokenizer, options.max_length)
+    return LoadedModel(spec.served_name, path, kind, engine, tokenizer, options.max_length, load_prefix(engine, options))

@@ -27,8 +27,13 @@ class ServerMetrics:
                                           ["model"], registry=r)
         self.pairs_cancelled = Counter("qconv_pairs_cancelled", "Queued pairs dropped because their request went away",
                                        ["model"], registry=r)
+        self.pairs_shared = Counter("qconv_pairs_shared", "Pairs scored on top of their query's shared prompt prefix",
+                                    ["model"], registry=r)
+        self.templates = Counter("qconv_prefix_templates", "Requests that found their template prefix's cache kept (hit) "
+                                 "or computed it (miss)", ["model", "result"], registry=r)
         self.batch_size = Histogram("qconv_batch_size", "Rows per inference batch", ["model"], buckets=BATCH_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("qconv_batch_tokens", "Padded tokens per inference batch", ["model"],
+        self.batch_tokens = Histogram("qconv_batch_tokens", "Tokens per inference batch: padded (rows x the longest) for "
+                                      "full prompts, the tokens run for a shared prefix's chunk", ["model"],
                                       buckets=TOKEN_BUCKETS, registry=r)
         self.queue_seconds = Histogram("qconv_queue_duration_seconds", "Time a pair waited for its batch", ["model"],
                                        buckets=LATENCY_BUCKETS, registry=r)

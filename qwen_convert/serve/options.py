@@ -46,6 +46,8 @@ class ServeOptions:
     max_request_bytes: int = 4 * 2**20
     threads: int | None = None  # onnxruntime intra-op threads (default: onnxruntime's, all cores)
     providers: tuple[str, ...] = ()  # onnxruntime providers; empty: CUDA when available, then CPU
+    # ONNX exports with onnx/prefix/ graphs, on CPU: run each request's shared prompt prefix once (serve/sharing.py)
+    share_prefix: bool = True
     drain_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "info"
     access: AccessOptions = AccessOptions()

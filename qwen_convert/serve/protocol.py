@@ -177,6 +177,7 @@ class ModelCard(BaseModel):
     providers: list[str]
     max_model_len: int
     default: bool = False
+    share_prefix: bool = False  # documents of a query run on its prompt prefix's cache (onnx/prefix/ graph, CPU)
 
 
 class ModelList(BaseModel):

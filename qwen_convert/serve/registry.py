@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qwen_convert.errors import QconvError
 from qwen_convert.reranker import Pair
 from qwen_convert.scoring.metrics import sigmoid
+from qwen_convert.scoring.prefix import check_documents_fit
 
 from .batcher import Batcher, Retired
 from .engine import LoadedModel, load_model
 from .metrics import ServerMetrics
 from .options import ModelSpec, ServeOptions
-from .protocol import ModelNotFound
+from .protocol import InvalidRequest, ModelNotFound
+from .sharing import plan_request
 
 
 @dataclass
@@ -37,6 +40,22 @@ class Scores:
     model: str
     p_yes: list[float]  # one per pair, in request order
     prompt_tokens: int  # tokens of the distinct prompts actually run
+
+
+def prepare(model: LoadedModel, pairs: Sequence[Pair], instruction: str | None):
+    """Token rows of `pairs` and, where the model shares prefixes, which rows share (off the event loop).
+    A query whose prompt leaves its documents no token is refused (422): every document would get
+    the query's own score, never what was asked."""
+    encoder = model.encoder(instruction)
+    try:
+        check_documents_fit(encoder, pairs)
+    except QconvError as exc:
+        raise InvalidRequest(exc.message, "shorten the query or the instruction") from None
+    rows = encoder.batch_ids(pairs)
+    if model.prefix is None or len(rows) < 2:
+        return rows, None, ()
+    plan = plan_request(rows, [p.query for p in pairs])
+    return rows, (plan if plan.groups else None), model.template(instruction)
 
 
 class ModelRegistry:
@@ -112,9 +131,9 @@ class ModelRegistry:
         while True:
             served = self.get(name)
             model = served.model
-            rows = await asyncio.to_thread(model.encoder(instruction).batch_ids, distinct)
+            rows, plan, template = await asyncio.to_thread(prepare, model, distinct, instruction)
             try:
-                futures = served.batcher.submit(rows)
+                futures = served.batcher.submit(rows, plan, template)
             except Retired:
                 continue
             break
