@@ -85,6 +85,9 @@ class FakePrefix:
         self.runs.append(("score", len(suffix)))
         return float(len(cache.tokens) + len(suffix))
 
+    def score_suffixes(self, cache, suffixes, batch_size=8, padding_side="left", pad_id=0, on_rows=None):
+        return np.array([self.score_suffix(cache, s) for s in suffixes])
+
 
 TEMPLATE = list(range(100, 130))  # 30 tokens every prompt starts with
 
