@@ -444,24 +444,47 @@ def test_several_models_by_name_and_startup_errors(export, fp32_only, no_torch, 
 
 
 def test_default_variant_is_the_fastest_that_passed_its_gate(tmp_path):
+    """serve picks as `qconv score` does (scoring/choose.py): only variants a verify report passed,
+    the speed on this CPU deciding between several (not measured here: one candidate each time)."""
     from qwen_convert.errors import SourceError
-    from qwen_convert.serve.engine import CPU, CUDA, choose_variant
+    from qwen_convert.scoring.choose import choose_variant
 
     run = tmp_path / "run"
     export = run / "onnx"
     (export / "onnx").mkdir(parents=True)
     for f in ("model.onnx", "model_quantized.onnx", "model_q4.onnx", "model_fp16.onnx"):
         (export / "onnx" / f).write_bytes(b"")
-    assert choose_variant(export, None, CPU).value == "int8"  # no report: int8
     report = {"candidates": [{"name": f"onnx/{m}", "path": str(export), "passed": ok}
-                             for m, ok in (("fp32", True), ("int8", False), ("q4", True), ("fp16", True))]}
+                             for m, ok in (("fp32", False), ("int8", False), ("q4", True), ("fp16", False))]}
     (run / "verify.json").write_text(json.dumps(report))  # where `qconv run` writes it
-    assert choose_variant(export, None, CPU).value == "q4"  # int8 failed its gate
-    assert choose_variant(export, None, CUDA).value == "fp16"
-    assert choose_variant(export, "int8", CPU).value == "int8"  # asked for: served
+    assert choose_variant(export).mode.value == "q4"  # the one that passed its gate
+    assert choose_variant(export, provider="CUDAExecutionProvider").mode.value == "q4"
+    assert choose_variant(export, "int8").mode.value == "int8"  # asked for: served
     (run / "verify.json").write_text(json.dumps({"candidates": [dict(c, passed=False) for c in report["candidates"]]}))
     with pytest.raises(SourceError, match="no variant .* passed its gate"):
-        choose_variant(export, None, CPU)
+        choose_variant(export)
     (run / "verify.json").unlink()
     (export / "onnx" / "model_quantized.onnx").unlink()
-    assert choose_variant(export, None, CPU).value == "fp32"
+    assert choose_variant(export).mode.value == "fp32"  # no report, no int8: fp32
+
+
+def test_serve_opens_the_variant_score_chooses(export, tiny_models, tmp_path, monkeypatch):
+    """The served variant and its kernels are scoring's: the choice (with its reason) is the one
+    scoring.choose makes, and a q4 graph on the CPU runs int8 kernels, as verify checked it."""
+    from qwen_convert.scoring.choose import choose_variant
+    from qwen_convert.serve.engine import load_model
+    from qwen_convert.serve.options import ModelSpec, ServeOptions
+
+    monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path))
+    options = ServeOptions(providers=("CPUExecutionProvider",))
+    model = load_model(ModelSpec(str(export)), options)
+    expected = choose_variant(export, cache=tmp_path / "variant-choice.json")
+    assert model.engine.variant == expected.mode.value and model.engine.choice.mode is expected.mode
+    assert model.engine.choice.reason in ("measured", "cached measurement", "only candidate")
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
+
+    q4_export = tmp_path / "q4"
+    export_onnx(tiny_models["tied_fp32"], q4_export, ExportOptions(modes=("q4",), verify=False, prefix_graphs=False,
+                                                                   quant_method="naive"))
+    q4 = load_model(ModelSpec(str(q4_export), variant="q4"), options)
+    assert q4.engine.variant == "q4" and "DynamicQuantizeMatMul" in q4.engine.kernels

@@ -79,6 +79,12 @@ def cpu_session(scorer):
     return session
 
 
+def open_session(scorer):
+    """(session, kernels) of `scorer.path` as cpu_session opens it, not kept in its cache: for a
+    caller that owns the session's lifetime (`qconv serve` frees an unloaded model at once)."""
+    return _open_session(scorer, Path(scorer.path), getattr(scorer, "expand_q4", True))
+
+
 def _open_session(scorer, path: Path, expand: bool):
     import onnxruntime as ort
 

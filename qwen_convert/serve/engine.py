@@ -5,15 +5,15 @@ neither torch nor transformers: the tokenizer is tokenizer.json read by the `tok
 and the prompts are reranker.PromptEncoder's, so the ids are exactly `qconv score`'s. Seq-cls torch
 directories are served too, through scoring.load_scorers (that path imports torch).
 
-Default ONNX variant: the fastest, for the provider, of those a verify report (verify.json of a
-`qconv run` output, next to the export or one level up) says passed their gate; without a report,
-int8 if present, else fp32.
+Default ONNX variant: scoring/choose.py's, as `qconv score` picks it: of the variants a verify
+report (verify.json of a `qconv run` output, next to the export or one level up) says passed their
+gate, else of int8 and fp32, the fastest on this CPU (measured once at load, cached); on CUDA a
+static order. On the CPU a session is opened as scoring opens it (a q4 graph runs int8 kernels).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +22,12 @@ import numpy as np
 
 from qwen_convert.checkpoint.kind import detect_kind
 from qwen_convert.errors import SourceError
-from qwen_convert.formats import ONNX_DIR, ArtifactKind, QuantMode
+from qwen_convert.formats import ONNX_DIR, ArtifactKind
 from qwen_convert.reranker import DEFAULT_INSTRUCTION, EncodedBatch, PromptEncoder, load_fast_tokenizer
 
 from .options import ModelSpec, ServeOptions
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-VERIFY_REPORT = "verify.json"  # what `qconv run` writes next to its onnx/ output
-# Fastest first, measured on the 0.6B shape (BENCHMARKS.md, export-onnx section): on CPU int8's
-# integer matmuls lead and fp16 trails (ORT CPU computes fp16 through casts); on CUDA fp16 leads.
-SPEED_ORDER: dict[str, tuple[QuantMode, ...]] = {
-    CPU: (QuantMode.INT8, QuantMode.Q4, QuantMode.FP32, QuantMode.Q4F16, QuantMode.FP16),
-    CUDA: (QuantMode.FP16, QuantMode.Q4F16, QuantMode.FP32, QuantMode.Q4, QuantMode.INT8),
-}
-UNVERIFIED_ORDER = (QuantMode.INT8, QuantMode.FP32)
 
 
 class Engine:
@@ -53,11 +45,19 @@ class OnnxEngine(Engine):
     variant: str
     providers: list[str]
     threads: int | None = None
+    choice: object = None  # scoring.choose.VariantChoice: why this variant
+    kernels: str = ""  # what the session runs where it differs from the file (q4 as int8 on CPU)
     session: object = field(init=False, repr=False)
 
     def __post_init__(self):
         import onnxruntime as ort
 
+        if self.providers[0] == CPU:  # as `qconv score` and verify open it: a q4 graph runs int8 kernels
+            from qwen_convert.scoring.onnx_scorers import OnnxScorer, open_session
+
+            self.session, self.kernels = open_session(OnnxScorer(self.path, f"{ONNX_DIR}/{self.variant}", self.variant, self.threads))
+            self.providers = list(self.session.get_providers())
+            return
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
@@ -127,54 +127,6 @@ def model_dir(path: Path) -> Path:
     return path
 
 
-def gate_results(export: Path) -> dict[QuantMode, bool] | None:
-    """variant -> passed, from a verify report next to the export or one level up; None: no report."""
-    for folder in (export, export.parent):
-        report = folder / VERIFY_REPORT
-        if not report.is_file():
-            continue
-        try:
-            candidates = json.loads(report.read_text(encoding="utf-8")).get("candidates") or []
-        except (OSError, ValueError):
-            continue
-        out = {}
-        for c in candidates:
-            name = str(c.get("name", ""))
-            if name.startswith(f"{ONNX_DIR}/") and Path(str(c.get("path", ""))).name == export.name:
-                try:
-                    out[QuantMode(name.removeprefix(f"{ONNX_DIR}/"))] = bool(c.get("passed"))
-                except ValueError:
-                    continue
-        if out:
-            return out
-    return None
-
-
-def choose_variant(export: Path, requested: str | None, provider: str) -> QuantMode:
-    present = [m for m in QuantMode if (export / ONNX_DIR / m.file_name).is_file()]
-    if not present:
-        raise SourceError(f"{export / ONNX_DIR} holds no ONNX variant", "export one with qconv export-onnx")
-    if requested:
-        from qwen_convert.scoring.onnx_scorers import _mode
-
-        mode = _mode(requested)
-        if mode not in present:
-            raise SourceError(f"{export} has no {mode.value} variant ({mode.file_name})",
-                              f"present: {', '.join(m.value for m in present)}")
-        return mode
-    gates = gate_results(export)
-    if gates is not None:
-        passed = [m for m in SPEED_ORDER[provider] if m in present and gates.get(m)]
-        if passed:
-            return passed[0]
-        raise SourceError(f"no variant of {export} passed its gate in {VERIFY_REPORT}",
-                          "pick one explicitly with --variant, or fix the export")
-    for mode in UNVERIFIED_ORDER:
-        if mode in present:
-            return mode
-    return present[0]
-
-
 def onnx_providers(options: ServeOptions) -> list[str]:
     if options.providers:
         return list(options.providers)
@@ -185,13 +137,14 @@ def onnx_providers(options: ServeOptions) -> list[str]:
 
 
 def _load_onnx(path: Path, spec: ModelSpec, options: ServeOptions) -> Engine:
+    from qwen_convert.scoring.choose import choose_variant
     from qwen_convert.scoring.onnx_scorers import check_variant_files
 
     providers = onnx_providers(options)
-    mode = choose_variant(path, spec.variant, providers[0] if providers[0] in SPEED_ORDER else CPU)
-    file = path / ONNX_DIR / mode.file_name
+    choice = choose_variant(path, spec.variant, options.threads, providers[0])
+    file = path / ONNX_DIR / choice.mode.file_name
     check_variant_files(file)
-    return OnnxEngine(file, mode.value, providers, options.threads)
+    return OnnxEngine(file, choice.mode.value, providers, options.threads, choice)
 
 
 def _load_seqcls(path: Path, spec: ModelSpec, options: ServeOptions) -> Engine:
