@@ -279,26 +279,6 @@ def _prepare(path: Path | str, cset: CalibrationSet) -> _Run:
     return _Run(Path(path), head, yes_no, [pad_rows([r], encoder.tokens.pad_id) for r in rows])
 
 
-# The 4-bit embedding is no linear layer: nothing to scale. Where its rows alone move the calibration
-# set's P(yes) by more than this, the 4-bit variants keep 8-bit embedding rows (mixed precision).
-# Measured on the trained tiny (hidden 128: 4 blocks a row): 4-bit rows alone moved P by up to 0.16 of
-# the 0.14 q4 total on its eval set; with 8-bit rows q4's max |ΔP| went 0.137 -> 0.080.
-EMBEDDING_MAX_DP = 0.05
-
-
-def embedding_drift(path: Path | str, cset: CalibrationSet, reference: np.ndarray, block_size: int, symmetric: bool,
-                    reporter: Reporter = NULL) -> float:
-    """max |ΔP(yes)| over the calibration set from 4-bit embedding rows alone (everything else fp32),
-    against `reference` (the calibration pass's logits)."""
-    from qwen_convert.scoring.metrics import sigmoid
-
-    from .smoothing import q4_rows_roundtrip
-
-    logits = _prepare(path, cset).forward(reporter, "calibration (4-bit embedding)",
-                                          embedding=lambda rows: q4_rows_roundtrip(rows, block_size, symmetric))
-    return float(np.abs(sigmoid(logits) - sigmoid(reference)).max()) if len(logits) else 0.0
-
-
 # --- the export's use: one pass, one fold plan per quantized variant ----------------------------
 
 METHODS = ("calibrated", "naive")
@@ -358,12 +338,24 @@ def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settin
     # where the requested block does not divide the hidden size): int8 rows need no drift check.
     block = q4_embedding_block(int(load_config(path)["hidden_size"]), options.block_size)
     if four_bit and options.quantize_embedding and block is not None:
-        dp = embedding_drift(path, cset, cal.logits, block, options.symmetric, reporter)
-        kept = dp > EMBEDDING_MAX_DP
-        keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if kept else {}
-        record["mixed_precision"] = {"embedding_4bit_max_dp_on_calibration": float(f"{dp:.4g}"), "budget": EMBEDDING_MAX_DP,
-                                     "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
+        choice = choose_embedding_precision(path, cset, cal, sims["awq"], block, options.symmetric, reporter)
+        keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if choice.keep_8bit else {}
+        record["mixed_precision"] = {**choice.to_dict(), "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
     return VariantPlans(plans, keep, record)
+
+
+def choose_embedding_precision(path, cset: CalibrationSet, cal: Calibration, sim, block: int, symmetric: bool,
+                               reporter: Reporter = NULL):
+    """mixed.py's two simulated forwards of the calibration set (the 4-bit embedding alone; the
+    whole calibrated 4-bit variant) and the choice they give."""
+    from .mixed import choose_embedding, embedding_4bit, max_dp, quantized_layers
+
+    run = _prepare(path, cset)
+    rows = embedding_4bit(block, symmetric)
+    alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows), cal.logits)
+    whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows,
+                               observer=quantized_layers(cal.plan("awq"), sim)), cal.logits)
+    return choose_embedding(alone, whole)
 
 
 def calibration_set(path: Path, modes, method: str, exporter: str, calibration_file: Path | None) -> CalibrationSet | None:
