@@ -168,6 +168,7 @@ class Calibration:
             }
         return {"method": method, "families": list(FAMILIES[method]), "min_gain": MIN_GAIN[method],
                 "alpha_grid": self.settings.alphas(), "sample_tokens_per_group": self.settings.max_tokens,
+                "sample_rows_per_linear": self.settings.max_rows, "alpha_search": "every other alpha, then the two beside the best",
                 "objective": ("mean |Y(Q(X/s), Q(W s)) - Y(X, W)|^2 relative to mean |Y(X, W)|^2, Y: q/k/v through the "
                               "attention on whole calibration prompts, gate/up through the MLP, down_proj its own output"),
                 "judged_on": {g.name: g.judged_on for g in GROUPS}, "groups": groups}
@@ -229,18 +230,30 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
 
     found: dict[str, GroupScale] = {}
     for g in GROUPS:
+        full = [weight(n) for n in g.linears]
+        stats = {**channels[g.name].stats(), "w_absmax": torch.stack([w.abs().amax(dim=0) for w in full]).amax(dim=0)}
         if g.judged_on == "attention":
             forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
+            sample = full
         else:
             x = torch.cat(channels[g.name].sample)
-            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")) if g.judged_on == "mlp" else None)
-        result = found[g.name] = search_group(method, forward, [weight(n) for n in g.linears], channels[g.name].stats(), sim, settings)
+            picked = _row_sample(full[0].shape[0], settings.max_rows)
+            sample = [w[picked] for w in full]
+            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")[:, picked]) if g.judged_on == "mlp" else None)
+        result = found[g.name] = search_group(method, forward, sample, stats, sim, settings)
         if result.family is not None:
             s = torch.from_numpy(result.scale)
             columns.update({n: s[None, :] for n in g.linears})
             if g.producer_axis == "rows":
                 rows[g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
     return found
+
+
+def _row_sample(n: int, limit: int):
+    """At most `limit` evenly spaced row indices of n (all of them when n <= limit)."""
+    import torch
+
+    return torch.arange(n) if n <= limit else torch.linspace(0, n - 1, limit).round().long()
 
 
 @dataclass(frozen=True)
