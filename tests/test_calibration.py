@@ -360,3 +360,17 @@ def test_calibration_file_and_naive_method_from_the_cli(tmp_path):
     assert code == 1 and "--calibration was given with the naive method" in err
     code, err = _cli("export-onnx", "qconv:tiny-reranker", tmp_path / "bad", "--quantize", "int8", "--quant-method", "gptq")
     assert code == 1 and "unknown quantization method 'gptq'" in err and not (tmp_path / "bad").exists()
+
+
+def test_recipe_with_auto_ships_the_chosen_variant(tmp_path):
+    from qwen_convert.pipeline import run as pipeline
+
+    out = tmp_path / "run"
+    result = pipeline.run_recipe("recipes/tiny.toml", out=out,
+                                 overrides=['artifacts.onnx=["auto"]', "artifacts.seqcls=false"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = json.loads((out / "onnx" / "quantize_config.json").read_text())["auto"]["chosen"]
+    assert result.manifest.passed and chosen in ("int8", "q4", "q4f16")
+    assert [a["name"] for a in manifest["artifacts"] if a["name"].startswith("onnx/") and a["name"] != "onnx/support"] == [f"onnx/{chosen}"]
+    verified = json.loads((out / "verify.json").read_text())["candidates"]
+    assert {c["precision"] for c in verified} == {chosen}  # the full-prompt graph and its prefix graph

@@ -92,3 +92,12 @@ def mark_choice(config_path: Path, choice: AutoChoice) -> dict:
     tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, config_path)
     return settings
+
+
+def resolve_auto(modes: Sequence[str], onnx_record: dict | None) -> tuple[str, ...]:
+    """A recipe's artifacts.onnx with 'auto' replaced by what its onnx step chose (recorded in the
+    step's result); unchanged without 'auto'."""
+    if AUTO not in modes:
+        return tuple(modes)
+    chosen = ((onnx_record or {}).get("result") or {}).get("auto", {}).get("chosen")
+    return tuple(dict.fromkeys(chosen if m == AUTO else m for m in modes if m != AUTO or chosen))
