@@ -289,6 +289,17 @@ def render_export(rows: dict, speed: dict | None) -> list[str]:
             ok = wide["peak_rss"] <= WIDE_PEAK_FACTOR * cal["peak_rss"]
             lines.append(f"- 8b-wide within +25% of that: {wide['peak_rss'] / 2**20:,.0f} MiB "
                          f"({wide['peak_rss'] / cal['peak_rss'] - 1:+.0%}), {'met' if ok else 'MISSED'}.")
+    if cal and not wide:
+        lines.append("- 8b-wide: not measured in this run (its checkpoint is made by `make_checkpoint.py 8b-wide`; "
+                     "`--export` measures it).")
+    if cal and float(cal["load_before"].split("/")[0]) > 4:
+        lines.append("- The wall time is of a run that shared 2 cores with other jobs at load 3-17 (the process got a "
+                     "fraction of one core most of the time); read it as an upper bound, not as the export's cost.")
+    if not speed:
+        lines += ["", "Calibrated vs naive pairs/s: not measured in this run (`--speed`). The fold changes weight values "
+                  "only, so a calibrated int8 graph has the naive graph's ops node for node; a calibrated q4/q4f16 differs "
+                  "only where mixed precision keeps the embedding 8-bit (Gather + Cast + Mul instead of "
+                  "GatherBlockQuantized, once per token; not kept on the 0.6B shape above)."]
     if speed:
         lines += ["", "Scoring speed of the 0.6B exports above (batch 8 × 256 tokens, 2 threads, fresh process each, "
                   "order rotated per round; median pairs/s):", "", "| variant | naive | calibrated | calibrated / naive | rounds (naive; calibrated) |",
