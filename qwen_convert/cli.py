@@ -270,7 +270,7 @@ def verify(
 def export_onnx(
     src: SrcArg,
     out: OutArg,
-    quantize: Annotated[Optional[list[str]], typer.Option("--quantize", help="Extra variants: fp16, int8, q4, q4f16 (repeat, or 'all').")] = None,
+    quantize: Annotated[Optional[list[str]], typer.Option("--quantize", help="Extra variants: fp16, int8, q4, q4f16 (repeat, or 'all'); 'auto': export each, verify, pick the smallest that passes its gates.")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="q4 block size.")] = 32,
     quantize_embedding: Annotated[bool, typer.Option("--quantize-embedding/--keep-embedding", help="q4: quantize the embedding Gather too.")] = True,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="int8: per-channel weight scales.")] = False,

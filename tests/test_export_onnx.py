@@ -473,4 +473,8 @@ def test_trained_tiny_reranker_keeps_its_ranking_in_every_variant(trained):
 def test_trained_tiny_reranker_q4_graph(trained):
     model = onnx.load(str(trained.out / "onnx" / "model_q4.onnx"))
     ops = _ops(model)
-    assert ops["MatMulNBits"] > 0 and ops["GatherBlockQuantized"] == 1
+    # Calibration (the probes) keeps this tiny's embedding 8-bit: its 4-bit rows are most of q4's
+    # drift on the probes (onnx/mixed.py), so the table is int8 rows (Gather + Cast + Mul).
+    kept = json.loads((trained.out / "quantize_config.json").read_text())["quantization"]["mixed_precision"]["kept"]
+    assert ops["MatMulNBits"] > 0 and "q4" in kept
+    assert ops["GatherBlockQuantized"] == 0 and ops["Gather"] >= 2

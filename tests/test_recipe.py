@@ -60,7 +60,7 @@ def test_defaults_are_filled_per_kind():
     ('name = "x"\n[source]\npath = "p"\n[gates]\ntol_logit = "1e-4"\n', 'gates.tol_logit must be a number, got string "1e-4"'),
     ('name = "x"\n[source]\npath = "p"\n[gates]\nmin_retention = true\n', "gates.min_retention must be a number, got boolean"),
     ('name = "x"\n[source]\npath = "p"\n[artifacts]\nonnx = ["fp32", "q3"]\n',
-     "unknown ONNX mode 'q3' in artifacts.onnx (valid for reranker: fp32, fp16, int8, q4, q4f16)"),
+     "unknown ONNX mode 'q3' in artifacts.onnx (valid for reranker: fp32, fp16, int8, q4, q4f16, auto)"),
     ('name = "x"\n[source]\npath = "p"\n[artifacts]\nonnx = "fp32"\n', "artifacts.onnx must be a list of strings"),
     ('name = "x"\n[source]\npath = "p"\n[artifacts]\nseqcls = "yes"\n', "artifacts.seqcls must be true or false"),
     ('name = "x"\n[source]\npath = "p"\n[quantization]\nblock_size = 48\n', "block_size must be a power of two >= 16"),

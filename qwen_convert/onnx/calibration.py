@@ -168,6 +168,7 @@ class Calibration:
             }
         return {"method": method, "families": list(FAMILIES[method]), "min_gain": MIN_GAIN[method],
                 "alpha_grid": self.settings.alphas(), "sample_tokens_per_group": self.settings.max_tokens,
+                "sample_rows_per_linear": self.settings.max_rows, "alpha_search": "every other alpha, then the two beside the best",
                 "objective": ("mean |Y(Q(X/s), Q(W s)) - Y(X, W)|^2 relative to mean |Y(X, W)|^2, Y: q/k/v through the "
                               "attention on whole calibration prompts, gate/up through the MLP, down_proj its own output"),
                 "judged_on": {g.name: g.judged_on for g in GROUPS}, "groups": groups}
@@ -229,18 +230,30 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
 
     found: dict[str, GroupScale] = {}
     for g in GROUPS:
+        full = [weight(n) for n in g.linears]
+        stats = {**channels[g.name].stats(), "w_absmax": torch.stack([w.abs().amax(dim=0) for w in full]).amax(dim=0)}
         if g.judged_on == "attention":
             forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
+            sample = full
         else:
             x = torch.cat(channels[g.name].sample)
-            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")) if g.judged_on == "mlp" else None)
-        result = found[g.name] = search_group(method, forward, [weight(n) for n in g.linears], channels[g.name].stats(), sim, settings)
+            picked = _row_sample(full[0].shape[0], settings.max_rows)
+            sample = [w[picked] for w in full]
+            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")[:, picked]) if g.judged_on == "mlp" else None)
+        result = found[g.name] = search_group(method, forward, sample, stats, sim, settings)
         if result.family is not None:
             s = torch.from_numpy(result.scale)
             columns.update({n: s[None, :] for n in g.linears})
             if g.producer_axis == "rows":
                 rows[g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
     return found
+
+
+def _row_sample(n: int, limit: int):
+    """At most `limit` evenly spaced row indices of n (all of them when n <= limit)."""
+    import torch
+
+    return torch.arange(n) if n <= limit else torch.linspace(0, n - 1, limit).round().long()
 
 
 @dataclass(frozen=True)
@@ -277,26 +290,6 @@ def _prepare(path: Path | str, cset: CalibrationSet) -> _Run:
     head, yes_no = ("seqcls", (-1, -1)) if "score.weight" in open_checkpoint(path).tensors else \
         ("causal", (encoder.tokens.yes_id, encoder.tokens.no_id))
     return _Run(Path(path), head, yes_no, [pad_rows([r], encoder.tokens.pad_id) for r in rows])
-
-
-# The 4-bit embedding is no linear layer: nothing to scale. Where its rows alone move the calibration
-# set's P(yes) by more than this, the 4-bit variants keep 8-bit embedding rows (mixed precision).
-# Measured on the trained tiny (hidden 128: 4 blocks a row): 4-bit rows alone moved P by up to 0.16 of
-# the 0.14 q4 total on its eval set; with 8-bit rows q4's max |ΔP| went 0.137 -> 0.080.
-EMBEDDING_MAX_DP = 0.05
-
-
-def embedding_drift(path: Path | str, cset: CalibrationSet, reference: np.ndarray, block_size: int, symmetric: bool,
-                    reporter: Reporter = NULL) -> float:
-    """max |ΔP(yes)| over the calibration set from 4-bit embedding rows alone (everything else fp32),
-    against `reference` (the calibration pass's logits)."""
-    from qwen_convert.scoring.metrics import sigmoid
-
-    from .smoothing import q4_rows_roundtrip
-
-    logits = _prepare(path, cset).forward(reporter, "calibration (4-bit embedding)",
-                                          embedding=lambda rows: q4_rows_roundtrip(rows, block_size, symmetric))
-    return float(np.abs(sigmoid(logits) - sigmoid(reference)).max()) if len(logits) else 0.0
 
 
 # --- the export's use: one pass, one fold plan per quantized variant ----------------------------
@@ -358,12 +351,24 @@ def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settin
     # where the requested block does not divide the hidden size): int8 rows need no drift check.
     block = q4_embedding_block(int(load_config(path)["hidden_size"]), options.block_size)
     if four_bit and options.quantize_embedding and block is not None:
-        dp = embedding_drift(path, cset, cal.logits, block, options.symmetric, reporter)
-        kept = dp > EMBEDDING_MAX_DP
-        keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if kept else {}
-        record["mixed_precision"] = {"embedding_4bit_max_dp_on_calibration": float(f"{dp:.4g}"), "budget": EMBEDDING_MAX_DP,
-                                     "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
+        choice = choose_embedding_precision(path, cset, cal, sims["awq"], block, options.symmetric, reporter)
+        keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if choice.keep_8bit else {}
+        record["mixed_precision"] = {**choice.to_dict(), "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
     return VariantPlans(plans, keep, record)
+
+
+def choose_embedding_precision(path, cset: CalibrationSet, cal: Calibration, sim, block: int, symmetric: bool,
+                               reporter: Reporter = NULL):
+    """mixed.py's two simulated forwards of the calibration set (the 4-bit embedding alone; the
+    whole calibrated 4-bit variant) and the choice they give."""
+    from .mixed import choose_embedding, embedding_4bit, max_dp, quantized_layers
+
+    run = _prepare(path, cset)
+    rows = embedding_4bit(block, symmetric)
+    alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows), cal.logits)
+    whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows,
+                               observer=quantized_layers(cal.plan("awq"), sim)), cal.logits)
+    return choose_embedding(alone, whole)
 
 
 def calibration_set(path: Path, modes, method: str, exporter: str, calibration_file: Path | None) -> CalibrationSet | None:

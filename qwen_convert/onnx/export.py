@@ -48,6 +48,7 @@ from qwen_convert.progress import NULL, Reporter
 from qwen_convert.seqcls.sidecars import Provenance, write_sidecars
 
 from .. import __version__
+from .auto import AutoChoice, check_auto, choose_variant, expand_auto, mark_choice
 from .calibration import calibration_set, describe_kept
 from .card import onnx_card, onnx_config
 from .prefix import build_prefix_onnx, prefix_settings, prefix_supported
@@ -99,9 +100,12 @@ class ExportResult:
     verification: object | None = None  # verify's ParityReport
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    auto: AutoChoice | None = None  # --quantize auto: the smallest variant that passed (onnx/auto.py)
 
     @property
     def passed(self) -> bool:
+        if self.auto is not None:  # candidates that miss a gate are expected; one must pass
+            return self.auto.chosen is not None
         return self.verification is None or bool(self.verification.passed)
 
     def to_dict(self) -> dict:
@@ -117,6 +121,7 @@ class ExportResult:
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "seconds": round(self.seconds, 3),
             "settings": self.settings,
+            "auto": self.auto.to_dict() if self.auto is not None else None,
         }
 
     def render(self) -> str:
@@ -129,6 +134,8 @@ class ExportResult:
         else:
             lines.append(f"  verified against {self.reference} ({self.reference_note})")
             lines.append(self.verification.render())
+        if self.auto is not None:
+            lines.append(self.auto.render())
         return "\n".join(lines)
 
 
@@ -376,7 +383,9 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     """Export SRC to single-logit ONNX graphs in OUT (atomically), then verify them unless told not to."""
     started = time.perf_counter()
     out = Path(out)
-    modes = parse_modes(options.modes)  # an unknown mode fails before any work
+    names, auto = expand_auto(options.modes)
+    check_auto(auto, options.verify)
+    modes = parse_modes(names)  # an unknown mode fails before any work
     modes = ((QuantMode.FP32,) if options.fp32 else ()) + modes
     if not modes:
         raise ExportError("nothing to export: --no-fp32 and no --quantize mode", "name a variant with --quantize")
@@ -417,9 +426,12 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
     report = _verify(reference, out, options.pairs_file, reporter) if reference is not None else None
+    choice = choose_variant(variants, report) if auto else None
+    if choice is not None:
+        settings = mark_choice(out / QUANTIZE_CONFIG, choice)
     return ExportResult(
         out=out, source=str(src), source_kind=kind.value, variants=tuple(variants), reference=reference,
-        reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings,
+        reference_note=note, verification=report, seconds=time.perf_counter() - started, settings=settings, auto=choice,
     )
 
 
@@ -453,10 +465,6 @@ def _settings(exporter: str, options: QuantizeOptions) -> dict:
         if describe is not None:
             return describe(options)
     return quantize_settings(options)
-
-
-
-
 
 
 def _opset(path: Path) -> int:

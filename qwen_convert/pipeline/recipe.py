@@ -357,7 +357,8 @@ def _check_values(r: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: source.hub is huggingface but source.huggingface is unset", "set source.huggingface")
     if r.artifacts.score_dtype not in SCORE_DTYPES:
         raise RecipeError(f"{where}: unknown artifacts.score_dtype {r.artifacts.score_dtype!r}", f"valid: {', '.join(SCORE_DTYPES)}")
-    valid_modes = reranker_modes()
+    # A reranker may name "auto": the smallest variant that passes its gates (onnx/auto.py).
+    valid_modes = (*reranker_modes(), "auto") if r.kind == "reranker" else reranker_modes()
     for mode in r.artifacts.onnx:
         if mode not in valid_modes:
             raise RecipeError(f"{where}: unknown ONNX mode {mode!r} in artifacts.onnx", f"valid for {r.kind}: {', '.join(valid_modes)}")

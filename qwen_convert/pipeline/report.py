@@ -16,6 +16,7 @@ def _entries(record: dict, prefix: str) -> list[FileEntry]:
 
 def _artifacts(recipe: Recipe, steps: dict[str, dict]) -> list[Artifact]:
     from qwen_convert.formats import QuantMode
+    from qwen_convert.onnx.auto import resolve_auto
 
     arts: list[Artifact] = []
     if "seqcls" in steps:
@@ -25,7 +26,7 @@ def _artifacts(recipe: Recipe, steps: dict[str, dict]) -> list[Artifact]:
     if onnx_step:
         kind = "onnx" if recipe.kind == "reranker" else "causal-lm-onnx"
         claimed: set[str] = set()
-        for mode in recipe.artifacts.onnx:
+        for mode in resolve_auto(recipe.artifacts.onnx, onnx_step):  # auto: the mode the onnx step chose
             main = f"{ONNX_OUT}/{ONNX_OUT}/{QuantMode(mode).file_name}"
             files = [e for e in _entries(onnx_step, ONNX_OUT) if e.path in (main, main + "_data")]
             claimed.update(e.path for e in files)

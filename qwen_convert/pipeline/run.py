@@ -167,6 +167,7 @@ def _quantized(recipe: Recipe) -> tuple[str, ...]:
 
 
 def step_onnx(ctx: Context) -> Outcome:
+    from qwen_convert.errors import ExportError
     from qwen_convert.onnx.export import ExportOptions, export_onnx
 
     r = ctx.recipe
@@ -178,11 +179,19 @@ def step_onnx(ctx: Context) -> Outcome:
     # Only the listed variants are written: the builder makes each from the checkpoint, so a recipe
     # without fp32 (4B, 8B: ~16 and ~30 GB) never writes that graph; verify gates every variant
     # against the causal reference, not against fp32.
+    # "auto" (onnx/auto.py): every candidate exported and verified here, the smallest that passes
+    # chosen; the verify step and the manifest then see the chosen mode in its place.
+    auto = "auto" in r.artifacts.onnx
     options = ExportOptions(modes=_quantized(r), fp32="fp32" in r.artifacts.onnx, block_size=q.block_size,
-                            quantize_embedding=q.quantize_embedding, per_channel=q.per_channel, verify=False, force=True,
-                            quant_method=q.method, calibration_file=_pairs_file(q.calibration))
+                            quantize_embedding=q.quantize_embedding, per_channel=q.per_channel, verify=auto, force=True,
+                            quant_method=q.method, calibration_file=_pairs_file(q.calibration),
+                            reference=str(_source_path(ctx)) if auto else None, pairs_file=_pairs_file(r.verify.pairs))
     result = export_onnx(src, ctx.out / ONNX_OUT, options, reporter=ctx.reporter)
-    return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants]})
+    if result.auto is not None and result.auto.chosen is None:
+        raise ExportError("artifacts.onnx auto: no candidate variant passed its gates",
+                          f"see {ONNX_OUT}/quantize_config.json's auto for each candidate's failed checks")
+    extra = {"auto": result.auto.to_dict()} if result.auto is not None else {}
+    return Outcome((ONNX_OUT,), {"variants": [v.to_dict() for v in result.variants], **extra})
 
 
 def _pairs_file(value: str | None) -> Path | None:
@@ -197,6 +206,7 @@ def _pairs_file(value: str | None) -> Path | None:
 
 
 def step_verify(ctx: Context) -> Outcome:
+    from qwen_convert.onnx.auto import resolve_auto
     from qwen_convert.verify import VerifyOptions, verify
 
     r = ctx.recipe
@@ -206,7 +216,7 @@ def step_verify(ctx: Context) -> Outcome:
     if r.artifacts.onnx:
         candidates.append(ctx.out / ONNX_OUT)
     options = VerifyOptions(
-        pairs_file=_pairs_file(r.verify.pairs), variants=r.artifacts.onnx, tol_logit=r.gates.tol_logit,
+        pairs_file=_pairs_file(r.verify.pairs), variants=resolve_auto(r.artifacts.onnx, ctx.done.get("onnx")), tol_logit=r.gates.tol_logit,
         tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, max_prob_drift=r.gates.max_prob_drift,
         p95_prob_drift=r.gates.p95_prob_drift, min_kendall_tau=r.gates.min_kendall_tau, instruction=r.instruction,
         max_length=r.verify.max_length, batch_size=r.verify.batch_size, padding_check=r.verify.padding_check,

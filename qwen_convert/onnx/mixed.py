@@ -1,0 +1,97 @@
+"""Mixed precision: which parts of a 4-bit variant stay at 8 bits, decided on the calibration set.
+
+Two simulated forwards of the calibration set through the streamed engine (one decoder layer in
+memory at a time), each against the calibration pass's own fp32 logits:
+  * the 4-bit embedding alone (everything else fp32);
+  * the whole 4-bit variant as the graph will compute it: every linear layer's weight through
+    MatMulNBits' rounding after the calibrated fold (Q(W s)), its input through the fold and the
+    op's int8 blocks (accuracy_level 4), the embedding's rows 4-bit.
+
+The embedding is a lookup: 8-bit rows cost disk, not speed (Gather + Mul instead of
+GatherBlockQuantized). So it stays 8-bit when its 4-bit rows alone move P(yes) by more than an
+absolute budget, or when they are a large share of what the whole variant moves it by: a few
+dozen calibration prompts see a few hundred of the vocabulary's rows, and an unlucky row that the
+set never meets moves a real query further (measured on the trained tiny, built-in probes: the
+4-bit embedding alone moved the probes' P by 0.012, well inside an absolute budget, and the eval
+set's by 0.16; its share of the whole variant's drift on the probes was over half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .smoothing import FoldPlan, Simulation, q4_rows_roundtrip
+
+# Keep 8-bit embedding rows when the 4-bit rows alone move the calibration set's P(yes) by more than
+# this (a 0.6B-width random checkpoint: 0.26) ...
+EMBEDDING_MAX_DP = 0.05
+# ... or by at least this share of the whole 4-bit variant's max |ΔP| on the same set.
+EMBEDDING_MAX_SHARE = 0.4
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class EmbeddingChoice:
+    """What the two simulated forwards measured, and whether the embedding stays 8-bit."""
+
+    embedding_dp: float  # max |ΔP| of the 4-bit embedding alone on the calibration set
+    variant_dp: float  # max |ΔP| of the whole 4-bit variant (calibrated fold) on the same set
+    keep_8bit: bool
+
+    @property
+    def share(self) -> float:
+        return self.embedding_dp / self.variant_dp if self.variant_dp > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"embedding_4bit_max_dp_on_calibration": _sig(self.embedding_dp),
+                "variant_4bit_max_dp_on_calibration": _sig(self.variant_dp),
+                "embedding_share": _sig(self.share), "budget": EMBEDDING_MAX_DP, "max_share": EMBEDDING_MAX_SHARE}
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def choose_embedding(embedding_dp: float, variant_dp: float) -> EmbeddingChoice:
+    share = embedding_dp / variant_dp if variant_dp > 0 else 0.0
+    return EmbeddingChoice(embedding_dp, variant_dp, embedding_dp > EMBEDDING_MAX_DP or share >= EMBEDDING_MAX_SHARE)
+
+
+def embedding_4bit(block_size: int, symmetric: bool) -> Callable:
+    """stream_forward's `embedding` hook: rows through GatherBlockQuantized's 4-bit encoding and back."""
+    return lambda rows: q4_rows_roundtrip(rows, block_size, symmetric)
+
+
+def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozenset()) -> Callable:
+    """stream_forward's `observer`: each decoder layer's linears replaced, before any batch runs, by
+    what the variant's graph computes with `plan` folded in, in the checkpoint's coordinates:
+    Y = Q(X / s) @ (Q(W r s) / r).T, s the fold's input scale, r its row factor (up_proj's rows
+    carry mlp_out's 1/s). Linears in `keep` (names without .weight) stay fp32."""
+    import torch
+
+    def observe(index: int, layer):
+        for name in LINEARS:
+            full = f"model.layers.{index}.{name}"
+            if full in keep:
+                continue
+            linear = layer.get_submodule(name)
+            s = plan.columns.get(f"{full}.weight")
+            r = plan.rows.get(f"{full}.weight")
+            s = torch.ones(linear.weight.shape[1]) if s is None else torch.from_numpy(s)
+            r = torch.ones(linear.weight.shape[0]) if r is None else torch.from_numpy(r)
+            w = linear.weight.detach().float()
+            linear.weight = torch.nn.Parameter(sim.weight(w * r[:, None] * s[None, :]) / r[:, None], requires_grad=False)
+            linear.register_forward_pre_hook(lambda _m, args, s=s: (sim.activation(
+                (args[0] / s).reshape(-1, args[0].shape[-1])).reshape(args[0].shape),))
+        return None
+    return observe
+
+
+def max_dp(logits: np.ndarray, reference: np.ndarray) -> float:
+    from qwen_convert.scoring.metrics import sigmoid
+
+    return float(np.abs(sigmoid(logits) - sigmoid(reference)).max()) if len(logits) else 0.0
