@@ -223,11 +223,12 @@ def setup_gguf(venvs: Path) -> str:
         return "the llamacpp venv has no llama.cpp source tree (make llamacpp)"
     tree = trees[-1]
     log(f"converting the checkpoint to GGUF Q8_0 with {tree}/convert_hf_to_gguf.py")
-    # The checkpoint's tokenizer is the package's small BPE one, which the converter does not know by
-    # hash; its pre-tokenizer is Qwen2's, so name it (only the vocabulary table goes into the file:
-    # every engine here is fed the same token ids).
+    # The checkpoint's tokenizer is the package's small BPE one (tokenizer.json, no sentencepiece model),
+    # which the converter does not know by hash: take the GPT-2-style BPE path and name Qwen2's
+    # pre-tokenizer (only the vocabulary table goes into the file: every engine here gets the same ids).
     code = ("import sys, runpy; sys.path.insert(0, sys.argv[1] + '/gguf-py'); sys.path.insert(0, sys.argv[1]); "
             "from conversion.base import TextModel; TextModel.get_vocab_base_pre = lambda self, tok: 'qwen2'; "
+            "from conversion.qwen import Qwen2Model; Qwen2Model.set_vocab = lambda self: self._set_vocab_gpt2(); "
             "sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py', *sys.argv[2:]]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     subprocess.run([sys.executable, "-c", code, str(tree), str(CKPT), "--outtype", "q8_0", "--outfile", str(GGUF)],
@@ -247,13 +248,13 @@ def timed(fn, requests: list) -> dict:
 
 
 def shapes(tokens: dict, workloads: list[str], batch_fn) -> dict:
-    """Shape A and/or B: one warm-up batch, then batches for at least 8 s (2 at least)."""
+    """Shape A and/or B: one warm-up batch, then batches for at least SHAPE_SECONDS (2 at least)."""
     out = {}
     for w in [w for w in workloads if w in ("A", "B")]:
         rows = tokens[w]
         batch_fn(rows)
         runs, started = 0, time.perf_counter()
-        while runs < 2 or time.perf_counter() - started < 8:
+        while runs < 2 or time.perf_counter() - started < float(os.environ.get("SHAPE_SECONDS", "8")):
             batch_fn(rows)
             runs += 1
         seconds = time.perf_counter() - started
@@ -646,7 +647,8 @@ def section(r: dict) -> str:
              f"`make bench-peers`, {m['date']}. {m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
              f"{THREADS} threads per engine; median of {r['rounds']} interleaved rounds (the order rotates each round), each "
              f"engine a fresh process in its own venv. Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} "
-             "after (the machine is shared: compare within this table).", "",
+             "after (the machine is shared: compare within this table). Process wall: the engine's whole process "
+             "(interpreter, imports, load, warm-up, every workload it ran).", "",
              f"Measured peaks at {THREADS} threads: " + ", ".join(f"{k} {v / 1e12:.2f} TOPS" for k, v in peaks.items())
              + ". Ops per pair = 2 x matmul params x tokens + 2 x layers x heads x head_dim x tokens² "
              f"({ops['matmul_params'] / 1e6:.0f} M matmul params): realistic {per_pair['realistic'] / 1e9:.0f} GOP "
@@ -656,13 +658,14 @@ def section(r: dict) -> str:
              f"template prefix before the query is {r['prefix_tokens']} tokens with this checkpoint's small tokenizer), one "
              "request per query. A: batch 8 x 256 tokens, 3 rows left-padded to 200. B: batch 32 x 64.", "",
              "| engine | realistic pairs/s | A pairs/s | B pairs/s | realistic % int8 peak | realistic % bf16 peak | "
-             "A % of its peak | peak RSS MiB | realistic rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "A % of its peak | peak RSS MiB | process wall s | realistic rounds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     best_peer, best_peer_name = 0.0, ""
     for name, engine_runs in runs.items():
         ok = [x for x in engine_runs if "error" not in x]
         if not ok:
             err = engine_runs[0]["error"] if engine_runs else "not run"
-            lines.append(f"| {name} | failed: {err} | | | | | | | |")
+            lines.append(f"| {name} | failed: {err} | | | | | | | | |")
             continue
         real, a, b = (median_of(ok, w) for w in ("realistic", "A", "B"))
         fmt = (lambda v: "—" if v is None else f"{v:.2f}")
@@ -671,7 +674,8 @@ def section(r: dict) -> str:
         rss = max(x["peak_rss_mib"] for x in ok)
         rounds = ", ".join(f"{x['realistic']['pairs_per_s']:.2f}" for x in ok if "realistic" in x)
         lines.append(f"| {name} | {fmt(real)} | {fmt(a)} | {fmt(b)} | {pct(real, 'realistic', int8_peak)} | "
-                     f"{pct(real, 'realistic', bf16_peak)} | {pct(a, 'A', peak)} | {rss:,.0f} | {rounds} |")
+                     f"{pct(real, 'realistic', bf16_peak)} | {pct(a, 'A', peak)} | {rss:,.0f} | "
+                     f"{statistics.median(x['process_s'] for x in ok):.0f} | {rounds} |")
         if not name.startswith("qconv-") and real and real > best_peer:
             best_peer, best_peer_name = real, name
     lines.append("")
