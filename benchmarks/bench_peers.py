@@ -613,6 +613,17 @@ def bench(args) -> dict:
     peaks = run_worker(Path(sys.executable), "peaks", [], cgroup) if not args.no_peaks else {}
     log(f"peaks: {peaks}")
     runs: dict[str, list[dict]] = {e.name: [] for e in live}
+    tokens = json.loads(TOKENS.read_text())
+    timed_reqs, _ = requests(tokens)
+    lengths = {"realistic": [len(r) for req in timed_reqs for r in req], "A": [len(r) for r in tokens["A"]],
+               "B": [len(r) for r in tokens["B"]]}
+
+    def report(rounds_done: int) -> dict:
+        return {"machine": before, "load_after": os.getloadavg(), "rounds": rounds_done, "runs": runs, "skipped": skipped,
+                "peaks": peaks.get("peaks", {}), "queries": args.queries, "lengths": lengths, "ops": model_ops(),
+                "prefix_tokens": tokens["prefix_tokens"], "workloads": args.workloads, "no_shapes": args.no_shapes,
+                "shape_seconds": float(os.environ.get("SHAPE_SECONDS", "8"))}
+
     for r in range(args.rounds):
         order = live[r % len(live):] + live[:r % len(live)] if live else []
         for e in order:
@@ -623,14 +634,19 @@ def bench(args) -> dict:
             runs[e.name].append(result)
             log(f"round {r + 1} {e.name}: " + ("FAILED " + result["error"] if "error" in result else ", ".join(
                 f"{w} {result[w]['pairs_per_s']:.2f} pairs/s" for w in workloads) + f", {result['peak_rss_mib']:.0f} MiB"))
-    tokens = json.loads(TOKENS.read_text())
-    timed_reqs, _ = requests(tokens)
-    lengths = {"realistic": [len(r) for req in timed_reqs for r in req], "A": [len(r) for r in tokens["A"]],
-               "B": [len(r) for r in tokens["B"]]}
-    return {"machine": before, "load_after": os.getloadavg(), "rounds": args.rounds, "runs": runs, "skipped": skipped,
-            "peaks": peaks.get("peaks", {}), "queries": args.queries, "lengths": lengths, "ops": model_ops(),
-            "prefix_tokens": tokens["prefix_tokens"], "workloads": args.workloads, "no_shapes": args.no_shapes,
-            "shape_seconds": float(os.environ.get("SHAPE_SECONDS", "8"))}
+        publish(report(r + 1), args.no_write)  # a run stopped early still leaves its finished rounds
+    return report(args.rounds)
+
+
+def publish(result: dict, no_write: bool) -> str:
+    (PEERS / "bench_peers.json").write_text(json.dumps(result, indent=2))
+    text = section(result)
+    if not no_write:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from report import write_section
+
+        write_section(text, START, END)
+    return text
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -742,15 +758,7 @@ def main() -> None:
     unknown = [n for n in args.engines if n not in ENGINES]
     if unknown:
         raise SystemExit(f"unknown engines {unknown}; known: {', '.join(ENGINES)}")
-    result = bench(args)
-    (PEERS / "bench_peers.json").write_text(json.dumps(result, indent=2))
-    text = section(result)
-    print(text)
-    if not args.no_write:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from report import write_section
-
-        write_section(text, START, END)
+    print(publish(bench(args), args.no_write))
 
 
 if __name__ == "__main__":
