@@ -703,6 +703,9 @@ def section(r: dict) -> str:
     lines.append("")
     for name, why in r["skipped"].items():
         lines.append(f"- skipped {name}: {why}")
+    left_out = [n for n in ENGINES if n not in runs and n not in r["skipped"]]
+    if left_out:
+        lines.append(f"- not in this run (`--engines`): {', '.join(left_out)}")
     notes = []
     for name, engine_runs in runs.items():
         ok = [x for x in engine_runs if "error" not in x]

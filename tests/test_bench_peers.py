@@ -53,6 +53,7 @@ def test_report_names_skips_failures_and_the_target_ratio(bench):
     assert "- skipped llamacpp-q8_0: no venv /x/.venv-llamacpp (make llamacpp)" in text
     assert "| vllm-bf16 | failed: RuntimeError: no AMX |" in text
     assert "| torch-bf16 | 3.00 | — | — |" in text
+    assert "- not in this run (`--engines`): qconv-int8-full," in text
     # medians 6.0 vs 3.0: 2.00x of the fastest peer that ran
     assert "6.00 vs 3.00 (torch-bf16) = 2.00x | met |" in text
     # share of the int8 peak: 6 pairs/s x mean ops per pair (150 tokens) / 10 TOPS
