@@ -26,6 +26,7 @@ plus the encoder's working copy.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,9 @@ import numpy as np
 
 from qwen_convert.checkpoint.files import Checkpoint
 from qwen_convert.checkpoint.heads import SCORE, head_tensor, read_reranker_tokens, score_row
-from qwen_convert.errors import SourceError, WeightsError
-from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, QuantMode
+from qwen_convert.errors import ExportError, QconvError, SourceError, WeightsError, first_line
+from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, ONNX_DIR, QuantMode
+from qwen_convert.progress import Reporter
 
 from .quantize import QuantizeOptions
 from .shapes import GQA, PlainAttention, attention_kind
@@ -333,3 +335,19 @@ def _folded_reader(ckpt: Checkpoint, fold) -> WeightReader:
     from .smoothing import FoldedReader
 
     return FoldedReader(ckpt, fold)
+
+
+def build_logged(reporter: Reporter, mode: QuantMode, build: Callable[[], BuildResult]) -> BuildResult:
+    """Run one variant's graph build under a progress task; a failure that is not already qconv's (onnx's
+    writer, onnxruntime's 4-bit kernel, numpy) becomes one line naming the variant."""
+    task = reporter.task(f"build {mode.value}", total=None)
+    try:
+        result = build()
+    except (QconvError, OSError, MemoryError):
+        raise  # OSError: atomic_output_dir tells a full disk from other write failures
+    except Exception as exc:
+        raise ExportError(f"{ONNX_DIR}/{mode.value}: building {mode.file_name} failed: {first_line(exc)}",
+                          "QCONV_DEBUG=1 shows the traceback") from exc
+    task.advance()
+    reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+    return result

@@ -37,7 +37,7 @@ from qwen_convert.checkpoint.files import Checkpoint
 from qwen_convert.errors import SourceError
 from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, QuantMode
 
-from .build import FLOAT, BuildResult, Qwen3Shape
+from .build import FLOAT, BuildResult, Qwen3Shape, _folded_reader
 from .prefix import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, Qwen3PrefixBuilder, _quiet_shape_inference
 from .quantize import QuantizeOptions
 from .shapes import GQA, GQA_HEAD_DIM_MULTIPLE, attention_kind
@@ -134,9 +134,3 @@ def build_causal_onnx(ckpt: Checkpoint, path: Path, mode: QuantMode, options: Qu
         builder.build()
         files = g.save()
     return BuildResult(mode, tuple(files), g.weight_bytes, time.perf_counter() - started)
-
-
-def _folded_reader(ckpt: Checkpoint, fold) -> WeightReader:
-    from .smoothing import FoldedReader
-
-    return FoldedReader(ckpt, fold)

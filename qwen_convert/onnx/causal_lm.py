@@ -26,12 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_convert.errors import ExportError, QconvError, SourceError, first_line
+from qwen_convert.errors import ExportError, SourceError, first_line
 from qwen_convert.formats import EXTERNAL_DATA_THRESHOLD, ONNX_DIR, QUANTIZE_CONFIG, QuantMode, VariantFile, parse_modes
 from qwen_convert.fsutil import atomic_output_dir, check_output_dir
 from qwen_convert.progress import NULL, Reporter
 
 from .. import __version__
+from .build import build_logged
 from .export import quantize_variants, variant_file
 from .quantize import QuantizeOptions, quiet_logs
 
@@ -178,17 +179,9 @@ def _write_builder(src: Path, tmp: Path, modes: list[QuantMode], options: Causal
     for note in shape_choices(ckpt.config, options.block_size, options.quantize_embedding).notes(q4):
         reporter.log(note)
     for mode in modes:
-        task = reporter.task(f"build {mode.value}", total=None)
-        try:
-            result = build_causal_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, qopts, options.external_data_threshold,
-                                       fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset()))
-        except (QconvError, OSError, MemoryError):
-            raise  # OSError: atomic_output_dir tells a full disk from other write failures
-        except Exception as exc:  # onnx's writer, onnxruntime's 4-bit kernel, numpy: one line naming the variant
-            raise ExportError(f"{ONNX_DIR}/{mode.value}: building {mode.file_name} failed: {first_line(exc)}",
-                              "QCONV_DEBUG=1 shows the traceback") from exc
-        task.advance()
-        reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+        build_logged(reporter, mode, lambda mode=mode: build_causal_onnx(
+            ckpt, tmp / ONNX_DIR / mode.file_name, mode, qopts, options.external_data_threshold,
+            fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset())))
     return record
 
 

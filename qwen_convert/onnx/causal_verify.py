@@ -22,6 +22,7 @@ from qwen_convert.progress import NULL, Reporter
 
 from .quantize import quiet_logs
 
+
 @dataclass
 class VariantCheck:
     mode: str

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from qwen_convert.checkpoint.kind import detect_kind
 from qwen_convert.checkpoint.validate import check_model_dir
-from qwen_convert.errors import ExportError, QconvError, SourceError, first_line
+from qwen_convert.errors import ExportError, SourceError
 from qwen_convert.formats import (
     EXTERNAL_DATA_THRESHOLD,
     ONNX_DIR,
@@ -213,7 +213,7 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
     calibration set, one calibration pass first and each quantized variant's scales folded in."""
     from qwen_convert.checkpoint.files import open_checkpoint
 
-    from .build import build_onnx
+    from .build import build_logged, build_onnx
 
     ckpt = open_checkpoint(source.path)
     plans, keep, record = {}, {}, {"method": "naive"}
@@ -226,17 +226,9 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
     for note in shape_choices(source.config, options.block_size, options.quantize_embedding).notes(q4):
         reporter.log(note)
     for mode in modes:
-        task = reporter.task(f"build {mode.value}", total=None)
-        try:
-            result = build_onnx(ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold,
-                                fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset()))
-        except (QconvError, OSError, MemoryError):
-            raise  # OSError: atomic_output_dir tells a full disk from other write failures
-        except Exception as exc:  # onnx's writer, onnxruntime's 4-bit kernel, numpy: one line naming the variant
-            raise ExportError(f"{ONNX_DIR}/{mode.value}: building {mode.file_name} failed: {first_line(exc)}",
-                              "QCONV_DEBUG=1 shows the traceback") from exc
-        task.advance()
-        reporter.log(f"wrote {ONNX_DIR}/{mode.file_name} ({result.seconds:.1f} s)")
+        build_logged(reporter, mode, lambda mode=mode: build_onnx(
+            ckpt, tmp / ONNX_DIR / mode.file_name, mode, options.quantize_options(), options.external_data_threshold,
+            fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset())))
         if options.prefix_graphs and prefix_supported(source.config):
             path = tmp / ONNX_DIR / PREFIX_DIR / mode.file_name
             path.parent.mkdir(exist_ok=True)
