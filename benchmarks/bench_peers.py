@@ -576,13 +576,10 @@ def run_worker(python: Path, name: str, workloads: list[str], cgroup: bool) -> d
 
 
 def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-                          "amx_int8", "amx_bf16") if f in flags]
-    return {"cpu": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(), "flags": wanted,
-            "load": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import machine as describe
+
+    return describe()
 
 
 def model_ops() -> dict:

@@ -15,3 +15,21 @@ def write_section(text: str, start: str, end: str, path: Path = BENCHMARKS_MD) -
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def machine() -> dict:
+    """The CPU a benchmark ran on (model, count, the flags that pick GEMM kernels), its load and the time:
+    speed figures are only comparable on one machine, so every table prints these beside them."""
+    import os
+    import subprocess
+    import time
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {"cpu": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(),
+            "flags": [f for f in CPU_FLAGS if f in flags], "load": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
