@@ -154,16 +154,19 @@ class Qwen3RerankerBuilder:
     # --- the network ------------------------------------------------------------------------------
 
     def build(self) -> None:
-        g, s = self.g, self.shape
+        g = self.g
         ids = g.input("input_ids", np.int64, ["batch", "sequence"])
         mask = g.input("attention_mask", np.int64, ["batch", "sequence"])
         self.make_inputs(mask)
+        self.make_head(self.make_last_token(*self.make_decoder(ids)))
+
+    def make_decoder(self, ids: str) -> tuple[str, str | None]:
+        """Embedding and every decoder layer: (hidden, residual) of the last layer, before the final norm."""
         hidden = self.make_embedding(ids)
         residual = None
-        for i in range(s.layers):
+        for i in range(self.shape.layers):
             hidden, residual = self.make_layer(i, hidden, residual)
-        last = self.make_last_token(hidden, residual)
-        self.make_head(last)
+        return hidden, residual
 
     def make_inputs(self, mask: str) -> None:
         """What every layer shares: RoPE positions, the key padding bias, GQA's length inputs."""

@@ -73,11 +73,7 @@ class Qwen3CausalLMBuilder(Qwen3PrefixBuilder):
             self.past.append([g.input(name.format(i), self.act, [BATCH, s.kv_heads, PAST, s.head_dim])
                               for name in (PAST_KEY, PAST_VALUE)])
         self.make_causal_inputs(ids, mask, positions)
-        hidden = self.make_embedding(ids)
-        residual = None
-        for i in range(s.layers):
-            hidden, residual = self.make_layer(i, hidden, residual)
-        self.make_lm_head(hidden, residual)
+        self.make_lm_head(*self.make_decoder(ids))
         for i in range(s.layers):
             for name in (PRESENT_KEY, PRESENT_VALUE):
                 g.output(name.format(i), self.act, [BATCH, s.kv_heads, TOTAL, s.head_dim])

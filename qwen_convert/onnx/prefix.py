@@ -66,12 +66,7 @@ class Qwen3PrefixBuilder(Qwen3RerankerBuilder):
                   for name in (PAST_KEY, PAST_VALUE)]
             self.past.append(kv)
         self.make_inputs_with_past(ids, mask)
-        hidden = self.make_embedding(ids)
-        residual = None
-        for i in range(s.layers):
-            hidden, residual = self.make_layer(i, hidden, residual)
-        last = self.make_last_token(hidden, residual)
-        self.make_head(last)
+        self.make_head(self.make_last_token(*self.make_decoder(ids)))
         for i in range(s.layers):
             for name in (PRESENT_KEY, PRESENT_VALUE):
                 g.output(name.format(i), self.act, ["batch", s.kv_heads, "total_sequence", s.head_dim])
@@ -137,11 +132,7 @@ class Qwen3SharedPrefixBuilder(Qwen3PrefixBuilder):
         self.make_new_columns(ids, mask)
         self.make_rope_cache(self.total, "total")
         self.make_split_bias(mask)
-        hidden = self.make_embedding(ids)
-        residual = None
-        for i in range(s.layers):
-            hidden, residual = self.make_layer(i, hidden, residual)
-        self.make_head(self.make_last_token(hidden, residual))
+        self.make_head(self.make_last_token(*self.make_decoder(ids)))
         for i in range(s.layers):
             for name in (NEW_KEY, NEW_VALUE):
                 g.output(name.format(i), self.act, ["batch", s.kv_heads, "sequence", s.head_dim])
