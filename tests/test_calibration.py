@@ -381,3 +381,18 @@ def test_recipe_with_auto_ships_the_chosen_variant(tmp_path):
     assert [a["name"] for a in manifest["artifacts"] if a["name"].startswith("onnx/") and a["name"] != "onnx/support"] == [f"onnx/{chosen}"]
     verified = json.loads((out / "verify.json").read_text())["candidates"]
     assert {c["precision"] for c in verified} == {chosen}  # the full-prompt graph and its prefix graph
+
+
+def test_recipe_gates_reach_the_auto_pick(tmp_path):
+    """A recipe's [gates] are the gates auto picks by: a drift bound no quantized variant of the tiny can
+    meet leaves fp16, and each quantized candidate names the check it failed with the recipe's bound."""
+    from qwen_convert.pipeline import run as pipeline
+
+    out = tmp_path / "run"
+    result = pipeline.run_recipe("recipes/tiny.toml", out=out, overrides=[
+        'artifacts.onnx=["auto"]', "artifacts.seqcls=false", "gates.max_prob_drift=0.0005"])
+    auto = json.loads((out / "onnx" / "quantize_config.json").read_text())["auto"]
+    assert auto["chosen"] == "fp16" and result.manifest.passed, auto
+    failed = {c["mode"]: c["failures"] for c in auto["candidates"] if not c["passed"]}
+    assert set(failed) == {"int8", "q4", "q4f16"}, auto
+    assert all(any(f.startswith("max_abs_prob") and "0.0005" in f for f in fs) for fs in failed.values()), failed

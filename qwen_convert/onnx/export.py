@@ -26,8 +26,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_convert.checkpoint.kind import detect_kind
 from qwen_convert.checkpoint.validate import check_model_dir
@@ -55,6 +56,9 @@ from .prefix import build_prefix_onnx, prefix_settings, prefix_supported
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
 from .shapes import record_shape, shape_choices
 
+if TYPE_CHECKING:
+    from qwen_convert.verify import VerifyOptions
+
 SCRATCH = ".seqcls"
 
 
@@ -77,6 +81,9 @@ class ExportOptions:
     # the builder; the optimum exporter has onnxruntime's naive quantizers only.
     quant_method: str | None = None
     calibration_file: Path | None = None  # JSONL pairs (as pairs_file); None = the built-in probes
+    # verify's options for the export's own check (gates, instruction, lengths: a recipe's [gates]
+    # reach --quantize auto's pick through here); pairs_file above wins over theirs. None: defaults.
+    verify_options: "VerifyOptions | None" = None
 
     def method(self) -> str:
         return self.quant_method or ("calibrated" if self.exporter == "builder" else "naive")
@@ -417,7 +424,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
                        card=onnx_card(source.provenance, variants, out.name, exporter.card_note))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
-    report = _verify(reference, out, options.pairs_file, reporter) if reference is not None else None
+    report = _verify(reference, out, options, reporter) if reference is not None else None
     choice = choose_variant(variants, report) if auto else None
     if choice is not None:
         settings = mark_choice(out / QUANTIZE_CONFIG, choice)
@@ -482,7 +489,9 @@ def _reference(src: str | Path, kind: ArtifactKind, options: ExportOptions, repo
     return options.reference, "the causal reference given with --reference"
 
 
-def _verify(reference: str, out: Path, pairs_file: Path | None, reporter: Reporter):
+def _verify(reference: str, out: Path, options: ExportOptions, reporter: Reporter):
     from qwen_convert.verify import VerifyOptions, verify
 
-    return verify(reference, [out], VerifyOptions(pairs_file=pairs_file), reporter=reporter)
+    base = options.verify_options or VerifyOptions()
+    verify_options = replace(base, pairs_file=options.pairs_file or base.pairs_file, variants=())
+    return verify(reference, [out], verify_options, reporter=reporter)

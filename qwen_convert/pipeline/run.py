@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qwen_convert.errors import RecipeError
@@ -185,7 +185,8 @@ def step_onnx(ctx: Context) -> Outcome:
     options = ExportOptions(modes=_quantized(r), fp32="fp32" in r.artifacts.onnx, block_size=q.block_size,
                             quantize_embedding=q.quantize_embedding, per_channel=q.per_channel, verify=auto, force=True,
                             quant_method=q.method, calibration_file=_pairs_file(q.calibration),
-                            reference=str(_source_path(ctx)) if auto else None, pairs_file=_pairs_file(r.verify.pairs))
+                            reference=str(_source_path(ctx)) if auto else None, pairs_file=_pairs_file(r.verify.pairs),
+                            verify_options=_verify_options(ctx) if auto else None)
     result = export_onnx(src, ctx.out / ONNX_OUT, options, reporter=ctx.reporter)
     if result.auto is not None and result.auto.chosen is None:
         raise ExportError("artifacts.onnx auto: no candidate variant passed its gates",
@@ -207,7 +208,7 @@ def _pairs_file(value: str | None) -> Path | None:
 
 def step_verify(ctx: Context) -> Outcome:
     from qwen_convert.onnx.auto import resolve_auto
-    from qwen_convert.verify import VerifyOptions, verify
+    from qwen_convert.verify import verify
 
     r = ctx.recipe
     candidates = []
@@ -215,16 +216,24 @@ def step_verify(ctx: Context) -> Outcome:
         candidates.append(ctx.out / SEQCLS_DIR)
     if r.artifacts.onnx:
         candidates.append(ctx.out / ONNX_OUT)
-    options = VerifyOptions(
-        pairs_file=_pairs_file(r.verify.pairs), variants=resolve_auto(r.artifacts.onnx, ctx.done.get("onnx")), tol_logit=r.gates.tol_logit,
-        tol_fp16=r.gates.tol_fp16, min_retention=r.gates.min_retention, max_prob_drift=r.gates.max_prob_drift,
-        p95_prob_drift=r.gates.p95_prob_drift, min_kendall_tau=r.gates.min_kendall_tau, instruction=r.instruction,
-        max_length=r.verify.max_length, batch_size=r.verify.batch_size, padding_check=r.verify.padding_check,
-        cache_dir=ctx.out / REFERENCE_CACHE,
-    )
+    options = replace(_verify_options(ctx), variants=resolve_auto(r.artifacts.onnx, ctx.done.get("onnx")))
     report = verify(_source_path(ctx), candidates, options, reporter=ctx.reporter)
     _write_json(ctx.out / VERIFY_FILE, _published_paths(report.to_dict(), ctx))
     return Outcome((VERIFY_FILE,), {"passed": report.passed})
+
+
+def _verify_options(ctx: Context):
+    """verify's options from the recipe ([gates], [verify], the instruction): the verify step's, and
+    the onnx step's when it verifies every candidate to pick one (artifacts.onnx = ["auto"])."""
+    from qwen_convert.verify import VerifyOptions
+
+    r = ctx.recipe
+    return VerifyOptions(
+        pairs_file=_pairs_file(r.verify.pairs), tol_logit=r.gates.tol_logit, tol_fp16=r.gates.tol_fp16,
+        min_retention=r.gates.min_retention, max_prob_drift=r.gates.max_prob_drift, p95_prob_drift=r.gates.p95_prob_drift,
+        min_kendall_tau=r.gates.min_kendall_tau, instruction=r.instruction, max_length=r.verify.max_length,
+        batch_size=r.verify.batch_size, padding_check=r.verify.padding_check, cache_dir=ctx.out / REFERENCE_CACHE,
+    )
 
 
 def step_causal_onnx(ctx: Context) -> Outcome:
