@@ -29,7 +29,9 @@ call also opens its sessions and tokenizes. An engine whose venv or artifact is 
 the table says why. `--worker peaks` measures the CPU's int8 and bf16 GEMM peak at the same threads;
 each engine is reported as pairs/s and as a share of both peaks, at 2 x matmul params x tokens + causal
 attention (2 x layers x heads x head_dim x tokens^2) per pair, prompts counted whole even when a prefix is
-shared (the work a full-prompt engine does). Writes its section of BENCHMARKS.md.
+shared (the work a full-prompt engine does). The peak is the registers-only ceiling of benchmarks/peak.c
+(AMX tiles, or AVX-512 VNNI) where a C compiler is present, else the best library GEMM; the libraries' own
+GEMM rates are listed beside it. Writes its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -469,14 +471,49 @@ def worker_llamacpp(tokens: dict, workloads: list[str]) -> dict:
     return out
 
 
+def tile_peaks(flags: set[str], seconds: float = 1.0) -> dict:
+    """The registers-only int8/bf16 ceiling (benchmarks/peak.c, compiled here with cc): AMX tiles where the
+    CPU has them, AVX-512 VNNI too where it has that; each the best of 3 runs of about `seconds`. {} without a C
+    compiler or any of these flags."""
+    import shutil
+    import tempfile
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    kinds = [k for k, flag in (("amx-int8", "amx_int8"), ("amx-bf16", "amx_bf16"), ("vnni", "avx512_vnni")) if flag in flags]
+    if not cc or not kinds:
+        return {}
+    names = {"amx-int8": "int8 AMX tiles (TDPBUSD)", "amx-bf16": "bf16 AMX tiles (TDPBF16PS)",
+             "vnni": "int8 AVX-512 VNNI (VPDPBUSD)"}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "peak"
+        built = subprocess.run([cc, "-O2", "-pthread", str(ROOT / "benchmarks" / "peak.c"), "-o", str(exe)],
+                               capture_output=True, text=True)
+        if built.returncode:
+            return {}
+        for kind in kinds:
+            def run(iters: int) -> tuple[float, float]:
+                started = time.perf_counter()
+                done = subprocess.run([str(exe), kind, str(THREADS), str(iters)], capture_output=True, text=True)
+                return (float(done.stdout) if done.returncode == 0 else 0.0), time.perf_counter() - started
+            rate, took = run(100_000)
+            if not rate:
+                continue
+            iters = max(10_000, int(100_000 * seconds / max(took, 1e-3)))
+            out[names[kind]] = max(run(iters)[0] for _ in range(3))
+    return out
+
+
 def worker_peaks() -> dict:
-    """int8 GEMM (onnxruntime MatMulInteger and DynamicQuantizeMatMul) and bf16 GEMM (torch), ops/s: the best
-    of 5 one-second windows, so a neighbour's burst costs a window, not the number."""
+    """The CPU's compute ceiling (tile_peaks) and what GEMM libraries reach of it at THREADS threads:
+    onnxruntime's int8 MatMulInteger and DynamicQuantizeMatMul (2048^3), torch's bf16 matmul (2048^3 and
+    4096^3; oneDNN, AMX where the CPU has it); ops/s, the best of 5 one-second windows. Run it alone: a
+    neighbour's burst costs a window, a neighbour for the whole run halves every figure."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
+    from report import machine
 
     m = k = n = 2048
     rng = np.random.default_rng(0)
@@ -508,19 +545,18 @@ def worker_peaks() -> dict:
             best = min(best, (time.perf_counter() - started) / runs)
         return ops / best
 
-    out = {}
+    out = tile_peaks(set(machine()["flags"]))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
     for op, feed in (("MatMulInteger", rng.integers(0, 256, size=(m, k), dtype=np.uint8)),
                      ("DynamicQuantizeMatMul", rng.standard_normal((m, k), dtype=np.float32))):
         session = ort.InferenceSession(graph(op), opts, providers=["CPUExecutionProvider"])
-        out[f"int8 {op}"] = rate(lambda: session.run(None, {"a": feed}), 2.0 * m * k * n)
-    del onnx
+        out[f"int8 onnxruntime {op} {m}^3"] = rate(lambda: session.run(None, {"a": feed}), 2.0 * m * k * n)
     torch.set_num_threads(THREADS)
-    size = 4096
-    x = torch.randn(size, size, dtype=torch.bfloat16)
-    w = torch.randn(size, size, dtype=torch.bfloat16)
-    out["bf16 torch.matmul"] = rate(lambda: torch.matmul(x, w), 2.0 * size ** 3)
+    for size in (2048, 4096):
+        x = torch.randn(size, size, dtype=torch.bfloat16)
+        w = torch.randn(size, size, dtype=torch.bfloat16)
+        out[f"bf16 torch.matmul {size}^3"] = rate(lambda: torch.matmul(x, w), 2.0 * size ** 3)
     return {"peaks": out}
 
 
@@ -655,8 +691,9 @@ def median_of(runs: list[dict], workload: str) -> float | None:
 def section(r: dict) -> str:
     m, runs, ops = r["machine"], r["runs"], r["ops"]
     peaks = r["peaks"]
+    # the ceiling: the registers-only tile/VNNI peak where it was measured, else the best library GEMM
     int8_peak = max((v for k, v in peaks.items() if k.startswith("int8")), default=0.0)
-    bf16_peak = peaks.get("bf16 torch.matmul", 0.0)
+    bf16_peak = max((v for k, v in peaks.items() if k.startswith("bf16")), default=0.0)
     per_pair = {w: pair_ops(lens, ops) / len(lens) for w, lens in r["lengths"].items()}
     lens = r["lengths"]["realistic"]
     lines = [START, "## CPU peers: qconv vs torch, OpenVINO, vLLM, llama.cpp (benchmarks/bench_peers.py, issue #20)", "",

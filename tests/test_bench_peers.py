@@ -64,3 +64,23 @@ def test_report_names_skips_failures_and_the_target_ratio(bench):
 def test_report_says_when_the_target_was_not_measured(bench):
     text = bench.section(result({"torch-bf16": [run(2.0)]}, {}))
     assert "not measured in this run" in text
+
+
+def test_tile_peak_is_measured_where_the_cpu_has_the_instructions(bench, monkeypatch):
+    """benchmarks/peak.c compiles and reports a plausible registers-only rate for each instruction set the
+    CPU has (the ceiling bench_peers divides by); nothing for flags the CPU lacks."""
+    import shutil
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from report import machine
+
+    flags = set(machine()["flags"])
+    wanted = {"amx_int8": "int8 AMX tiles (TDPBUSD)", "amx_bf16": "bf16 AMX tiles (TDPBF16PS)",
+              "avx512_vnni": "int8 AVX-512 VNNI (VPDPBUSD)"}
+    if not (shutil.which("cc") or shutil.which("gcc")) or not flags & set(wanted):
+        pytest.skip("no C compiler, or a CPU without AMX and AVX-512 VNNI")
+    peaks = bench.tile_peaks(flags, seconds=0.05)
+    assert set(peaks) == {name for flag, name in wanted.items() if flag in flags}, peaks
+    # per thread and GHz: AMX int8 reaches ~1,000 ops/cycle, VNNI 64-256; anything under 10 GOP/s is broken
+    assert all(10e9 < v < 1e15 for v in peaks.values()), peaks
+    assert bench.tile_peaks(set()) == {}
