@@ -11,7 +11,8 @@ Two exporters (CAUSAL_EXPORTERS):
   * optimum: optimum-onnx traces a torch model to fp32 and onnxruntime's whole-graph quantizers make
     the other variants (the cross-check; needs qconv[optimum] and several times the fp32 weights in RAM).
 Layout, as for the reranker export (transformers.js style):
-    OUT/config.json, generation_config.json, tokenizer files, chat template, quantize_config.json
+    OUT/config.json, generation_config.json, tokenizer files, chat template, quantize_config.json,
+    OUT/genai_config.json (onnxruntime-genai's og.Model(OUT); genai_config.py)
     OUT/onnx/model.onnx (+ model.onnx_data), OUT/onnx/model_q4f16.onnx ...
 
 causal_verify.py checks each variant against torch (greedy tokens, logits).
@@ -34,6 +35,7 @@ from qwen_convert.progress import NULL, Reporter
 from .. import __version__
 from .build import build_logged
 from .export import quantize_variants, variant_file
+from .genai_config import write_genai_config
 from .quantize import QuantizeOptions, quiet_logs
 
 TASK = "text-generation-with-past"
@@ -153,6 +155,10 @@ def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOpti
         record = write(src, tmp, modes, options, reporter, calibration)
         variants = tuple(variant_file(tmp, m) for m in modes)
         write_causal_sidecars(tmp, src, config, fp16_cache=options.exporter == "builder")
+        # genai_config.json names one decoder: the first variant, fp32 whenever it is listed (causal_modes
+        # puts it first), the one verified token for token against torch and the file ORTModelForCausalLM
+        # and transformers.js load by default. Another variant: og.Config(OUT).overlay() its filename.
+        write_genai_config(tmp, config, variants[0].path, shared_buffer=options.exporter == "builder")
         settings = causal_settings(options, variants, record)
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     return CausalExportResult(out, str(src), variants, time.perf_counter() - started, options.exporter, settings)
