@@ -4,12 +4,14 @@ alone (decode.py), by optimum's ORTModelForCausalLM (tests marked `optimum`) and
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
 import pytest
 
 from qwen_convert.errors import ExtraError, SourceError
+from qwen_convert.formats import QuantMode
 from qwen_convert.onnx.causal_lm import CausalExportOptions, build_tiny_causal_lm, export_causal_lm
 from qwen_convert.onnx.causal_verify import CausalGates, verify_causal_lm
 from qwen_convert.onnx.decode import OrtCausalLM
@@ -269,3 +271,101 @@ def test_transformersjs_generates_the_same_greedy_tokens(tied, tmp_path):
             else:
                 expected = OrtCausalLM(out / "onnx" / file).generate(row, 12, [eos] if isinstance(eos, int) else eos).tokens
             assert got == expected, (dtype, got, expected)
+
+
+# --- consumers: onnxruntime-genai (og.Model(OUT) reads genai_config.json) -------------------------------
+
+# Qwen/Qwen3-0.6B's config.json and generation_config.json as published (the fields genai reads).
+QWEN3_06B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "bos_token_id": 151643, "eos_token_id": 151645,
+             "head_dim": 128, "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8,
+             "num_hidden_layers": 28, "max_position_embeddings": 40960, "vocab_size": 151936}
+QWEN3_06B_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                        "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+
+
+def test_genai_config_follows_the_source_config(tied):
+    from qwen_convert.onnx.genai_config import genai_config
+
+    src, out, _ = tied
+    written = json.loads((out / "genai_config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
+    model, search = written["model"], written["search"]
+    decoder = model["decoder"]
+    assert model["type"] == "qwen3" and decoder["filename"] == "onnx/model.onnx" and (out / decoder["filename"]).is_file()
+    assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 4, 2)
+    assert decoder["head_size"] == config["head_dim"] == 32 != config["hidden_size"] // config["num_attention_heads"]
+    assert decoder["hidden_size"] == 64 and model["vocab_size"] == config["vocab_size"] == 1544
+    assert model["context_length"] == search["max_length"] == config["max_position_embeddings"] == 8192
+    assert (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1539, 1541, 1539)  # <|im_end|> ends
+    assert decoder["inputs"] == {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                                 "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    assert decoder["outputs"] == {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    assert search["past_present_share_buffer"] is True and search["do_sample"] is False and search["num_beams"] == 1
+    # The real Qwen3-0.6B: generation_config.json wins (both eos ids, its sampling settings), as genai's builder does.
+    real = genai_config(QWEN3_06B, QWEN3_06B_GENERATION, "onnx/model_q4f16.onnx", shared_buffer=True, turn_end=151645)
+    assert real["model"]["eos_token_id"] == [151645, 151643] and real["model"]["pad_token_id"] == 151643
+    assert real["model"]["decoder"]["head_size"] == 128 and real["model"]["context_length"] == 40960
+    assert {k: real["search"][k] for k in ("do_sample", "temperature", "top_k", "top_p")} == \
+        {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    # Without generation_config.json: config.json's <|endoftext|> alone would never end a chat turn.
+    bare = genai_config({**QWEN3_06B, "eos_token_id": 151643}, {}, "onnx/model.onnx", shared_buffer=False, turn_end=151645)
+    assert bare["model"]["eos_token_id"] == [151645, 151643] and bare["model"]["pad_token_id"] == 151645
+    assert bare["search"]["do_sample"] is False and bare["search"]["past_present_share_buffer"] is False
+
+
+def _require_genai():
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but onnxruntime-genai is not installed (it is in the dev extra: make install)")
+        pytest.skip("onnxruntime-genai is not installed (pip install onnxruntime-genai, Python >= 3.11)")
+    return onnxruntime_genai
+
+
+def _genai_greedy(og, model, batch: np.ndarray, new_tokens: int) -> list[list[int]]:
+    """og.Generator's greedy continuation of a [rows, width] batch of token ids: each row's new tokens."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=batch.shape[1] + new_tokens, batch_size=batch.shape[0])
+    generator = og.Generator(model, params)
+    generator.append_tokens(batch.astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [[int(t) for t in generator.get_sequence(i)[batch.shape[1]:]] for i in range(batch.shape[0])]
+
+
+def test_onnxruntime_genai_generates_the_same_greedy_tokens(tied):
+    """og.Model(OUT) on the builder's export: fp32/fp16 give torch's greedy tokens, int8/q4/q4f16 those of
+    onnxruntime-python running the same file (decode.py); genai's tokenizer and chat template are HF's."""
+    import torch
+
+    og = _require_genai()
+    src, out, _ = tied
+    ref, tok = _torch(src)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+               for p in PROMPTS]
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    eos = ref.generation_config.eos_token_id
+    for mode in ALL:
+        config = og.Config(str(out))  # genai_config.json names fp32; another variant through an overlay
+        config.overlay(json.dumps({"model": {"decoder": {"filename": f"onnx/{QuantMode(mode).file_name}"}}}))
+        model = og.Model(config)
+        for row in ids:
+            got = _genai_greedy(og, model, np.asarray([row]), 20)[0]
+            if mode in ("fp32", "fp16"):
+                expected = ref.generate(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                        max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(row):].tolist()
+            else:
+                expected = OrtCausalLM(out / "onnx" / QuantMode(mode).file_name).generate(row, 20, [eos]).tokens
+            assert got == expected, (mode, got, expected)
+    model = og.Model(str(out))
+    genai_tok = og.Tokenizer(model)
+    messages = json.dumps([{"role": "user", "content": PROMPTS[0]}])
+    assert genai_tok.apply_chat_template(messages, add_generation_prompt=True) == prompts[0]
+    assert [list(map(int, genai_tok.encode(p))) for p in prompts] == ids
+    # A ragged batch as genai's tokenizer pads it, against transformers' left-padded batch generate().
+    batch = genai_tok.encode_batch(PROMPTS).as_numpy()
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    expected = ref.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
+    assert batch.shape[1] == enc.input_ids.shape[1] and _genai_greedy(og, model, batch, 10) == expected.tolist()
