@@ -36,6 +36,7 @@ from .. import __version__
 from .build import build_logged
 from .export import quantize_variants, variant_file
 from .genai_config import write_genai_config
+from .optimum_compat import check_optimum_source, optimum_source
 from .quantize import QuantizeOptions, quiet_logs
 
 TASK = "text-generation-with-past"
@@ -125,6 +126,8 @@ def check_causal_source(path: Path, exporter: str = "builder") -> dict:
 
         check_causal_shape(ckpt.config, path)
         check_checkpoint(ckpt)
+    else:
+        check_optimum_source(ckpt.config, path)
     return ckpt.config
 
 
@@ -152,14 +155,14 @@ def export_causal_lm(src: str | Path, out: str | Path, options: CausalExportOpti
         reporter.log(f"exporting {src} -> {out}/{ONNX_DIR} ({options.exporter} exporter, {TASK}: "
                      f"{', '.join(m.value for m in modes)})")
         write = _write_builder if options.exporter == "builder" else _write_optimum
-        record = write(src, tmp, modes, options, reporter, calibration)
+        made = write(src, tmp, modes, options, reporter, calibration)
         variants = tuple(variant_file(tmp, m) for m in modes)
         write_causal_sidecars(tmp, src, config, fp16_cache=options.exporter == "builder")
         # genai_config.json names one decoder: the first variant, fp32 whenever it is listed (causal_modes
         # puts it first), the one verified token for token against torch and the file ORTModelForCausalLM
         # and transformers.js load by default. Another variant: og.Config(OUT).overlay() its filename.
         write_genai_config(tmp, config, variants[0].path, shared_buffer=options.exporter == "builder")
-        settings = causal_settings(options, variants, record)
+        settings = causal_settings(options, variants, made)
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     return CausalExportResult(out, str(src), variants, time.perf_counter() - started, options.exporter, settings)
 
@@ -188,7 +191,7 @@ def _write_builder(src: Path, tmp: Path, modes: list[QuantMode], options: Causal
         build_logged(reporter, mode, lambda mode=mode: build_causal_onnx(
             ckpt, tmp / ONNX_DIR / mode.file_name, mode, qopts, options.external_data_threshold,
             fold=plans.get(mode.value), keep=keep.get(mode.value, frozenset())))
-    return record
+    return {"quantization": record}
 
 
 def _write_optimum(src: Path, tmp: Path, modes: list[QuantMode], options: CausalExportOptions, reporter: Reporter,
@@ -199,11 +202,11 @@ def _write_optimum(src: Path, tmp: Path, modes: list[QuantMode], options: Causal
 
     trace = tmp / ".optimum"
     task = reporter.task("export fp32 (with past, optimum)", total=None)
-    with quiet_logs():
+    with quiet_logs(), optimum_source(src, tmp) as traced:  # a transformers-5 config, as transformers 4.x must read it
         try:
             # fp32 whatever the checkpoint's storage dtype; optimum's own validation is skipped
             # because causal_verify checks far more (generation, decode logits).
-            main_export(str(src), output=str(trace), task=TASK, device="cpu", dtype="fp32",
+            main_export(str(traced.path), output=str(trace), task=TASK, device="cpu", dtype="fp32",
                         do_validation=False, local_files_only=True)
         except Exception as exc:  # the exporter raises every type
             raise ExportError(f"ONNX export failed: {first_line(exc)}", "run with QCONV_DEBUG=1 for the traceback") from exc
@@ -215,7 +218,7 @@ def _write_optimum(src: Path, tmp: Path, modes: list[QuantMode], options: Causal
     # On the path (works past 2 GB): the fp16 pass relies on value_info from shape inference.
     onnx.shape_inference.infer_shapes_path(str(fp32), str(fp32))
     quantize_variants(tmp / ONNX_DIR, modes[1:], options.quantize_options(), reporter)
-    return {"method": "naive"}
+    return {"quantization": {"method": "naive"}, **traced.settings()}
 
 
 def write_causal_sidecars(out: Path, src: Path, config: dict, fp16_cache: bool) -> list[str]:
@@ -232,12 +235,13 @@ def write_causal_sidecars(out: Path, src: Path, config: dict, fp16_cache: bool) 
     return ["config.json", *written]
 
 
-def causal_settings(options: CausalExportOptions, variants: Sequence[VariantFile], record: dict) -> dict:
-    """quantize_config.json: how each variant was made, and the graph's inputs and outputs."""
+def causal_settings(options: CausalExportOptions, variants: Sequence[VariantFile], made: dict) -> dict:
+    """quantize_config.json: how each variant was made (`made`: the writer's entries, "quantization" and
+    any "source_config_adapted"), and the graph's inputs and outputs."""
     from .precision import precision_settings
 
     settings = {"qconv_version": __version__, "task": TASK, "exporter": options.exporter,
-                "files": {v.mode: v.path for v in variants}, "quantization": record}
+                "files": {v.mode: v.path for v in variants}, **made}
     if options.exporter == "builder":
         encoders = precision_settings(options.quantize_options())["encoders"]
         encoders.pop("all", None)

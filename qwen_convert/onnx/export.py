@@ -52,6 +52,7 @@ from .. import __version__
 from .auto import AutoChoice, check_auto, choose_variant, expand_auto, mark_choice
 from .calibration import calibration_set, describe_kept
 from .card import onnx_card, onnx_config
+from .optimum_compat import check_optimum_source, optimum_source
 from .prefix import build_prefix_onnx, prefix_settings, prefix_supported
 from .quantize import QuantizeOptions, external_locations, quantize_file, quantize_settings, quiet_logs, save_onnx, tensor_bytes
 from .shapes import record_shape, shape_choices
@@ -257,7 +258,8 @@ def _write_traced(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opti
     onnx_dir = tmp / ONNX_DIR
     step = time.perf_counter()
     task = reporter.task("export fp32", total=None)
-    _export_fp32(seqcls, onnx_dir / QuantMode.FP32.file_name, options)
+    with optimum_source(seqcls, tmp) as traced:  # a transformers-5 config, as transformers 4.x must read it
+        _export_fp32(traced.path, onnx_dir / QuantMode.FP32.file_name, options)
     task.advance()
     reporter.log(f"wrote {ONNX_DIR}/{QuantMode.FP32.file_name} ({time.perf_counter() - step:.1f} s)")
     quantize_variants(onnx_dir, [m for m in modes if m is not QuantMode.FP32], options.quantize_options(), reporter)
@@ -265,7 +267,7 @@ def _write_traced(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opti
         for f in (onnx_dir / QuantMode.FP32.file_name, onnx_dir / (QuantMode.FP32.file_name + "_data")):
             f.unlink(missing_ok=True)
     shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
-    return {"quantization": {"method": "naive"}}
+    return {"quantization": {"method": "naive"}, **traced.settings()}
 
 
 def _check_builder(source: _Source) -> None:
@@ -289,7 +291,7 @@ EXPORTERS: dict[str, Exporter] = {
                         "qconv graph builder: weights streamed from the safetensors and encoded per tensor as written; "
                         "onnxruntime fused CPU ops (SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention, "
                         "MatMulNBits, DynamicQuantizeMatMul); last-token gather before the fp32 score head"),
-    "optimum": Exporter(lambda source: None, _write_traced,
+    "optimum": Exporter(lambda s: check_optimum_source(s.config, s.path), _write_traced,
                         "optimum-onnx exporter (TorchScript trace), onnxruntime quantizers; last-token gather before the score head"),
 }
 
