@@ -1,0 +1,112 @@
+"""`--exporter optimum` on a checkpoint saved by transformers 5, whose config.json keeps RoPE only in
+`rope_parameters`: optimum-onnx runs beside transformers 4.x, which reads top-level `rope_theta` alone
+and would silently trace rope_theta = 10000. The export stages a config.json with the 4.x keys, so the
+graph computes the source's function; the reference here is torch on the ORIGINAL (4.x-keyed) config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_convert.errors import ExportError
+from qwen_convert.onnx.optimum_compat import legacy_rope_keys
+
+THETA = 1000000.0  # the tiny fixtures' rope_theta, as Qwen3's; transformers 4.x's default is 10000
+PROMPTS = ["cheap flights to tokyo", "how to fix a leaking tap"]
+
+
+def _as_transformers5(src: Path, dst: Path) -> Path:
+    """A copy of src whose config.json has RoPE the way transformers 5 saves it: rope_parameters only."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    theta = config.pop("rope_theta", THETA)
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+# --- the key mapping (any venv) --------------------------------------------------------------------
+
+def test_legacy_keys_of_each_config_form():
+    assert legacy_rope_keys({"rope_theta": THETA}) == {}  # transformers 4.x / the hub's Qwen3 configs
+    both = {"rope_theta": THETA, "rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
+    assert legacy_rope_keys(both) == {}  # qconv:tiny-chat-lm: nothing to adapt
+    assert legacy_rope_keys({"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}) == {"rope_theta": THETA}
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    yarn = {"rope_parameters": {**scaling, "rope_theta": THETA}}
+    assert legacy_rope_keys(yarn) == {"rope_theta": THETA, "rope_scaling": scaling}
+    assert legacy_rope_keys({**yarn, "rope_theta": THETA}) == {"rope_scaling": scaling}
+
+
+def test_a_rope_type_transformers_4_cannot_express_is_one_line_naming_the_builder():
+    config = {"rope_parameters": {"rope_type": "proportional", "rope_theta": THETA, "partial_rotary_factor": 0.5}}
+    with pytest.raises(ExportError, match=r"rope_type 'proportional'.*--exporter builder") as info:
+        legacy_rope_keys(config, Path("/m"))
+    assert "\n" not in str(info.value)
+
+
+# --- the exports (optimum venv) --------------------------------------------------------------------
+
+@pytest.mark.optimum
+def test_causal_lm_from_a_transformers5_config_traces_the_source_rope(tmp_path):
+    from qwen_convert.onnx.causal_lm import CausalExportOptions, build_tiny_causal_lm, export_causal_lm
+    from qwen_convert.onnx.causal_verify import CausalGates, verify_causal_lm
+
+    original = build_tiny_causal_lm(tmp_path / "lm", seed=3)  # transformers 4.x writes top-level rope_theta
+    assert json.loads((original / "config.json").read_text())["rope_theta"] == THETA
+    src = _as_transformers5(original, tmp_path / "lm5")
+    out = tmp_path / "onnx"
+    export_causal_lm(src, out, CausalExportOptions(modes=("fp32",), exporter="optimum"))
+
+    settings = json.loads((out / "quantize_config.json").read_text())
+    assert settings["source_config_adapted"]["keys"] == {"rope_theta": THETA}
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))  # the staged source is gone
+    assert "rope_theta" not in json.loads((src / "config.json").read_text())  # and the source untouched
+    gates = CausalGates(tol_logit=1e-4, min_token_agreement=1.0)
+    report = verify_causal_lm(original, out, PROMPTS, max_new_tokens=10, gates=gates)
+    assert report.variants[0].greedy_identical == len(PROMPTS) and report.variants[0].max_abs_logit < 1e-4, report.variants[0]
+    # transformers 4.x on the unadapted config (what the trace saw before) is another function.
+    unadapted = verify_causal_lm(src, out, PROMPTS, max_new_tokens=10, gates=gates)
+    assert unadapted.variants[0].max_abs_logit > 1e-2
+
+
+@pytest.mark.optimum
+def test_reranker_from_a_transformers5_config_traces_the_source_rope(tiny_models, tmp_path):
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
+    from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer
+    from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
+    from qwen_convert.scoring.registry import load_scorers
+
+    original = tiny_models["untied_fp32"]
+    src = _as_transformers5(original, tmp_path / "reranker5")
+    out = tmp_path / "onnx"
+    export_onnx(src, out, ExportOptions(modes=(), verify=False, exporter="optimum"))
+
+    settings = json.loads((out / "quantize_config.json").read_text())
+    assert settings["source_config_adapted"]["keys"] == {"rope_theta": THETA}
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    pairs = [Pair("what is a cat", "a cat is a small domesticated animal that purrs"), Pair("q", "d " * 60),
+             Pair("capital of france", "Paris is the capital and largest city of France, on the Seine.")]
+    batch = PromptEncoder(load_tokenizer(original), max_length=256).encode(pairs, "left")
+    (onnx_fp32,) = load_onnx_scorers(out, ["fp32"])
+    got = onnx_fp32.score(batch)
+    np.testing.assert_allclose(got, load_scorers(original)[0].score(batch), atol=1e-4)
+    assert np.abs(got - load_scorers(src)[0].score(batch)).max() > 1e-3  # transformers 4.x on the unadapted config
+
+
+@pytest.mark.optimum
+def test_the_optimum_export_refuses_such_a_rope_type_before_out_exists(tmp_path):
+    from qwen_convert.onnx.causal_lm import CausalExportOptions, build_tiny_causal_lm, export_causal_lm
+
+    src = _as_transformers5(build_tiny_causal_lm(tmp_path / "lm", seed=3), tmp_path / "lm5")
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "proportional", "rope_theta": THETA, "partial_rotary_factor": 0.5}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="use --exporter builder"):
+        export_causal_lm(src, tmp_path / "onnx", CausalExportOptions(modes=("fp32",), exporter="optimum"))
+    assert not (tmp_path / "onnx").exists()
