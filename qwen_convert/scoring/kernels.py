@@ -12,8 +12,8 @@ OrtValues (SessionOptions.add_external_initializers), like the file's other larg
 a numpy type (the embedding's scales); the rest of the file's external data is read from its folder.
 So the graph handed over is small (80 MB for the 0.6B shape, its 4-bit embedding) whatever the
 model's size: no 2 GiB protobuf cap, 4B and 8B q4 graphs expand too. Measured on the 0.6B shape
-under load (BENCHMARKS.md): peak RSS at load 1.3 GB, was 2.9 GB when the whole rewritten model was
-serialized; scores equal to the bit. The int8 weights take 2x the 4-bit bytes and exist twice while
+under load (BENCHMARKS.md): peak RSS 1.5-1.6 GB, was 2.9 GB when the whole rewritten model was
+serialized; scores equal to the bit, speed unchanged. The int8 weights take 2x the 4-bit bytes and exist twice while
 the session starts (ours, and onnxruntime's copy that its prepacked layout replaces), so the rewrite
 runs only when that fits (MemAvailable). Requantizing adds at most half an int8 step per weight
 (max|w| / 254 of its column) on top of the 4-bit error; verify scores through the same session, so
@@ -209,8 +209,9 @@ def open_expanded(expansion: Expansion, opts, providers: list[str]):
     """An onnxruntime session of an expanded graph: its weights handed over as OrtValues, its other
     external data read from the file's folder (a graph from bytes has no path of its own).
     onnxruntime copies OrtValues given to add_external_initializers into the graph ("the user
-    provided buffers can then be deallocated", OrtApi::AddExternalInitializers), so the session
-    does not keep `expansion.weights` alive."""
+    provided buffers can then be deallocated", OrtApi::AddExternalInitializers; test_kernels holds
+    this), so the session does not keep `expansion.weights` alive. `opts` is spent: it still points
+    at those buffers, so it must not open another session."""
     import onnxruntime as ort
 
     names = list(expansion.weights)
