@@ -149,16 +149,20 @@ def worker_shape_a(path: str, how: str = "file", profile: str = "") -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from qwen_convert.scoring.kernels import expand_q4
+    from qwen_convert.scoring.kernels import expand_q4, open_expanded
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
     if profile:
         opts.enable_profiling, opts.profile_file_prefix = True, profile
-    model = expand_q4(Path(path)).model if how == "expand" else path
-    if model is None:
-        raise SystemExit(f"{path}: nothing to expand")
-    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    if how == "expand":
+        expansion = expand_q4(Path(path))
+        if expansion.model is None:
+            raise SystemExit(f"{path}: nothing to expand ({expansion.reason})")
+        session = open_expanded(expansion, opts, ["CPUExecutionProvider"])
+        del expansion  # onnxruntime holds its own copy of the weights
+    else:
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     ids = rng.integers(100, 5000, size=(8, 256), dtype=np.int64)
     mask = np.ones((8, 256), dtype=np.int64)

@@ -80,3 +80,75 @@ def test_q4_on_cpu_runs_int8_kernels_and_scores_like_the_4bit_file(q4_export):
 def test_no_expansion_when_memory_is_short(q4_export):
     result = expand_q4(q4_export / "onnx" / "model_q4.onnx", memory=1024)
     assert result.model is None and "available" in result.reason
+
+
+def _batch(export: Path):
+    enc = PromptEncoder(load_tokenizer(export), max_length=256)
+    docs = ["cats are obligate carnivores", "the stock market closed higher today", "fish " * 20, "kittens need protein"]
+    return pad_rows([enc.ids(Pair("what does a cat eat", d)) for d in docs], enc.tokens.pad_id, "left")
+
+
+def _run(session, batch) -> np.ndarray:
+    (logits,) = session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    return logits
+
+
+def test_int8_weights_stay_out_of_the_serialized_graph_and_score_as_if_inline(q4_export):
+    """The graph handed to onnxruntime names its int8 weights as external data and gets them as
+    OrtValues (no 2 GiB protobuf cap); it scores to the bit like the same graph serialized whole,
+    as expand_q4 did before, and the OrtValues need not outlive the session (onnxruntime copies)."""
+    import gc
+
+    import onnxruntime as ort
+
+    from qwen_convert.scoring.kernels import IN_MEMORY, open_expanded
+
+    expansion = expand_q4(q4_export / "onnx" / "model_q4.onnx", memory=1 << 40)
+    int8 = {k: v for k, v in expansion.weights.items() if k.endswith(".int8")}
+    assert len(int8) == expansion.expanded and sum(v.nbytes for v in int8.values()) == expansion.int8_bytes
+    graph = onnx.load_from_string(expansion.model)
+    stubs = {t.name: t for t in graph.graph.initializer if t.name in expansion.weights}
+    assert stubs.keys() == expansion.weights.keys()
+    assert all(not t.raw_data and t.external_data[0].value == IN_MEMORY for t in stubs.values())
+    weight_bytes = sum(v.nbytes for v in expansion.weights.values())
+
+    for t in graph.graph.initializer:  # the old path: the same graph with its weights serialized inline
+        if t.name in expansion.weights:
+            t.CopyFrom(numpy_helper.from_array(expansion.weights[t.name], t.name))
+    serialized = graph.SerializeToString()
+    # The bytes handed over lack every weight (what stays is mostly the tiny's 4-bit embedding); a
+    # stub costs ~64 bytes (name, dims, external-data entries) where its tensor stood.
+    saved = len(serialized) - len(expansion.model)
+    assert weight_bytes > 70_000 and weight_bytes - 100 * len(stubs) <= saved <= weight_bytes
+    whole = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+    session = open_expanded(expansion, ort.SessionOptions(), ["CPUExecutionProvider"])
+    del expansion, int8
+    gc.collect()
+    filler = [np.full(1 << 16, 7, np.uint8) for _ in range(64)]  # would land in freed weight buffers
+    batch = _batch(q4_export)
+    got, ref = _run(session, batch), _run(whole, batch)
+    assert filler and np.array_equal(got, ref) and np.isfinite(got).all()
+    (scorer,) = load_onnx_scorers(q4_export, ["q4"])
+    assert np.array_equal(scorer.score(batch), np.asarray(ref, dtype=np.float64)[:, 0])
+
+
+def test_external_data_of_the_file_is_read_from_its_folder(q4_export, tmp_path):
+    """A q4 graph with its weights in a _data file (the layout of 4B and 8B exports) expands from
+    the file without loading it into the graph, and scores like the same graph stored inline."""
+    import onnxruntime as ort
+
+    from qwen_convert.scoring.kernels import open_expanded
+
+    src = q4_export / "onnx" / "model_q4.onnx"
+    external = tmp_path / "model_q4.onnx"
+    onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model_q4.onnx_data", size_threshold=1024)
+    assert (tmp_path / "model_q4.onnx_data").stat().st_size > external.stat().st_size
+    inline, split = expand_q4(src, memory=1 << 40), expand_q4(external, memory=1 << 40)
+    assert split.expanded == inline.expanded > 0 and split.int8_bytes == inline.int8_bytes
+    # Tensors already in the _data file stay there: the int8 weights are all that is handed over.
+    assert all(name.endswith(".int8") for name in split.weights) and len(split.model) < 64 << 10
+    batch = _batch(q4_export)
+    a = _run(open_expanded(inline, ort.SessionOptions(), ["CPUExecutionProvider"]), batch)
+    b = _run(open_expanded(split, ort.SessionOptions(), ["CPUExecutionProvider"]), batch)
+    assert np.array_equal(a, b)

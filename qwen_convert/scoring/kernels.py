@@ -6,24 +6,35 @@ DynamicQuantizeMatMul's int8 GEMMs run on AMX. So a q4 graph opened for the CPU 
 memory before the session starts: every 4-bit MatMulNBits becomes DynamicQuantizeMatMul over int8
 weights with one scale per output column, dequantized from the 4-bit blocks and requantized
 (symmetric, round half to even; 7-bit on CPUs without VNNI, whose u8s8 kernel saturates a pair of
-products above 32767: see onnx/precision.py). The file on disk is untouched; the weights take 2x
-the 4-bit bytes in memory, so the rewrite runs only when that fits (MemAvailable) and the result
-stays under protobuf's 2 GiB. Requantizing adds at most half an int8 step per weight (max|w| / 254
-of its column) on top of the 4-bit error; verify scores through the same session, so a q4 variant's
-gate holds what actually runs.
+products above 32767: see onnx/precision.py). The file on disk is untouched. The int8 weights never
+enter the protobuf: the serialized graph names them as external data and onnxruntime gets them as
+OrtValues (SessionOptions.add_external_initializers), like the file's other large inline tensors of
+a numpy type (the embedding's scales); the rest of the file's external data is read from its folder.
+So the graph handed over is small (80 MB for the 0.6B shape, its 4-bit embedding) whatever the
+model's size: no 2 GiB protobuf cap, 4B and 8B q4 graphs expand too. Measured on the 0.6B shape
+under load (BENCHMARKS.md): peak RSS 1.5-1.6 GB, was 2.9 GB when the whole rewritten model was
+serialized; scores equal to the bit, speed unchanged. The int8 weights take 2x the 4-bit bytes and exist twice while
+the session starts (ours, and onnxruntime's copy that its prepacked layout replaces), so the rewrite
+runs only when that fits (MemAvailable). Requantizing adds at most half an int8 step per weight
+(max|w| / 254 of its column) on top of the 4-bit error; verify scores through the same session, so
+a q4 variant's gate holds what actually runs.
 
 Graphs with fp16 activations (q4f16) keep MatMulNBits: DynamicQuantizeMatMul takes float32 only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 MS_DOMAIN = "com.microsoft"
-PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # a serialized model must stay under 2 GiB; keep a margin
+IN_MEMORY = "qconv-in-memory"  # the location a stub initializer names: its data comes as an OrtValue
+# onnx's numpy_helper unpacks 4-bit types to a byte per value and OrtValue.ortvalue_from_numpy
+# cannot take them back: those stay in the serialized graph (the 0.6B's 78 MB 4-bit embedding).
+PLAIN_TYPES = frozenset({1, 2, 3, 6, 7, 10})  # float, uint8, int8, int32, int64, float16
+INLINE_LIMIT = 1 << 20  # inline initializers this big leave the serialized graph too (the embedding's scales)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -31,7 +42,9 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 class Expansion:
     """What expand_q4() did to a graph: how many MatMulNBits became int8, or why none did."""
 
-    model: bytes | None  # the rewritten model (None: open the file as it is)
+    model: bytes | None  # the rewritten graph without its large weights (None: open the file as it is)
+    weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # those weights, by initializer name
+    data_dir: str = ""  # the folder of the graph's remaining external data files
     expanded: int = 0
     int8_bytes: int = 0
     reason: str = ""
@@ -105,12 +118,51 @@ def _nbits_nodes(graph) -> list:
     return out
 
 
+def _attr(node, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+def _stub(tensor, array: np.ndarray) -> None:
+    """Turn `tensor` into a reference to data that comes at load as an OrtValue: onnxruntime replaces
+    only initializers with external data (add_external_initializers), so it names a location that
+    is never read."""
+    from onnx import TensorProto, helper
+
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    del tensor.dims[:]
+    tensor.dims.extend(array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _memory_check(head, sizes: dict[str, int], memory: int | None) -> str:
+    """Why the expansion does not fit in MemAvailable, or "" where it does."""
+    from onnx.external_data_helper import uses_external_data
+
+    int8_bytes = sum(sizes.values())
+    inline = sum(len(t.raw_data) for t in head.graph.initializer if not uses_external_data(t))
+    # Measured on the 0.6B shape (BENCHMARKS.md): at load the int8 weights exist twice (ours, handed
+    # over, and onnxruntime's copy of them, which its prepacked GEMM layout then replaces) beside the
+    # graph's other weights, held once as arrays and once by onnxruntime.
+    need = 3 * int8_bytes + 2 * inline
+    memory = available_memory() if memory is None else memory
+    if memory is not None and memory < need:
+        return f"{memory >> 20} MiB available, the expansion needs ~{need >> 20}"
+    return ""
+
+
 def expand_q4(path: Path, flags: tuple[str, ...] | None = None, memory: int | None = None) -> Expansion:
     """The graph at `path` with its 4-bit MatMulNBits over float32 activations rewritten to int8
     DynamicQuantizeMatMul (see the module docstring), or Expansion(None, reason=...) where it has none
-    or the expansion does not fit."""
+    or the expansion does not fit. The int8 weights and the file's large inline initializers leave
+    the graph: they are `Expansion.weights`, for open_expanded() to hand to onnxruntime."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import uses_external_data
 
     head = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in head.graph.initializer}
@@ -118,35 +170,51 @@ def expand_q4(path: Path, flags: tuple[str, ...] | None = None, memory: int | No
                   and inits[n.input[2]].data_type == TensorProto.FLOAT]
     if not candidates:
         return Expansion(None, reason="no 4-bit MatMulNBits over float32 activations")
-    sizes = {n.name: next(a.i for a in n.attribute if a.name == "K") * next(a.i for a in n.attribute if a.name == "N")
-             for n in candidates}
+    sizes = {n.name: _attr(n, "K") * _attr(n, "N") for n in candidates}
     int8_bytes = sum(sizes.values())
-    file_bytes = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + "_data*"))
-    if file_bytes + int8_bytes > PROTOBUF_LIMIT:
-        return Expansion(None, int8_bytes=int8_bytes, reason="the expanded graph would pass protobuf's 2 GiB")
-    memory = available_memory() if memory is None else memory
-    if memory is not None and memory < 3 * (file_bytes + int8_bytes):
-        return Expansion(None, int8_bytes=int8_bytes, reason=f"{memory >> 20} MiB available, the expansion needs ~{3 * (file_bytes + int8_bytes) >> 20}")
+    short = _memory_check(head, sizes, memory)
+    if short:
+        return Expansion(None, int8_bytes=int8_bytes, reason=short)
     seven_bit = not any(f in (cpu_flags() if flags is None else flags) for f in VNNI_FLAGS)
-    model = onnx.load(str(path))  # with its external data: the rewritten graph is serialized whole
-    inits = {t.name: t for t in model.graph.initializer}
+    base_dir = str(path.parent)
+    array = lambda name: numpy_helper.to_array(inits[name], base_dir)  # noqa: E731  (reads external data)
+    weights: dict[str, np.ndarray] = {}
     drop: set[str] = set()
-    for node in _nbits_nodes(model.graph):
+    for node in _nbits_nodes(head.graph):
         if node.name not in sizes:
             continue
-        k = next(a.i for a in node.attribute if a.name == "K")
-        zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-        w = dequantize_nbits(numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]]), zp, k)
-        q, scale = quantize_columns(w, seven_bit)
+        zp = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        q, scale = quantize_columns(dequantize_nbits(array(node.input[1]), array(node.input[2]), zp, _attr(node, "K")), seven_bit)
         base = node.input[1]
         drop.update(x for x in node.input[1:4] if x)
-        model.graph.initializer.extend([numpy_helper.from_array(q, base + ".int8"), numpy_helper.from_array(scale, base + ".int8_scale"),
-                                        numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + ".int8_zero_point")])
-        new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], base + ".int8", base + ".int8_scale", base + ".int8_zero_point"],
-                               list(node.output), name=node.name, domain=MS_DOMAIN)
-        node.CopyFrom(new)
-    used = {x for n in model.graph.node for x in n.input}
-    keep = [t for t in model.graph.initializer if t.name not in drop or t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return Expansion(model.SerializeToString(), expanded=len(sizes), int8_bytes=int8_bytes)
+        weights[base + ".int8"] = q
+        stub = TensorProto(name=base + ".int8")
+        _stub(stub, q)
+        head.graph.initializer.extend([stub, numpy_helper.from_array(scale, base + ".int8_scale"),
+                                       numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + ".int8_zero_point")])
+        node.CopyFrom(helper.make_node("DynamicQuantizeMatMul", [node.input[0], base + ".int8", base + ".int8_scale",
+                                       base + ".int8_zero_point"], list(node.output), name=node.name, domain=MS_DOMAIN))
+    used = {x for n in head.graph.node for x in n.input}
+    keep = [t for t in head.graph.initializer if t.name not in drop or t.name in used]
+    del head.graph.initializer[:]
+    head.graph.initializer.extend(keep)
+    for tensor in head.graph.initializer:  # the embedding's scales and the like: out of the graph too
+        if not uses_external_data(tensor) and len(tensor.raw_data) >= INLINE_LIMIT and tensor.data_type in PLAIN_TYPES:
+            weights[tensor.name] = numpy_helper.to_array(tensor)
+            _stub(tensor, weights[tensor.name])
+    return Expansion(head.SerializeToString(), weights=weights, data_dir=base_dir, expanded=len(sizes), int8_bytes=int8_bytes)
+
+
+def open_expanded(expansion: Expansion, opts, providers: list[str]):
+    """An onnxruntime session of an expanded graph: its weights handed over as OrtValues, its other
+    external data read from the file's folder (a graph from bytes has no path of its own).
+    onnxruntime copies OrtValues given to add_external_initializers into the graph ("the user
+    provided buffers can then be deallocated", OrtApi::AddExternalInitializers; test_kernels holds
+    this), so the session does not keep `expansion.weights` alive. `opts` is spent: it still points
+    at those buffers, so it must not open another session."""
+    import onnxruntime as ort
+
+    names = list(expansion.weights)
+    opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(expansion.weights[n]) for n in names])
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", expansion.data_dir)
+    return ort.InferenceSession(expansion.model, opts, providers=providers)

@@ -88,7 +88,7 @@ def open_session(scorer):
 def _open_session(scorer, path: Path, expand: bool):
     import onnxruntime as ort
 
-    from .kernels import expand_q4
+    from .kernels import expand_q4, open_expanded
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
@@ -97,8 +97,10 @@ def _open_session(scorer, path: Path, expand: bool):
         opts.inter_op_num_threads = 1
     try:
         expansion = expand_q4(path) if expand and scorer.precision in ("q4", "int4") else None
-        model = expansion.model if expansion is not None and expansion.model is not None else str(path)
-        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        if expansion is not None and expansion.model is not None:
+            session = open_expanded(expansion, opts, ["CPUExecutionProvider"])
+        else:
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise run_failure(scorer, exc, "load") from exc
     return session, expansion.kernels if expansion is not None else ""
