@@ -143,19 +143,24 @@ def reranker5(tiny_models, tmp_path_factory):
 
 @pytest.mark.optimum
 @pytest.mark.parametrize("engine", ["transformers", "streamed"])
-def test_verify_of_a_transformers5_source_under_transformers4_passes(reranker5, engine):
+def test_verify_of_a_transformers5_source_under_transformers4_passes(reranker5, engine, tmp_path):
     from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer
     from qwen_convert.scoring.registry import load_scorers
     from qwen_convert.verify import VerifyOptions, verify
 
     original, src, candidates = reranker5
+    cache = tmp_path / "cache"
     batch = PromptEncoder(load_tokenizer(original), max_length=256).encode([Pair(q, d) for q, d in PAIRS_TEXT], "left")
     expected = load_scorers(original, engine=engine)[0].score(batch)
     np.testing.assert_allclose(load_scorers(src, engine=engine)[0].score(batch), expected, rtol=0, atol=1e-6)
 
-    options = VerifyOptions(pairs=tuple(Pair(q, d) for q, d in PAIRS_TEXT), batch_size=2, engine=engine)
+    options = VerifyOptions(pairs=tuple(Pair(q, d) for q, d in PAIRS_TEXT), batch_size=2, engine=engine, cache_dir=cache)
     report = verify(src, candidates, options)
-    assert report.reference.engine == engine
+    assert report.reference.engine == engine and report.reference.cache == "miss"
     assert report.passed, report.render()
     assert [c.name for c in report.candidates] == ["onnx/fp32", "onnx/fp32+prefix", "seqcls"]
     assert all(c.max_abs_logit < 1e-4 for c in report.candidates), report.render()
+    # Scores cached before the 4.x keys were added (rope_theta 10000) have another key: never reused.
+    keys = [json.loads(f.read_text())["material"] for f in cache.rglob("*.json")]
+    torch_keys = [k for k in keys if "graph" not in k.get("artifact", {})]  # the reference's and the seq-cls candidate's
+    assert [k.get("rope_adapted") for k in torch_keys] == [{"rope_theta": THETA}] * 2
