@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_convert.errors import ExportError
-from qwen_convert.onnx.optimum_compat import legacy_rope_keys
+from qwen_convert.checkpoint.rope import legacy_rope_keys
+from qwen_convert.errors import ExportError, SourceError
+from qwen_convert.onnx.optimum_compat import optimum_rope_keys
 
 THETA = 1000000.0  # the tiny fixtures' rope_theta, as Qwen3's; transformers 4.x's default is 10000
 PROMPTS = ["cheap flights to tokyo", "how to fix a leaking tap"]
+PAIRS_TEXT = [("what is a cat", "a cat is a small domesticated animal that purrs"), ("q", "d " * 60),
+              ("capital of france", "Paris is the capital and largest city of France, on the Seine.")]
 
 
 def _as_transformers5(src: Path, dst: Path) -> Path:
@@ -43,9 +46,13 @@ def test_legacy_keys_of_each_config_form():
     assert legacy_rope_keys({**yarn, "rope_theta": THETA}) == {"rope_scaling": scaling}
 
 
-def test_a_rope_type_transformers_4_cannot_express_is_one_line_naming_the_builder():
+def test_a_rope_type_transformers_4_cannot_express_is_one_line_naming_the_remedy():
     config = {"rope_parameters": {"rope_type": "proportional", "rope_theta": THETA, "partial_rotary_factor": 0.5}}
     with pytest.raises(ExportError, match=r"rope_type 'proportional'.*--exporter builder") as info:
+        optimum_rope_keys(config, Path("/m"))
+    assert "\n" not in str(info.value)
+    # A torch load (scoring, verify's reference) under transformers 4.x: the main install's transformers 5.
+    with pytest.raises(SourceError, match=r"rope_type 'proportional'.*transformers >= 5") as info:
         legacy_rope_keys(config, Path("/m"))
     assert "\n" not in str(info.value)
 
@@ -70,9 +77,12 @@ def test_causal_lm_from_a_transformers5_config_traces_the_source_rope(tmp_path):
     gates = CausalGates(tol_logit=1e-4, min_token_agreement=1.0)
     report = verify_causal_lm(original, out, PROMPTS, max_new_tokens=10, gates=gates)
     assert report.variants[0].greedy_identical == len(PROMPTS) and report.variants[0].max_abs_logit < 1e-4, report.variants[0]
-    # transformers 4.x on the unadapted config (what the trace saw before) is another function.
-    unadapted = verify_causal_lm(src, out, PROMPTS, max_new_tokens=10, gates=gates)
-    assert unadapted.variants[0].max_abs_logit > 1e-2
+    # The reference on the transformers-5 source itself: torch reads its rope_theta under transformers 4.x too.
+    same = verify_causal_lm(src, out, PROMPTS, max_new_tokens=10, gates=gates)
+    got, want = same.variants[0], report.variants[0]
+    assert (got.greedy_identical, got.first_divergence, got.decode_max_abs_logit, got.prefill_max_abs_logit) == \
+        (want.greedy_identical, want.first_divergence, want.decode_max_abs_logit, want.prefill_max_abs_logit)
+    assert got.passed
 
 
 @pytest.mark.optimum
@@ -82,21 +92,22 @@ def test_reranker_from_a_transformers5_config_traces_the_source_rope(tiny_models
     from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
     from qwen_convert.scoring.registry import load_scorers
 
+    PAIRS = [Pair(q, d) for q, d in PAIRS_TEXT]
     original = tiny_models["untied_fp32"]
     src = _as_transformers5(original, tmp_path / "reranker5")
     out = tmp_path / "onnx"
-    export_onnx(src, out, ExportOptions(modes=(), verify=False, exporter="optimum"))
+    # verify ON: its torch reference loads the transformers-5 source under transformers 4.x too.
+    result = export_onnx(src, out, ExportOptions(modes=(), exporter="optimum"))
+    assert result.verification is not None and result.passed, result.verification.render()
 
     settings = json.loads((out / "quantize_config.json").read_text())
     assert settings["source_config_adapted"]["keys"] == {"rope_theta": THETA}
     assert not any(p.name.startswith(".") for p in out.rglob("*"))
-    pairs = [Pair("what is a cat", "a cat is a small domesticated animal that purrs"), Pair("q", "d " * 60),
-             Pair("capital of france", "Paris is the capital and largest city of France, on the Seine.")]
-    batch = PromptEncoder(load_tokenizer(original), max_length=256).encode(pairs, "left")
+    batch = PromptEncoder(load_tokenizer(original), max_length=256).encode(PAIRS, "left")
     (onnx_fp32,) = load_onnx_scorers(out, ["fp32"])
     got = onnx_fp32.score(batch)
     np.testing.assert_allclose(got, load_scorers(original)[0].score(batch), atol=1e-4)
-    assert np.abs(got - load_scorers(src)[0].score(batch)).max() > 1e-3  # transformers 4.x on the unadapted config
+    np.testing.assert_allclose(got, load_scorers(src)[0].score(batch), atol=1e-4)
 
 
 @pytest.mark.optimum
@@ -110,3 +121,46 @@ def test_the_optimum_export_refuses_such_a_rope_type_before_out_exists(tmp_path)
     with pytest.raises(ExportError, match="use --exporter builder"):
         export_causal_lm(src, tmp_path / "onnx", CausalExportOptions(modes=("fp32",), exporter="optimum"))
     assert not (tmp_path / "onnx").exists()
+
+
+# --- qconv's own torch references on such a source (optimum venv: transformers 4.x) ----------------
+
+@pytest.fixture(scope="module")
+def reranker5(tiny_models, tmp_path_factory):
+    """(original, its transformers-5 copy, [a builder fp32 export of the copy, its seq-cls conversion]):
+    neither the builder nor the seq-cls conversion needs torch."""
+    from qwen_convert.onnx.export import ExportOptions, export_onnx
+    from qwen_convert.seqcls.convert import ConvertOptions, convert_to_seqcls
+
+    root = tmp_path_factory.mktemp("reranker5")
+    original = tiny_models["untied_fp32"]
+    src = _as_transformers5(original, root / "src")
+    export_onnx(src, root / "onnx", ExportOptions(modes=(), verify=False, exporter="builder"))
+    convert_to_seqcls(src, root / "seqcls", ConvertOptions(score_dtype="float32"))
+    assert "rope_theta" not in json.loads((root / "seqcls" / "config.json").read_text())
+    return original, src, [root / "onnx", root / "seqcls"]
+
+
+@pytest.mark.optimum
+@pytest.mark.parametrize("engine", ["transformers", "streamed"])
+def test_verify_of_a_transformers5_source_under_transformers4_passes(reranker5, engine, tmp_path):
+    from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer
+    from qwen_convert.scoring.registry import load_scorers
+    from qwen_convert.verify import VerifyOptions, verify
+
+    original, src, candidates = reranker5
+    cache = tmp_path / "cache"
+    batch = PromptEncoder(load_tokenizer(original), max_length=256).encode([Pair(q, d) for q, d in PAIRS_TEXT], "left")
+    expected = load_scorers(original, engine=engine)[0].score(batch)
+    np.testing.assert_allclose(load_scorers(src, engine=engine)[0].score(batch), expected, rtol=0, atol=1e-6)
+
+    options = VerifyOptions(pairs=tuple(Pair(q, d) for q, d in PAIRS_TEXT), batch_size=2, engine=engine, cache_dir=cache)
+    report = verify(src, candidates, options)
+    assert report.reference.engine == engine and report.reference.cache == "miss"
+    assert report.passed, report.render()
+    assert [c.name for c in report.candidates] == ["onnx/fp32", "onnx/fp32+prefix", "seqcls"]
+    assert all(c.max_abs_logit < 1e-4 for c in report.candidates), report.render()
+    # Scores cached before the 4.x keys were added (rope_theta 10000) have another key: never reused.
+    keys = [json.loads(f.read_text())["material"] for f in cache.rglob("*.json")]
+    torch_keys = [k for k in keys if "graph" not in k.get("artifact", {})]  # the reference's and the seq-cls candidate's
+    assert [k.get("rope_adapted") for k in torch_keys] == [{"rope_theta": THETA}] * 2

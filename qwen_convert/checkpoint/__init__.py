@@ -7,6 +7,7 @@ config.json against the tensors, the reranker's head rows and ids, what kind of 
     heads.py           lm_head or the tied embedding; yes/no/pad ids; the score row W[yes] - W[no]
     kind.py            Qwen3 or not; causal, seq-cls or ONNX
     validate.py        config.json against every tensor's shape, each disagreement named
+    rope.py            a transformers-5 config's RoPE (rope_parameters) as transformers 4.x must be given it
 
 Imports only the core modules (errors, formats, reranker, fsutil, progress).
 """

@@ -160,8 +160,12 @@ def _reference_runs(reference: Path, encoded: list[list[int]], max_new_tokens: i
     import torch
     from transformers import AutoModelForCausalLM
 
+    from qwen_convert.checkpoint.rope import pretrained_kwargs
+
     with quiet_logs():
-        model = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
+        # pretrained_kwargs: a transformers-5 config's RoPE under transformers 4.x (the optimum venv).
+        model = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32,
+                                                     **pretrained_kwargs(reference)).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     runs = []

@@ -5,7 +5,8 @@ rope_theta, <scaling keys>} with no top-level `rope_theta` / `rope_scaling`; tra
 only the top-level keys, so it would silently trace rope_theta = 10000 (Qwen3: 1e6) and the graph
 would compute another function than the source. Both optimum call sites (the reranker's trace in
 export.py, the causal LM's main_export in causal_lm.py) trace from `optimum_source(...)`: the source
-itself, or a staged copy (symlinks to every file, config.json rewritten with the 4.x keys).
+itself, or a staged copy (symlinks to every file, config.json rewritten with the 4.x keys). The key
+mapping itself is checkpoint/rope.py's, which qconv's own torch loads apply too.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_convert.errors import ExportError
+from qwen_convert.checkpoint.rope import legacy_rope_keys, needs_legacy_keys
+from qwen_convert.errors import ExportError, SourceError
 
-# transformers 4.57's ROPE_INIT_FUNCTIONS (optimum-onnx 0.1's pin): the rope types a 4.x `rope_scaling` expresses.
-LEGACY_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 STAGE_DIR = ".optimum-source"
 
 
@@ -43,37 +43,19 @@ class OptimumSource:
         }}
 
 
-def legacy_rope_keys(config: dict, root: Path | str = "") -> dict:
-    """The top-level transformers-4.x RoPE keys that `config` lacks but its `rope_parameters` holds
-    ({} when none); raises where a 4.x config cannot express its rope type."""
-    params = config.get("rope_parameters")
-    if not isinstance(params, dict):
-        return {}
-    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    keys = {}
-    if "rope_theta" not in config and "rope_theta" in params:
-        keys["rope_theta"] = params["rope_theta"]
-    if rope_type != "default" and not config.get("rope_scaling"):
-        if rope_type not in LEGACY_ROPE_TYPES:
-            raise ExportError(f"{root}/config.json: rope_type {rope_type!r} (rope_parameters, transformers 5) has no "
-                              "transformers 4.x form, and optimum-onnx traces with transformers 4.x",
-                              "use --exporter builder, which reads rope_parameters itself")
-        keys["rope_scaling"] = scaling
-    return keys
-
-
-def needs_legacy_keys() -> bool:
-    """transformers < 5 is installed (it reads RoPE from the top-level keys only)."""
-    from importlib import metadata
-
-    return int(metadata.version("transformers").split(".")[0]) < 5
+def optimum_rope_keys(config: dict, root: Path | str = "") -> dict:
+    """checkpoint.rope.legacy_rope_keys, its refusal an export error that names the exporter that needs no 4.x keys."""
+    try:
+        return legacy_rope_keys(config, root)
+    except SourceError as exc:
+        raise ExportError(f"{exc.message}, and optimum-onnx traces with transformers 4.x",
+                          "use --exporter builder, which reads rope_parameters itself") from exc
 
 
 def check_optimum_source(config: dict, root: Path | str) -> None:
     """Refuse, before any work, a config the installed transformers cannot be given for optimum's trace."""
     if needs_legacy_keys():
-        legacy_rope_keys(config, root)
+        optimum_rope_keys(config, root)
 
 
 @contextmanager
@@ -84,7 +66,7 @@ def optimum_source(src: Path, scratch: Path) -> Iterator[OptimumSource]:
 
     src = Path(src)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    keys = legacy_rope_keys(config, src) if needs_legacy_keys() else {}
+    keys = optimum_rope_keys(config, src) if needs_legacy_keys() else {}
     version = metadata.version("transformers")
     if not keys:
         yield OptimumSource(src, {}, version)

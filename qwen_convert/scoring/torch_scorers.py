@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_convert.checkpoint.files import open_checkpoint
+from qwen_convert.checkpoint.rope import pretrained_kwargs, transformers_config
 from qwen_convert.errors import SourceError
 from qwen_convert.formats import ArtifactKind
 from qwen_convert.reranker import EncodedBatch, open_tokenizer, reranker_tokens
@@ -79,7 +80,8 @@ def _from_pretrained(auto_class, path: Path, dtype: str, checkpoint):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = auto_class.from_pretrained(str(path), dtype=_torch_dtype(load_as or dtype))
+        # Under transformers 4.x, a transformers-5 config's RoPE (rope_parameters) given as the 4.x keys.
+        model = auto_class.from_pretrained(str(path), dtype=_torch_dtype(load_as or dtype), **pretrained_kwargs(path))
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -97,14 +99,12 @@ def _load_causal(path: Path, variants: Sequence[str], dtype: str) -> list[Scorer
 
 def _check_seqcls(path: Path):
     """The checkpoint's headers, once its head and config are fit to score."""
-    from transformers import AutoConfig
-
     checkpoint = open_checkpoint(path)
     if "score.weight" not in checkpoint.tensors:
         # transformers would silently initialise a random head and every score would be noise.
         raise SourceError(f"{path} declares a sequence classifier but its weights have no score.weight",
                           "re-run `qconv seqcls` on the original reranker")
-    config = AutoConfig.from_pretrained(str(path))
+    config = transformers_config(path)
     if config.num_labels != 1:
         raise SourceError(f"{path} is a sequence classifier with {config.num_labels} labels",
                           "qconv scores one-logit rerankers (num_labels: 1), as written by `qconv seqcls`")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_convert.checkpoint.rope import missing_rope_keys
 from qwen_convert.reranker import EncodedBatch
 
 FORMAT = 1
@@ -121,7 +122,7 @@ def onnx_identity(onnx_path: Path | str) -> dict:
 def reference_key(path: Path | str, batches: Mapping[str, Sequence[EncodedBatch]], engine: str, settings: Mapping) -> dict:
     """The key material of a reference computation; `settings`: instruction, max length ... (readable)."""
     return {"format": FORMAT, "checkpoint": checkpoint_identity(path), "inputs": inputs_digest(batches),
-            "engine": engine, "settings": dict(settings), "versions": _versions()}
+            "engine": engine, "settings": dict(settings), "versions": _versions(), **_rope_adapted(path)}
 
 
 def candidate_key(path: Path | str, name: str, precision: str, onnx_path: Path | None, threads: int | None,
@@ -135,7 +136,15 @@ def candidate_key(path: Path | str, name: str, precision: str, onnx_path: Path |
         libraries = ("torch", "transformers", "numpy")
     return {"format": FORMAT, "role": "candidate", "artifact": artifact, "name": name, "precision": precision,
             "inputs": inputs_digest(batches), "engine": engine, "threads": threads, "settings": dict(settings),
-            "versions": _versions(libraries)}
+            "versions": _versions(libraries), **({} if onnx_path is not None else _rope_adapted(path))}
+
+
+def _rope_adapted(path: Path | str) -> dict:
+    """The RoPE keys a torch load under transformers 4.x adds to a transformers-5 config (checkpoint/rope.py),
+    in the key only when there are any: scores cached before qconv added them were computed with
+    rope_theta 10000 and must not be reused; every other key stays as it was."""
+    keys = missing_rope_keys(path)
+    return {"rope_adapted": keys} if keys else {}
 
 
 def _digest(material: Mapping) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from qwen_convert.checkpoint.files import Checkpoint, open_checkpoint
 from qwen_convert.checkpoint.heads import EMBED, LM_HEAD, NORM, SCORE
+from qwen_convert.checkpoint.rope import transformers_config
 from qwen_convert.checkpoint.safetensors_io import TensorInfo, read_rows, read_tensor
 from qwen_convert.errors import WeightsError
 
@@ -87,13 +88,12 @@ def open_weights(path: Path | str, head: str) -> StreamedWeights:
     """Open PATH, load its config, and check every tensor the forward will read against it.
 
     `head`: "causal" (lm_head, or the embedding when tied) or "seqcls" (the score row)."""
-    from transformers import AutoConfig
-
     from .layer import layer_shapes, prepare_config
 
     checkpoint = open_checkpoint(path)
     try:
-        config = AutoConfig.from_pretrained(str(checkpoint.root))
+        # RoPE as the checkpoint means it under any transformers (a transformers-5 config under 4.x).
+        config = transformers_config(checkpoint.root)
     except (ValueError, KeyError, TypeError) as exc:  # transformers' own config validation
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{checkpoint.root}/config.json is not a valid Qwen3 config ({first})",
