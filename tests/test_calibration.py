@@ -25,9 +25,9 @@ from qwen_convert.progress import NULL as NULL_REPORTER
 from qwen_convert.scoring.batches import prompt_encoder
 from qwen_convert.scoring.metrics import sigmoid
 from qwen_convert.scoring.onnx_scorers import load_onnx_scorers
-from qwen_convert.verify.gates import DEFAULT_GATES
 from qwen_convert.scoring.probes import group_by_query, load_pairs
 from qwen_convert.scoring.streamed.engine import stream_forward
+from qwen_convert.verify.gates import DEFAULT_GATES
 
 QUANTIZED = ("int8", "q4", "q4f16")
 # Not the x50 on 3 channels: the tests pick their own construction.
