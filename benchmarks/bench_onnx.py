@@ -104,22 +104,35 @@ class Run:
     stdout: str
 
 
+# The child is forked from a small launcher, not from this process: Linux carries a process's peak
+# RSS across fork and exec (vfork shares the parent's memory, and exec records the old image's high-water
+# mark), so a child spawned straight from a benchmark that already holds 1.7 GB reports at least 1.7 GB
+# whatever it used itself (bench_fidelity's 0.6B naive and calibrated exports both read 1,673 MiB).
+LAUNCHER = ("import os, sys\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+            "_, status, usage = os.wait4(pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status) % 256)\n")
+
+
 def measure(cmd: list[str]) -> Run:
-    """One fresh process: wall time, its own peak RSS (wait4), its stdout. Exit 1 (a failed gate)
-    is a result to report; anything else aborts the benchmark with the child's stderr."""
+    """One fresh process: wall time, its own peak RSS (wait4 in a small launcher), its stdout. Exit 1
+    (a failed gate) is a result to report; anything else aborts the benchmark with the child's stderr."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, peak.name, *cmd], stdout=out, stderr=err, env=env)
+        code = proc.wait()
         seconds = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        maxrss = int(peak.read() or 0)
     if code not in (0, 1):
         raise SystemExit(f"{cmd[:4]} failed ({code}):\n{stderr[-3000:]}")
-    return Run(seconds, usage.ru_maxrss * 1024, stdout)
+    return Run(seconds, maxrss * 1024, stdout)
 
 
 def unlabeled_probes() -> Path:
