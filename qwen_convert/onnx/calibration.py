@@ -219,27 +219,39 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
 
 def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simulation, settings: SearchSettings) -> dict[str, GroupScale]:
     """One decoder layer's groups searched in GROUPS order, each on the weights as the graph will
-    hold them once the earlier groups' folds are applied (mlp_out's fold divides up_proj's rows)."""
+    hold them once the earlier groups' folds are applied (mlp_out's fold divides up_proj's rows).
+    The MLP groups see a row sample only, sliced before any factor is applied: an 8B-wide MLP weight
+    is 200 MB in fp32, and whole scaled copies of gate, up and down held ~0.6 GB beside the layer."""
     import torch
 
     rows: dict = {}  # linear -> row factor [out, 1] an earlier group's fold put on it
     columns: dict = {}  # linear -> column factor [1, in]
 
-    def weight(name):
-        return layer.get_submodule(name).weight.detach().float() * rows.get(name, 1.0) * columns.get(name, 1.0)
+    def weight(name, picked=None, picked_columns=None):
+        w, r, c = layer.get_submodule(name).weight.detach(), rows.get(name), columns.get(name)
+        if picked is not None:
+            w, r = w[picked], (r[picked] if r is not None else None)
+        if picked_columns is not None:
+            w, c = w[:, picked_columns], (c[:, picked_columns] if c is not None else None)
+        w = w.float()
+        return w * (r if r is not None else 1.0) * (c if c is not None else 1.0) if r is not None or c is not None else w
+
+    def column_absmax(name):  # max |w| per input channel, a slice of rows at a time
+        n = layer.get_submodule(name).weight.shape[0]
+        return torch.stack([weight(name, torch.arange(a, min(a + 4096, n))).abs().amax(dim=0)
+                            for a in range(0, n, 4096)]).amax(dim=0)
 
     found: dict[str, GroupScale] = {}
     for g in GROUPS:
-        full = [weight(n) for n in g.linears]
-        stats = {**channels[g.name].stats(), "w_absmax": torch.stack([w.abs().amax(dim=0) for w in full]).amax(dim=0)}
+        stats = {**channels[g.name].stats(), "w_absmax": torch.stack([column_absmax(n) for n in g.linears]).amax(dim=0)}
         if g.judged_on == "attention":
             forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
-            sample = full
+            sample = [weight(n) for n in g.linears]
         else:
             x = torch.cat(channels[g.name].sample)
-            picked = _row_sample(full[0].shape[0], settings.max_rows)
-            sample = [w[picked] for w in full]
-            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj")[:, picked]) if g.judged_on == "mlp" else None)
+            picked = _row_sample(layer.get_submodule(g.linears[0]).weight.shape[0], settings.max_rows)
+            sample = [weight(n, picked) for n in g.linears]
+            forward = linear_forward(x, mlp_tail(weight("mlp.down_proj", picked_columns=picked)) if g.judged_on == "mlp" else None)
         result = found[g.name] = search_group(method, forward, sample, stats, sim, settings)
         if result.family is not None:
             s = torch.from_numpy(result.scale)

@@ -140,11 +140,14 @@ class Simulation:
 
     weight: object  # (w [out, in]) -> dequantized w
     activation: object  # (x [tokens, in]) -> dequantized x
+    # Whether each output row is quantized on its own (4-bit blocks, per-channel int8), so a weight may
+    # go through `weight` a slice of rows at a time; per-tensor int8 needs the whole tensor's range.
+    row_wise: bool = True
 
 
 def simulation(method: str, block_size: int = 32, per_channel: bool = False, accuracy_level: int = 4) -> Simulation:
     if method == "smoothquant":
-        return Simulation(lambda w: _int8_weight(w, per_channel), _uint8_activation)
+        return Simulation(lambda w: _int8_weight(w, per_channel), _uint8_activation, row_wise=per_channel)
     if method == "awq":
         act = (lambda x: _int8_blocks(x, block_size)) if accuracy_level == 4 else (lambda x: x)
         return Simulation(lambda w: _q4_weight(w, block_size), act)
