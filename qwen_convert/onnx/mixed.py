@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .smoothing import FoldPlan, Simulation, q4_rows_roundtrip
+from .smoothing import FoldPlan, Simulation, q4_rows_roundtrip, rounded
 
 # Keep 8-bit embedding rows when the 4-bit rows alone move the calibration set's P(yes) by more than
 # this (a 0.6B-width random checkpoint: 0.26) ...
@@ -66,18 +66,12 @@ def embedding_4bit(block_size: int, symmetric: bool) -> Callable:
     return lambda rows: q4_rows_roundtrip(rows, block_size, symmetric)
 
 
-# Output rows a simulated weight is quantized at a time: the rounding's temporaries (padding, the
-# quotient, its rounding ...) are several copies of what they see, and an 8B-wide MLP weight is
-# 200 MB in fp32 (12,288 x 4,096), so whole-tensor rounding held about 1.2 GB beside the layer.
-ROW_CHUNK = 1024
-
-
 def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozenset()) -> Callable:
     """stream_forward's `observer`: each decoder layer's linears replaced, before any batch runs, by
     what the variant's graph computes with `plan` folded in, in the checkpoint's coordinates:
     Y = Q(X / s) @ (Q(W r s) / r).T, s the fold's input scale, r its row factor (up_proj's rows
     carry mlp_out's 1/s). Linears in `keep` (names without .weight) stay fp32. The weights are
-    overwritten in place, ROW_CHUNK rows at a time where the rule is row-wise (sim.row_wise)."""
+    overwritten in place (smoothing.rounded: a slice of rows at a time)."""
     import torch
 
     def observe(index: int, layer):
@@ -90,19 +84,11 @@ def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozense
             r = plan.rows.get(f"{full}.weight")
             s = torch.ones(linear.weight.shape[1]) if s is None else torch.from_numpy(s)
             r = torch.ones(linear.weight.shape[0]) if r is None else torch.from_numpy(r)
-            _fold_and_round(linear.weight.data, r, s, sim)
+            rounded(sim, linear.weight.data, s, r, out=linear.weight.data)
             linear.register_forward_pre_hook(lambda _m, args, s=s: (sim.activation(
                 (args[0] / s).reshape(-1, args[0].shape[-1])).reshape(args[0].shape),))
         return None
     return observe
-
-
-def _fold_and_round(w, r, s, sim: Simulation) -> None:
-    """w <- sim.weight(w r s) / r in place (w float32 [out, in], r [out], s [in])."""
-    step = ROW_CHUNK if sim.row_wise else w.shape[0]
-    for a in range(0, w.shape[0], step):
-        rows = r[a:a + step, None]
-        w[a:a + step] = sim.weight(w[a:a + step].float() * rows * s[None, :]) / rows
 
 
 def max_dp(logits: np.ndarray, reference: np.ndarray) -> float:

@@ -133,8 +133,11 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
                 task.advance(1)
             if done is not None:
                 done()
-            del layer  # the only reference to this layer's tensors: freed before the next is read
+            # The last references to this layer's tensors (an observer's `done` closes over the layer):
+            # freed before the next layer is read, or two layers are held (8B-wide: +0.8 GB).
+            del layer, done
             gc.collect()
+            _trim_heap()
 
         norm = build_norm(config, weights.norm())
         last = [h[torch.arange(h.shape[0]), torch.from_numpy(_last_token(b, head, pad_id))] for h, b in zip(hidden, batches)]
@@ -145,3 +148,16 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
             return [(o[:, 0] - o[:, 1]).double().numpy() for o in out]
         w = weights.score_row()
         return [(norm(x) @ w.T)[:, 0].double().numpy() for x in last]
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere). A
+    layer's many mid-sized temporaries (activations, the calibration search's candidates) stay in
+    glibc's arenas after they are freed, and the next layer's tensors then come on top of them."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
