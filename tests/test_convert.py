@@ -357,13 +357,20 @@ convert_to_seqcls(sys.argv[1], sys.argv[2], reporter=R())
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_process_leaves_no_output(tiny_models, tmp_path, sig):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(tiny_models["tied_fp32"]), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child's stderr goes to a file, not a pipe nobody reads: a pipe that fills blocks the child's
+    # exit (it failed twice under heavy load with a pipe), and the file says why on a timeout.
+    log = tmp_path.parent / f"{tmp_path.name}.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(tiny_models["tied_fp32"]), str(out)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         assert proc.stdout.readline().strip() == "copying"
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.qconv-tmp-")], "copy had started"
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the child did not exit 60 s after signal {sig}; its stderr:\n{log.read_text()[-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
