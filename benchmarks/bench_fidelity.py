@@ -349,8 +349,9 @@ def render(r: dict) -> str:
              "linears and of every MLP's intermediate (`qwen_convert.fixtures.inject_outliers`). Each variant runs its "
              f"file's own kernels (q4: MatMulNBits, as GPUs, ORTModel and transformers.js run it); rows ending '{CPU_Q4}' "
              "run q4 as `qconv score` and verify do on this CPU (4-bit weights requantized to int8 DynamicQuantizeMatMul "
-             "at load, activations quantized per tensor), held to q4's verify gate (max |ΔP| 0.2), not to the target "
-             "below.", "",
+             "at load, activations quantized per tensor; a calibrated export's int8 weights smoothed at load from its "
+             "`onnx/model_q4.activations.safetensors`, SmoothQuant a = 0.5; a naive export has no record and runs "
+             "unsmoothed), held to q4's verify gate (max |ΔP| 0.2), not to the target below.", "",
              "| model | variant | max \\|Δlogit\\| | p99 \\|Δlogit\\| | max \\|ΔP\\| | p99 \\|ΔP\\| | identical rankings | "
              "min Kendall τ | NDCG@10 retention |", "|---|---|---|---|---|---|---|---|---|"]
     for model, m in r["models"].items():

@@ -144,11 +144,44 @@ def test_external_data_of_the_file_is_read_from_its_folder(q4_export, tmp_path):
     onnx.save_model(onnx.load(str(src)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model_q4.onnx_data", size_threshold=1024)
     assert (tmp_path / "model_q4.onnx_data").stat().st_size > external.stat().st_size
+    record = "model_q4.activations.safetensors"  # the calibrated export's record goes along
+    (tmp_path / record).write_bytes((src.parent / record).read_bytes())
     inline, split = expand_q4(src, memory=1 << 40), expand_q4(external, memory=1 << 40)
     assert split.expanded == inline.expanded > 0 and split.int8_bytes == inline.int8_bytes
+    assert split.smoothed == inline.smoothed > 0
     # Tensors already in the _data file stay there: the int8 weights are all that is handed over.
     assert all(name.endswith(".int8") for name in split.weights) and len(split.model) < 64 << 10
     batch = _batch(q4_export)
     a = _run(open_expanded(inline, ort.SessionOptions(), ["CPUExecutionProvider"]), batch)
     b = _run(open_expanded(split, ort.SessionOptions(), ["CPUExecutionProvider"]), batch)
     assert np.array_equal(a, b)
+
+
+def test_the_with_past_graph_shares_its_variants_activation_record(tmp_path):
+    from qwen_convert.scoring.kernels import activations_file
+
+    (tmp_path / "onnx" / "prefix").mkdir(parents=True)
+    record = tmp_path / "onnx" / "model_q4.activations.safetensors"
+    assert activations_file(tmp_path / "onnx" / "prefix" / "model_q4.onnx") is None
+    record.write_bytes(b"")
+    assert activations_file(tmp_path / "onnx" / "prefix" / "model_q4.onnx") == record
+    assert activations_file(tmp_path / "onnx" / "model_q4.onnx") == record
+    assert activations_file(tmp_path / "onnx" / "prefix" / "model_q4f16.onnx") is None
+
+
+def test_an_unreadable_activation_record_is_one_error_not_other_weights(q4_export, tmp_path):
+    import shutil
+
+    from qwen_convert.errors import QconvError
+
+    copy = tmp_path / "export"
+    shutil.copytree(q4_export, copy)
+    record = copy / "onnx" / "model_q4.activations.safetensors"
+    assert record.is_file()  # the fixture's export is calibrated (the default method)
+    record.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (scorer,) = load_onnx_scorers(copy, ["q4"])
+    with pytest.raises(QconvError) as err:
+        scorer.score(_batch(copy))
+    message = str(err.value)
+    assert "model_q4.activations.safetensors is not a readable qconv activation record" in message
+    assert "onnxruntime failed to load model_q4.onnx" in message and "\n" not in message

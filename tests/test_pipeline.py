@@ -160,12 +160,15 @@ def test_recipe_without_fp32_writes_no_fp32_graph_and_gates_against_the_causal_r
     result = run_cli(str(recipe), "--out", str(out), "--json")
     assert result.exit_code == 0, result.output
     files = {p.name for p in (out / "onnx" / "onnx").iterdir()}
-    assert files == {"model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx", "prefix"}, files  # no model.onnx(_data), no fp16
+    # No model.onnx(_data), no fp16; q4's activation record (its CPU int8 kernels smooth with it).
+    assert files == {"model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx", "model_q4.activations.safetensors", "prefix"}, files
     settings = json.loads((out / "onnx" / "quantize_config.json").read_text())
     assert settings["exporter"] == "builder" and list(settings["files"]) == ["int8", "q4", "q4f16"]
 
     manifest = json.loads((out / MANIFEST).read_text())
     assert {a["name"] for a in manifest["artifacts"]} == {"seqcls", "onnx/int8", "onnx/q4", "onnx/q4f16", "onnx/support", "verify"}
+    q4 = next(a for a in manifest["artifacts"] if a["name"] == "onnx/q4")
+    assert sorted(Path(f["path"]).name for f in q4["files"]) == ["model_q4.activations.safetensors", "model_q4.onnx"]
     report = json.loads((out / "verify.json").read_text())
     assert report["reference"]["path"] == str(builtin_path("tiny-reranker").resolve())
     ndcg_ref = report["reference"]["ndcg"]

@@ -143,6 +143,23 @@ class Calibration:
     scales: dict[str, dict[tuple[int, str], GroupScale]]
     outlier_ratio: dict[str, float]  # group -> max over layers of max_j|X_j| / median_j|X_j|
     logits: np.ndarray  # the set's fp32 logits from the pass (a free reference)
+    absmax: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (layer, group) -> max_t |X_tj|
+
+    def activations(self, method: str) -> tuple[dict[str, np.ndarray], dict]:
+        """Each group's input max |x| per channel as `method`'s folded graph sees it (X / s), keyed
+        model.layers.N.GROUP, with where a smoothing scale of that input folds (kernels.Fold)."""
+        from qwen_convert.scoring.kernels import Fold
+
+        absmax, folds = {}, {}
+        by_name = {g.name: g for g in GROUPS}
+        for (layer, group), value in sorted(self.absmax.items()):
+            found = self.scales.get(method, {}).get((layer, group))
+            scale = found.scale if found is not None and found.family is not None else 1.0
+            prefix, g = f"model.layers.{layer}.", by_name[group]
+            absmax[prefix + group] = (value / scale).astype(np.float32)
+            producer = prefix + (g.producer if g.producer_axis == "vector" else g.producer.removesuffix(".weight"))
+            folds[prefix + group] = Fold(tuple(prefix + n for n in g.linears), producer, g.producer_axis)
+        return absmax, folds
 
     def plan(self, method: str) -> FoldPlan:
         """The fold of `method`'s scales (the groups no scale helped stay as they are)."""
@@ -187,6 +204,7 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
     prompt_stride = max(1, round(run.tokens / settings.max_tokens))  # about max_tokens in whole prompts
     scales: dict[str, dict] = {m: {} for m in methods}
     ratio = {g.name: 0.0 for g in GROUPS}
+    absmax: dict[tuple[int, str], np.ndarray] = {}
 
     def observe(index: int, layer):
         channels = {g.name: _Channels() for g in GROUPS}
@@ -208,13 +226,14 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
             for g in GROUPS:
                 stats = channels[g.name].stats()
                 ratio[g.name] = max(ratio[g.name], float(stats["absmax"].max() / stats["absmax"].median().clamp(min=1e-12)))
+                absmax[(index, g.name)] = stats["absmax"].float().cpu().numpy()
             for method, sim in methods.items():
                 for g, found in _search_layer(layer, channels, prompts, method, sim, settings).items():
                     scales[method][(index, g)] = found
         return done
 
     logits = run.forward(reporter, "calibration", observer=observe)
-    return Calibration(cset, run.tokens, settings, scales, ratio, logits)
+    return Calibration(cset, run.tokens, settings, scales, ratio, logits, absmax)
 
 
 def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simulation, settings: SearchSettings) -> dict[str, GroupScale]:
@@ -309,6 +328,9 @@ def _prepare(path: Path | str, cset: CalibrationSet) -> _Run:
 METHODS = ("calibrated", "naive")
 # The calibrated method of each quantized variant (fp32/fp16 are never scaled: nothing to gain).
 VARIANT_METHOD = {"int8": "smoothquant", "q4": "awq", "q4f16": "awq"}
+# Variants qconv runs on the CPU's int8 kernels (scoring/kernels.py: q4 over float32 activations):
+# their export keeps the activation record those kernels smooth with.
+EXPANDED_ON_CPU = ("q4",)
 
 
 @dataclass(frozen=True)
@@ -318,6 +340,21 @@ class VariantPlans:
     plans: dict[str, FoldPlan]
     keep: dict[str, frozenset]  # per variant, what stays at higher precision (build_onnx's keep)
     record: dict
+    activations: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # variant -> Calibration.activations
+
+    def write_activations(self, onnx_dir: Path, file_name, reporter: Reporter = NULL) -> list[str]:
+        """OUT/onnx/<variant file stem>.activations.safetensors for each variant run on the CPU's
+        int8 kernels (file_name: variant -> its graph's file name); the names written."""
+        from qwen_convert.scoring.kernels import ACTIVATIONS_SUFFIX, write_activations
+
+        written = []
+        for variant, (absmax, folds) in sorted(self.activations.items()):
+            name = Path(file_name(variant)).stem + ACTIVATIONS_SUFFIX
+            Path(onnx_dir).mkdir(parents=True, exist_ok=True)
+            write_activations(Path(onnx_dir) / name, absmax, folds, {"variant": variant, **self.record["calibration_set"]})
+            reporter.log(f"wrote {Path(onnx_dir).name}/{name}")
+            written.append(name)
+        return written
 
 
 def check_method(method: str) -> str:
@@ -366,7 +403,14 @@ def plan_variants(path: Path | str, cset: CalibrationSet, modes, options, settin
         choice = choose_embedding_precision(path, cset, cal, sims["awq"], block, options.symmetric, reporter)
         keep = {v: frozenset({"model.embed_tokens"}) for v in four_bit} if choice.keep_8bit else {}
         record["mixed_precision"] = {**choice.to_dict(), "kept": {v: ["model.embed_tokens (int8 rows)"] for v in keep}}
-    return VariantPlans(plans, keep, record)
+    activations = {v: cal.activations(VARIANT_METHOD[v]) for v in plans if v in EXPANDED_ON_CPU}
+    if activations:
+        record["cpu_int8_kernels"] = {
+            "variants": sorted(activations),
+            "record": "onnx/<variant>.activations.safetensors: each linear group's input max |x| per channel (after the fold)",
+            "use": "qconv runs these on the CPU's int8 kernels (per-tensor activation ranges) and smooths their int8 "
+                   "weights with it at load (SmoothQuant, scoring/kernels.py)"}
+    return VariantPlans(plans, keep, record, activations)
 
 
 def choose_embedding_precision(path, cset: CalibrationSet, cal: Calibration, sim, block: int, symmetric: bool,

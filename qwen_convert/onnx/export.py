@@ -230,6 +230,7 @@ def _write_builder(source: _Source, tmp: Path, modes: tuple[QuantMode, ...], opt
 
         variants = plan_variants(source.path, calibration, modes, options.quantize_options(), reporter=reporter)
         plans, keep, record = variants.plans, variants.keep, variants.record
+        variants.write_activations(tmp / ONNX_DIR, lambda v: QuantMode(v).file_name, reporter)
     q4 = any(m in (QuantMode.Q4, QuantMode.Q4F16) for m in modes)
     for note in shape_choices(source.config, options.block_size, options.quantize_embedding).notes(q4):
         reporter.log(note)

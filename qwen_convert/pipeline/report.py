@@ -17,6 +17,7 @@ def _entries(record: dict, prefix: str) -> list[FileEntry]:
 def _artifacts(recipe: Recipe, steps: dict[str, dict]) -> list[Artifact]:
     from qwen_convert.formats import QuantMode
     from qwen_convert.onnx.auto import resolve_auto
+    from qwen_convert.scoring.kernels import ACTIVATIONS_SUFFIX
 
     arts: list[Artifact] = []
     if "seqcls" in steps:
@@ -28,7 +29,9 @@ def _artifacts(recipe: Recipe, steps: dict[str, dict]) -> list[Artifact]:
         claimed: set[str] = set()
         for mode in resolve_auto(recipe.artifacts.onnx, onnx_step):  # auto: the mode the onnx step chose
             main = f"{ONNX_OUT}/{ONNX_OUT}/{QuantMode(mode).file_name}"
-            files = [e for e in _entries(onnx_step, ONNX_OUT) if e.path in (main, main + "_data")]
+            # The graph, its external data, and q4's activation record (what qconv's CPU kernels smooth with).
+            own = (main, main + "_data", main.removesuffix(".onnx") + ACTIVATIONS_SUFFIX)
+            files = [e for e in _entries(onnx_step, ONNX_OUT) if e.path in own]
             claimed.update(e.path for e in files)
             arts.append(Artifact(f"onnx/{mode}", kind, mode, main, tuple(files)))
         support = tuple(e for e in _entries(onnx_step, ONNX_OUT) if e.path not in claimed)

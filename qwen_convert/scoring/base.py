@@ -38,7 +38,7 @@ def run_failure(scorer, exc: BaseException, operation: str = "run"):
     from qwen_convert.errors import EngineError, first_line
 
     engine = getattr(scorer, "engine", "onnxruntime")
-    library = _LIBRARIES.get(engine, engine)
+    library = _LIBRARIES.get(engine.split(" ")[0], engine)  # "onnxruntime q4-as-int8" is onnxruntime too
     path = getattr(scorer, "path", None)
     what = Path(path).name if path is not None else "the model"
     hint = ("re-export it with qconv export-onnx; QCONV_DEBUG=1 shows the traceback" if library == "onnxruntime" else

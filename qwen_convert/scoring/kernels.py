@@ -20,10 +20,23 @@ runs only when that fits (MemAvailable). Requantizing adds at most half an int8 
 a q4 variant's gate holds what actually runs.
 
 Graphs with fp16 activations (q4f16) keep MatMulNBits: DynamicQuantizeMatMul takes float32 only.
+
+DynamicQuantizeMatMul quantizes its input with one range per tensor, which activation outliers (a
+few channels 20-100x the rest) take over; MatMulNBits' own kernels quantize it per block of K, and
+the AWQ fold of a calibrated q4 graph is chosen for 4-bit weights, not for that. Measured before
+this smoothing (BENCHMARKS.md, bench_fidelity): max |dP| 0.997 on the int8 kernels vs 0.770 on the
+file's own, on a 0.6B-width model with x50 outliers. So a calibrated q4 export records each linear
+group's input max |x| per channel (as the graph sees it, after the AWQ fold) in
+`onnx/model_q4.activations.safetensors` (written by onnx/calibration.py), and the expansion applies
+SmoothQuant to the int8 weights it makes: s = max|x|^a / max|w|^(1-a) per input channel (a =
+SMOOTH_ALPHA), the weights' rows times s, the producer's output divided by s (the RMSNorm's gamma;
+up_proj's output channels for down_proj). The fold is exact in real numbers: only the rounding
+moves. Graphs without that file (naive exports, older ones) expand unsmoothed.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +49,9 @@ IN_MEMORY = "qconv-in-memory"  # the location a stub initializer names: its data
 PLAIN_TYPES = frozenset({1, 2, 3, 6, 7, 10})  # float, uint8, int8, int32, int64, float16
 INLINE_LIMIT = 1 << 20  # inline initializers this big leave the serialized graph too (the embedding's scales)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+ACTIVATIONS_SUFFIX = ".activations.safetensors"  # OUT/onnx/model_q4.activations.safetensors
+ACTIVATIONS_FORMAT = "qconv activation absmax 1"
+SMOOTH_ALPHA = 0.5  # SmoothQuant's default; measured in BENCHMARKS.md (bench_fidelity's CPU int8 rows)
 
 
 @dataclass(frozen=True)
@@ -48,10 +64,69 @@ class Expansion:
     expanded: int = 0
     int8_bytes: int = 0
     reason: str = ""
+    smoothed: int = 0  # linear groups whose int8 weights were smoothed from the activation record
 
     @property
     def kernels(self) -> str:
-        return f"int8 DynamicQuantizeMatMul ({self.expanded} 4-bit MatMulNBits expanded at load)" if self.model else ""
+        if not self.model:
+            return ""
+        smoothed = f", {self.smoothed} groups smoothed" if self.smoothed else ""
+        return f"int8 DynamicQuantizeMatMul ({self.expanded} 4-bit MatMulNBits expanded at load{smoothed})"
+
+
+# --- the activation record of a calibrated q4 export ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One group of linears sharing an input: where its smoothing scale goes."""
+
+    linears: tuple[str, ...]  # MatMulNBits node names: their int8 rows (input channels) times s
+    producer: str  # "vector": the RMSNorm gamma initializer divided by s; "rows": the linear node whose output channels are
+    axis: str  # "vector" | "rows"
+
+
+def activations_file(graph: Path) -> Path | None:
+    """The activation record of a graph: beside it (OUT/onnx/model_q4.onnx) or one folder up (the
+    with-past graph OUT/onnx/prefix/model_q4.onnx shares its variant's fold and record)."""
+    name = Path(graph).stem + ACTIVATIONS_SUFFIX
+    for folder in (Path(graph).parent, Path(graph).parent.parent):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def write_activations(path: Path, absmax: dict[str, np.ndarray], folds: dict[str, Fold], about: dict) -> None:
+    """Each group's per-channel input max |x| (key -> float32 [in]) and where its scale folds."""
+    from safetensors.numpy import save_file
+
+    # One metadata entry: safetensors writes its metadata map in hash order, and re-exports are byte-identical.
+    meta = {"qconv": json.dumps({"format": ACTIVATIONS_FORMAT, "about": about,
+                                 "folds": {k: [list(f.linears), f.producer, f.axis] for k, f in folds.items()}}, sort_keys=True)}
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(absmax.items())}, str(path), metadata=meta)
+
+
+def read_activations(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Fold]]:
+    """write_activations' record; a file that is not one is a ValueError naming it (never skipped:
+    the int8 weights would silently be other ones than verify held)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = json.loads((fh.metadata() or {}).get("qconv", "{}"))
+            if meta.get("format") != ACTIVATIONS_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}")
+            folds = {k: Fold(tuple(v[0]), v[1], v[2]) for k, v in meta["folds"].items()}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, folds
+    except Exception as exc:  # safetensors' own errors, a truncated file, JSON without the fields
+        raise ValueError(f"{Path(path).name} is not a readable qconv activation record ({exc})") from exc
+
+
+def smooth_scale(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
+    """SmoothQuant's per-input-channel s = max|x|^a / max|w|^(1-a) (X / s and W s: the product is unchanged)."""
+    x = np.maximum(x_absmax.astype(np.float64), 1e-5)
+    w = np.maximum(w_absmax.astype(np.float64), 1e-5)
+    return (x ** alpha / w ** (1 - alpha)).astype(np.float32)
 
 
 def cpu_flags() -> tuple[str, ...]:
@@ -155,11 +230,12 @@ def _memory_check(head, sizes: dict[str, int], memory: int | None) -> str:
     return ""
 
 
-def expand_q4(path: Path, flags: tuple[str, ...] | None = None, memory: int | None = None) -> Expansion:
+def expand_q4(path: Path, flags: tuple[str, ...] | None = None, memory: int | None = None, smooth: bool = True) -> Expansion:
     """The graph at `path` with its 4-bit MatMulNBits over float32 activations rewritten to int8
     DynamicQuantizeMatMul (see the module docstring), or Expansion(None, reason=...) where it has none
-    or the expansion does not fit. The int8 weights and the file's large inline initializers leave
-    the graph: they are `Expansion.weights`, for open_expanded() to hand to onnxruntime."""
+    or the expansion does not fit. With `smooth` and the export's activation record, the int8
+    weights are smoothed. The int8 weights and the file's large inline initializers leave the graph:
+    they are `Expansion.weights`, for open_expanded() to hand to onnxruntime."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnx.external_data_helper import uses_external_data
@@ -178,13 +254,18 @@ def expand_q4(path: Path, flags: tuple[str, ...] | None = None, memory: int | No
     seven_bit = not any(f in (cpu_flags() if flags is None else flags) for f in VNNI_FLAGS)
     base_dir = str(path.parent)
     array = lambda name: numpy_helper.to_array(inits[name], base_dir)  # noqa: E731  (reads external data)
+    by_name = {n.name: n for n in candidates}
+
+    def dequantized(node) -> np.ndarray:
+        zp = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        return dequantize_nbits(array(node.input[1]), array(node.input[2]), zp, _attr(node, "K"))
+
+    record = activations_file(path) if smooth else None
+    quantized, smoothed = _smoothed_weights(head.graph, inits, by_name, record, dequantized, seven_bit) if record else ({}, 0)
     weights: dict[str, np.ndarray] = {}
     drop: set[str] = set()
-    for node in _nbits_nodes(head.graph):
-        if node.name not in sizes:
-            continue
-        zp = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        q, scale = quantize_columns(dequantize_nbits(array(node.input[1]), array(node.input[2]), zp, _attr(node, "K")), seven_bit)
+    for node in candidates:
+        q, scale = quantized.pop(node.name, None) or quantize_columns(dequantized(node), seven_bit)
         base = node.input[1]
         drop.update(x for x in node.input[1:4] if x)
         weights[base + ".int8"] = q
@@ -202,7 +283,59 @@ def expand_q4(path: Path, flags: tuple[str, ...] | None = None, memory: int | No
         if not uses_external_data(tensor) and len(tensor.raw_data) >= INLINE_LIMIT and tensor.data_type in PLAIN_TYPES:
             weights[tensor.name] = numpy_helper.to_array(tensor)
             _stub(tensor, weights[tensor.name])
-    return Expansion(head.SerializeToString(), weights=weights, data_dir=base_dir, expanded=len(sizes), int8_bytes=int8_bytes)
+    return Expansion(head.SerializeToString(), weights=weights, data_dir=base_dir, expanded=len(sizes), int8_bytes=int8_bytes,
+                     smoothed=smoothed)
+
+
+def _smoothed_weights(graph, inits: dict, nodes: dict, record: Path, dequantized, seven_bit: bool) -> tuple[dict, int]:
+    """The int8 weights (node name -> (q, scale)) of every group the activation record folds, with
+    SmoothQuant's scale in their rows and its inverse in the producer: the RMSNorm gamma (changed in
+    `inits`, in place) or, for down_proj, up_proj's output channels. A group is left as it is where
+    the graph is not the shape the record describes (a linear kept at higher precision, a producer
+    with other consumers). Groups folding into a linear go first, so that linear's own group sees
+    its divided rows."""
+    from onnx import numpy_helper
+
+    absmax, folds = read_activations(record)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    producer_of = {out: n for n in graph.node for out in n.output}
+    divide: dict[str, np.ndarray] = {}  # node -> its output channels divided by these
+    done: dict[str, tuple] = {}
+    count = 0
+    for key, fold in sorted(folds.items(), key=lambda kv: kv[1].axis != "rows"):
+        linears = [nodes.get(n) for n in fold.linears]
+        if any(n is None or n.name in done for n in linears) or key not in absmax:
+            continue
+        if len({n.input[0] for n in linears}) != 1 or {c.name for c in consumers.get(linears[0].input[0], [])} != set(fold.linears):
+            continue  # the group's input feeds something else too: scaling it would change that
+        source = producer_of.get(linears[0].input[0])
+        if fold.axis == "vector":
+            gamma = inits.get(fold.producer)
+            if gamma is None or source is None or fold.producer not in source.input or len(consumers.get(fold.producer, [])) != 1:
+                continue
+        elif fold.producer not in nodes or fold.producer in done:
+            continue
+        ws = {n.name: dequantized(n) for n in linears}
+        for name, w in ws.items():
+            if name in divide:
+                w /= divide.pop(name)[:, None]
+        s = smooth_scale(absmax[key], np.max([np.abs(w).max(axis=0) for w in ws.values()], axis=0))
+        if fold.axis == "vector":
+            value = numpy_helper.to_array(gamma).astype(np.float32) / s
+            gamma.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(gamma).dtype), gamma.name))
+        else:
+            divide[fold.producer] = s
+        for name, w in ws.items():
+            w *= s[None, :]
+            done[name] = quantize_columns(w, seven_bit)
+        count += 1
+    for name, s in divide.items():  # a producer no group of the record re-quantized: its own rows, divided
+        w = dequantized(nodes[name])
+        done[name] = quantize_columns(w / s[:, None], seven_bit)
+    return done, count
 
 
 def open_expanded(expansion: Expansion, opts, providers: list[str]):

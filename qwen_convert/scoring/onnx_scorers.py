@@ -65,7 +65,7 @@ def cpu_session(scorer):
         stat = path.stat()
     except OSError as exc:
         raise SourceError(f"{path} is missing", "re-export with qconv export-onnx") from exc
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, scorer.threads, expand)
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, scorer.threads, expand, _record_stamp(path, expand, scorer.precision))
     if key in _sessions:
         _sessions.move_to_end(key)
         session, kernels = _sessions[key]
@@ -77,6 +77,19 @@ def cpu_session(scorer):
     if hasattr(scorer, "kernels"):
         scorer.kernels = kernels
     return session
+
+
+def _record_stamp(path: Path, expand: bool, precision: str) -> tuple:
+    """What the expansion reads beside the graph (kernels.activations_file): a changed record is a new session."""
+    if not (expand and precision in ("q4", "int4")):
+        return ()
+    from .kernels import activations_file
+
+    record = activations_file(path)
+    if record is None:
+        return ()
+    stat = record.stat()
+    return (str(record), stat.st_mtime_ns, stat.st_size)
 
 
 def open_session(scorer):
@@ -127,7 +140,11 @@ class OnnxScorer:
     def engine(self) -> str:
         """Known before the session starts (verify keys its score cache by it): a q4 graph on the CPU
         runs int8 kernels unless told not to."""
-        return "onnxruntime q4-as-int8" if self.expand_q4 and self.precision in ("q4", "int4") else "onnxruntime"
+        if not (self.expand_q4 and self.precision in ("q4", "int4")):
+            return "onnxruntime"
+        from .kernels import activations_file
+
+        return "onnxruntime q4-as-int8, smoothed" if activations_file(Path(self.path)) else "onnxruntime q4-as-int8"
 
     def score(self, batch: EncodedBatch) -> np.ndarray:
         feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64)}
