@@ -213,10 +213,8 @@ def test_documents_run_in_padded_batches_on_one_cache_and_score_like_full_prompt
     cache = prefix.extend(prefix.empty(), rows[0][:n])
     assert {a.shape[0] for a in cache.past.values()} == {1} and {a.shape[2] for a in cache.past.values()} == {n}
     runs = []
-    session = prefix.session
-    real_run = session.run
-    prefix._session = type("Spy", (), {"run": lambda self, names, feeds: runs.append(feeds["input_ids"].shape) or real_run(names, feeds),
-                                       "get_inputs": session.get_inputs, "get_outputs": session.get_outputs})()
+    real_logits = prefix._logits
+    prefix._logits = lambda ids, mask, past: runs.append(ids.shape) or real_logits(ids, mask, past)
     # padded_ratio 10: the short documents share batches with much longer ones, so pads are everywhere.
     got = prefix.score_suffixes(cache, [r[n:] for r in rows], batch_size=3, padding_side=side, pad_id=enc.tokens.pad_id,
                                 padded_ratio=10.0)
@@ -232,13 +230,12 @@ def test_suffix_batches_end_where_padding_would_pass_the_suffix_ratio():
     batch only if the batch, padded to it, stays within 5% of its real tokens; batch_size still caps."""
     runs = []
 
-    class Session:
-        def run(self, names, feeds):
-            runs.append(feeds["attention_mask"][:, 4:].sum(axis=1).tolist())  # each row's own tokens (4: the cache's)
-            return [np.zeros((feeds["input_ids"].shape[0], 1), np.float32)]
+    def logits(ids, mask, past):
+        runs.append(mask[:, 4:].sum(axis=1).tolist())  # each row's own tokens (4: the cache's)
+        return np.zeros((ids.shape[0], 1), np.float32)
 
-    prefix = PrefixScorer(Path("unused.onnx"), "p", "fp32", _session=Session())
-    prefix.batched = True
+    prefix = PrefixScorer(Path("unused.onnx"), "p", "fp32", _session=object())
+    prefix.batched, prefix._logits = True, logits
     cache = KVCache((1, 2, 3, 4), {})
     lengths = [100, 101, 104, 120, 40, 41, 200, 201, 202, 203]
     prefix.score_suffixes(cache, [[7] * n for n in lengths], batch_size=3)

@@ -133,16 +133,37 @@ class PrefixScorer:
                 if on_rows is not None:
                     on_rows(1)
             return out
+        past = self._bound(cache)
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         for a, b in length_batches([len(suffixes[i]) for i in order], batch_size, padded_ratio):
             idx = order[a:b]
             batch = pad_rows([list(suffixes[i]) for i in idx], pad_id, padding_side)
             mask = np.concatenate([np.ones((len(idx), len(cache.tokens)), np.int64), batch.attention_mask.astype(np.int64)], axis=1)
-            (logits,) = self.session.run(["logits"], {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": mask, **cache.past})
-            out[idx] = logits[:, 0]
+            out[idx] = self._logits(batch.input_ids.astype(np.int64), mask, past)[:, 0]
             if on_rows is not None:
                 on_rows(len(idx))
         return out
+
+
+    @staticmethod
+    def _bound(cache: KVCache) -> dict:
+        """The cache as OrtValues over its arrays (no copy), made once for all of a query's batches:
+        fed as numpy to every run instead, the same scoring was 1.04x slower (bench_peers'
+        realistic pairs, 0.6B int8, interleaved medians of 5)."""
+        import onnxruntime as ort
+
+        return {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in cache.past.items()}
+
+    def _logits(self, input_ids: np.ndarray, mask: np.ndarray, past: dict) -> np.ndarray:
+        """logits [batch, 1] of one padded batch on a bound cache (io_binding: only logits come back)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
 
 def common_length(rows: Sequence[Sequence[int]]) -> int:
