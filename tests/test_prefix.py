@@ -19,7 +19,7 @@ import pytest
 from qwen_convert.errors import QconvError
 from qwen_convert.onnx.export import ExportOptions, export_onnx
 from qwen_convert.reranker import Pair, PromptEncoder, load_tokenizer, pad_rows
-from qwen_convert.scoring.prefix import PrefixScorer, common_length, plan_sharing, score_rows
+from qwen_convert.scoring.prefix import SUFFIX_PADDED_RATIO, KVCache, PrefixScorer, common_length, plan_sharing, score_rows
 from qwen_convert.scoring.score import ScoreOptions, score_documents
 
 QUERY = "what does a cat eat"
@@ -213,16 +213,34 @@ def test_documents_run_in_padded_batches_on_one_cache_and_score_like_full_prompt
     cache = prefix.extend(prefix.empty(), rows[0][:n])
     assert {a.shape[0] for a in cache.past.values()} == {1} and {a.shape[2] for a in cache.past.values()} == {n}
     runs = []
-    session = prefix.session
-    real_run = session.run
-    prefix._session = type("Spy", (), {"run": lambda self, names, feeds: runs.append(feeds["input_ids"].shape) or real_run(names, feeds),
-                                       "get_inputs": session.get_inputs, "get_outputs": session.get_outputs})()
-    got = prefix.score_suffixes(cache, [r[n:] for r in rows], batch_size=3, padding_side=side, pad_id=enc.tokens.pad_id)
+    real_logits = prefix._logits
+    prefix._logits = lambda ids, mask, past: runs.append(ids.shape) or real_logits(ids, mask, past)
+    # padded_ratio 10: the short documents share batches with much longer ones, so pads are everywhere.
+    got = prefix.score_suffixes(cache, [r[n:] for r in rows], batch_size=3, padding_side=side, pad_id=enc.tokens.pad_id,
+                                padded_ratio=10.0)
     assert max(b for b, _ in runs) > 1 and sum(b for b, _ in runs) == len(rows)  # batched, every row once
     full = ort.InferenceSession(str(export / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     for i, row in enumerate(rows):
         (ref,) = full.run(["logits"], {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), np.int64)})
         assert abs(got[i] - ref[0, 0]) <= 1e-5, (side, i)
+
+
+def test_suffix_batches_end_where_padding_would_pass_the_suffix_ratio():
+    """The split attention pays for every pad in fp32 (SUFFIX_PADDED_RATIO): a document joins a
+    batch only if the batch, padded to it, stays within 5% of its real tokens; batch_size still caps."""
+    runs = []
+
+    def logits(ids, mask, past):
+        runs.append(mask[:, 4:].sum(axis=1).tolist())  # each row's own tokens (4: the cache's)
+        return np.zeros((ids.shape[0], 1), np.float32)
+
+    prefix = PrefixScorer(Path("unused.onnx"), "p", "fp32", _session=object())
+    prefix.batched, prefix._logits = True, logits
+    cache = KVCache((1, 2, 3, 4), {})
+    lengths = [100, 101, 104, 120, 40, 41, 200, 201, 202, 203]
+    prefix.score_suffixes(cache, [[7] * n for n in lengths], batch_size=3)
+    assert SUFFIX_PADDED_RATIO == 1.05
+    assert runs == [[40, 41], [100, 101, 104], [120], [200, 201, 202], [203]]
 
 
 def test_sessions_stay_open_across_score_documents_calls(export, monkeypatch):

@@ -11,7 +11,7 @@ the tokens each score sees are exactly the full prompt's and only the arithmetic
   3. each document's remaining tokens (its body and the template suffix) on top of (2).
 
 Step 3 runs the documents in length-ordered padded batches (either padding side: the pads are
-masked keys like any), all on the one prefix cache: the with-past graph's attention broadcasts a
+masked keys like any), cut where padding would pass SUFFIX_PADDED_RATIO, all on the one prefix cache: the with-past graph's attention broadcasts a
 past of batch 1 over the rows (onnx/prefix.py). Graphs written before that (their attention was
 onnxruntime's GroupQueryAttention, which takes a past only for batch 1 when more than one new token
 comes, and whose outputs are `present.*`) still score, one document at a time.
@@ -38,6 +38,13 @@ from .onnx_scorers import check_variant_files, cpu_session
 
 # A shared run costs one session call: below this many shared tokens it saves less than it costs.
 MIN_SHARED = 16
+# A suffix batch ends before a document that would pad it past this multiple of its real tokens (full
+# prompts use batches.MAX_PADDED_RATIO, 1.25). The split attention (onnx/prefix.py) computes every
+# padded query against every padded key in fp32, so a pad costs far more than in the int8 GEMMs:
+# on the 0.6B int8 export, bench_peers' realistic pairs (2 queries x 20 documents of 57-303 own
+# tokens), batches of 8 cut at 1.05 padded 2% instead of 15% and scored 1.14-1.21x faster than at
+# 1.25 (interleaved medians, 2 threads); cut at 1.0 (no padding, mostly one document a run) 1.12x.
+SUFFIX_PADDED_RATIO = 1.05
 PAST = "past_key_values."
 PRESENT = "present."  # GroupQueryAttention graphs: past + new
 NEW = "new_key_values."  # split-attention graphs: the new tokens' only
@@ -111,10 +118,11 @@ class PrefixScorer:
 
     def score_suffixes(self, cache: KVCache, suffixes: Sequence[Sequence[int]], batch_size: int = 8,
                        padding_side: PaddingSide = "left", pad_id: int = 0,
-                       on_rows: Callable[[int], None] | None = None) -> np.ndarray:
+                       on_rows: Callable[[int], None] | None = None, padded_ratio: float = SUFFIX_PADDED_RATIO) -> np.ndarray:
         """The logits of the rows cache.tokens + suffix, one per suffix (each non-empty): in
-        length-ordered padded batches of at most `batch_size` on the one cache, or one at a time
-        on a graph that cannot batch a past (GroupQueryAttention)."""
+        length-ordered padded batches of at most `batch_size` rows and `padded_ratio` x their real
+        tokens on the one cache, or one at a time on a graph that cannot batch a past
+        (GroupQueryAttention)."""
         from .batches import length_batches
 
         out = np.empty(len(suffixes))
@@ -125,16 +133,37 @@ class PrefixScorer:
                 if on_rows is not None:
                     on_rows(1)
             return out
+        past = self._bound(cache)
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-        for a, b in length_batches([len(suffixes[i]) for i in order], batch_size):
+        for a, b in length_batches([len(suffixes[i]) for i in order], batch_size, padded_ratio):
             idx = order[a:b]
             batch = pad_rows([list(suffixes[i]) for i in idx], pad_id, padding_side)
             mask = np.concatenate([np.ones((len(idx), len(cache.tokens)), np.int64), batch.attention_mask.astype(np.int64)], axis=1)
-            (logits,) = self.session.run(["logits"], {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": mask, **cache.past})
-            out[idx] = logits[:, 0]
+            out[idx] = self._logits(batch.input_ids.astype(np.int64), mask, past)[:, 0]
             if on_rows is not None:
                 on_rows(len(idx))
         return out
+
+
+    @staticmethod
+    def _bound(cache: KVCache) -> dict:
+        """The cache as OrtValues over its arrays (no copy), made once for all of a query's batches:
+        fed as numpy to every run instead, the same scoring was 1.04x slower (bench_peers'
+        realistic pairs, 0.6B int8, interleaved medians of 5)."""
+        import onnxruntime as ort
+
+        return {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in cache.past.items()}
+
+    def _logits(self, input_ids: np.ndarray, mask: np.ndarray, past: dict) -> np.ndarray:
+        """logits [batch, 1] of one padded batch on a bound cache (io_binding: only logits come back)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
 
 def common_length(rows: Sequence[Sequence[int]]) -> int:
@@ -184,7 +213,7 @@ def score_shared(prefix: PrefixScorer, rows: Sequence[Sequence[int]], plan: Shar
                  on_row: Callable[[int], None] | None = None, batch_size: int = 8, padding_side: PaddingSide = "left",
                  pad_id: int = 0, start: KVCache | None = None) -> dict[int, float]:
     """Logits of the plan's shared rows, by row index (each query's documents in padded batches of
-    at most `batch_size`). `start`: a cache every group's shared tokens begin with, used instead of
+    at most `batch_size`, cut at SUFFIX_PADDED_RATIO). `start`: a cache every group's shared tokens begin with, used instead of
     running plan.template (`qconv serve` keeps its template's)."""
     empty = prefix.empty()
     if start is not None:
