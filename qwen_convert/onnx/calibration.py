@@ -249,6 +249,7 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
             sample = [weight(n) for n in g.linears]
         else:
             x = torch.cat(channels[g.name].sample)
+            channels[g.name].sample = [x]  # the pieces would stay beside their copy (8B-wide mlp_out: 24 MiB)
             picked = _row_sample(layer.get_submodule(g.linears[0]).weight.shape[0], settings.max_rows)
             sample = [weight(n, picked) for n in g.linears]
             forward = linear_forward(x, mlp_tail(weight("mlp.down_proj", picked_columns=picked)) if g.judged_on == "mlp" else None)
