@@ -116,9 +116,11 @@ def _decode(raw: bytes, dtype: str, count: int) -> np.ndarray:
     if dtype == "F16":
         return np.frombuffer(raw, dtype="<f2", count=count).astype(np.float32)
     if dtype == "BF16":
-        # bf16 is the top half of an fp32: shift into place.
-        u16 = np.frombuffer(raw, dtype="<u2", count=count).astype(np.uint32)
-        return (u16 << 16).view(np.float32)
+        # bf16 is the top half of an fp32: shift into place, in place (`u16 << 16` was a second
+        # fp32-sized copy: +192 MiB while an 8B-wide MLP weight loads).
+        u32 = np.frombuffer(raw, dtype="<u2", count=count).astype(np.uint32)
+        u32 <<= 16
+        return u32.view(np.float32)
     if dtype == "F64":
         return np.frombuffer(raw, dtype="<f8", count=count).astype(np.float32)
     raise WeightsError(f"cannot use a {dtype} tensor as a floating-point weight", "use a float checkpoint")

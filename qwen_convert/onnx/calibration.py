@@ -255,10 +255,10 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
         w = w.float()
         return w * (r if r is not None else 1.0) * (c if c is not None else 1.0) if r is not None or c is not None else w
 
-    def column_absmax(name):  # max |w| per input channel, a slice of rows at a time
-        n = layer.get_submodule(name).weight.shape[0]
-        return torch.stack([weight(name, torch.arange(a, min(a + 4096, n))).abs().amax(dim=0)
-                            for a in range(0, n, 4096)]).amax(dim=0)
+    def column_absmax(name):  # max |w| per input channel, a view of COLUMN_CHUNK_BYTES of rows at a time
+        n, k = layer.get_submodule(name).weight.shape
+        step = max(1, COLUMN_CHUNK_BYTES // (4 * k))
+        return torch.stack([weight(name, slice(a, a + step)).abs().amax(dim=0) for a in range(0, n, step)]).amax(dim=0)
 
     found: dict[str, GroupScale] = {}
     for g in GROUPS:
@@ -268,6 +268,7 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
             sample = [weight(n) for n in g.linears]
         else:
             x = torch.cat(channels[g.name].sample)
+            channels[g.name].sample = [x]  # the pieces would stay beside their copy (8B-wide mlp_out: 24 MiB)
             picked = _row_sample(layer.get_submodule(g.linears[0]).weight.shape[0], settings.max_rows)
             sample = [weight(n, picked) for n in g.linears]
             forward = linear_forward(x, mlp_tail(weight("mlp.down_proj", picked_columns=picked)) if g.judged_on == "mlp" else None)
@@ -278,6 +279,11 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
             if g.producer_axis == "rows":
                 rows[g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
     return found
+
+
+# Rows of a weight column_absmax reads at once, in fp32 bytes. It picked 4,096 rows by index (a copy,
+# then |.| another): all of an 8B-wide down_proj (4096 x 12288), 2 x 192 MiB beside the layer.
+COLUMN_CHUNK_BYTES = 16 << 20
 
 
 def _row_sample(n: int, limit: int):

@@ -105,7 +105,21 @@ def _q4_weight(w, block_size: int):
 
 
 def _int8_blocks(x, block_size: int):
-    """MatMulNBits' accuracy_level 4: the input quantized to int8 per row and block of the K axis."""
+    """MatMulNBits' accuracy_level 4: the input quantized to int8 per row and block of the K axis,
+    CHUNK_BYTES of rows at a time (each of the rule's temporaries is a copy of what it sees: the
+    search's 512-token sample of an 8B-wide down_proj input is 24 MiB)."""
+    import torch
+
+    step = max(1, CHUNK_BYTES // (4 * x.shape[1]))
+    if x.shape[0] <= step:
+        return _int8_block_rows(x, block_size)
+    out = torch.empty_like(x)
+    for a in range(0, x.shape[0], step):
+        out[a:a + step] = _int8_block_rows(x[a:a + step], block_size)
+    return out
+
+
+def _int8_block_rows(x, block_size: int):
     import torch
 
     n, k = x.shape
@@ -154,19 +168,20 @@ def simulation(method: str, block_size: int = 32, per_channel: bool = False, acc
     raise ValueError(f"no simulation for {method!r}")
 
 
-# Output rows a simulated weight is rounded at a time where the rule allows (Simulation.row_wise): the
-# rounding's temporaries (padding, quotient, rounding, clamp ...) are each a copy of what they see, and
-# whole-tensor rounding of an 8B-wide weight held ~0.4-1.2 GB beside the layer.
-ROW_CHUNK = 1024
+# fp32 bytes of a weight's rows (or an input's tokens) a simulated quantizer rounds at a time where the
+# rule allows (Simulation.row_wise): the rounding's temporaries (padding, quotient, rounding, clamp ...)
+# are each a copy of what they see. Whole-tensor rounding of an 8B-wide weight held ~0.4-1.2 GB beside
+# the layer; 1,024 rows of down_proj (12,288 wide), ~0.3 GB.
+CHUNK_BYTES = 4 << 20
 
 
 def rounded(sim: Simulation, w, s, r=None, out=None):
-    """sim.weight(w r s) / r (w [out, in], s [in], r [out] or None), ROW_CHUNK rows at a time where the
-    rule is row-wise; into `out` (may be w itself), else a new tensor."""
+    """sim.weight(w r s) / r (w [out, in], s [in], r [out] or None), CHUNK_BYTES of rows at a time
+    where the rule is row-wise; into `out` (may be w itself), else a new tensor."""
     import torch
 
     out = torch.empty_like(w) if out is None else out
-    step = ROW_CHUNK if sim.row_wise else w.shape[0]
+    step = max(1, CHUNK_BYTES // (4 * w.shape[1])) if sim.row_wise else w.shape[0]
     for a in range(0, w.shape[0], step):
         rows = 1.0 if r is None else r[a:a + step, None]
         out[a:a + step] = sim.weight(w[a:a + step] * rows * s[None, :]) / rows

@@ -98,6 +98,7 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
         raise ValueError(f"head {head!r} is not one of {HEADS}")
     weights = open_weights(path, head)
     config = prepare_config(weights.config)
+    _fix_mmap_threshold()
     pad_id = getattr(config, "pad_token_id", None)
     if not batches:
         return []
@@ -161,3 +162,22 @@ def _trim_heap() -> None:
     except (OSError, AttributeError):
         pass
 
+
+# Allocations from this size up get their own mmap, returned to the system when freed. glibc's default
+# threshold rises to the largest block freed (up to 32 MiB), after which a prompt's activations (a few
+# to ~30 MiB each) come from the heap and leave it fragmented across batches: measured on 8b-wide, the
+# calibration forward held ~230 MiB more than with a fixed 4 MiB (1 MiB: ~30 MiB less again, ~5% slower).
+MMAP_THRESHOLD = 4 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def _fix_mmap_threshold() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD (mallopt; a no-op elsewhere). Process-wide, and it
+    stays: glibc has no way to go back to the moving threshold, and none is needed (it only decides
+    where big blocks come from, never what any computation gives)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
