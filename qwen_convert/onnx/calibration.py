@@ -38,6 +38,7 @@ from .smoothing import (
     SearchSettings,
     Simulation,
     attention_forward,
+    chunk_rows,
     linear_forward,
     mlp_tail,
     search_group,
@@ -257,7 +258,7 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
 
     def column_absmax(name):  # max |w| per input channel, a view of COLUMN_CHUNK_BYTES of rows at a time
         n, k = layer.get_submodule(name).weight.shape
-        step = max(1, COLUMN_CHUNK_BYTES // (4 * k))
+        step = chunk_rows(k, COLUMN_CHUNK_BYTES)
         return torch.stack([weight(name, slice(a, a + step)).abs().amax(dim=0) for a in range(0, n, step)]).amax(dim=0)
 
     found: dict[str, GroupScale] = {}

@@ -110,7 +110,7 @@ def _int8_blocks(x, block_size: int):
     search's 512-token sample of an 8B-wide down_proj input is 24 MiB)."""
     import torch
 
-    step = max(1, CHUNK_BYTES // (4 * x.shape[1]))
+    step = chunk_rows(x.shape[1])
     if x.shape[0] <= step:
         return _int8_block_rows(x, block_size)
     out = torch.empty_like(x)
@@ -175,13 +175,18 @@ def simulation(method: str, block_size: int = 32, per_channel: bool = False, acc
 CHUNK_BYTES = 4 << 20
 
 
+def chunk_rows(width: int, nbytes: int = CHUNK_BYTES) -> int:
+    """How many fp32 rows of `width` columns fit in `nbytes` (at least one)."""
+    return max(1, nbytes // (4 * width))
+
+
 def rounded(sim: Simulation, w, s, r=None, out=None):
     """sim.weight(w r s) / r (w [out, in], s [in], r [out] or None), CHUNK_BYTES of rows at a time
     where the rule is row-wise; into `out` (may be w itself), else a new tensor."""
     import torch
 
     out = torch.empty_like(w) if out is None else out
-    step = max(1, CHUNK_BYTES // (4 * w.shape[1])) if sim.row_wise else w.shape[0]
+    step = chunk_rows(w.shape[1]) if sim.row_wise else w.shape[0]
     for a in range(0, w.shape[0], step):
         rows = 1.0 if r is None else r[a:a + step, None]
         out[a:a + step] = sim.weight(w[a:a + step] * rows * s[None, :]) / rows

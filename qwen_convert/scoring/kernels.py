@@ -324,8 +324,8 @@ def _smoothed_weights(graph, inits: dict, nodes: dict, record: Path, dequantized
                 w /= divide.pop(name)[:, None]
         s = smooth_scale(absmax[key], np.max([np.abs(w).max(axis=0) for w in ws.values()], axis=0))
         if fold.axis == "vector":
-            value = numpy_helper.to_array(gamma).astype(np.float32) / s
-            gamma.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(gamma).dtype), gamma.name))
+            value = numpy_helper.to_array(gamma)
+            gamma.CopyFrom(numpy_helper.from_array((value.astype(np.float32) / s).astype(value.dtype), gamma.name))
         else:
             divide[fold.producer] = s
         for name, w in ws.items():

@@ -11,8 +11,8 @@ the tokens each score sees are exactly the full prompt's and only the arithmetic
   3. each document's remaining tokens (its body and the template suffix) on top of (2).
 
 Step 3 runs the documents in length-ordered padded batches (either padding side: the pads are
-masked keys like any), cut where padding would pass SUFFIX_PADDED_RATIO, all on the one prefix cache: the with-past graph's attention broadcasts a
-past of batch 1 over the rows (onnx/prefix.py). Graphs written before that (their attention was
+masked keys like any), cut where padding would pass SUFFIX_PADDED_RATIO, all on the one prefix
+cache: the with-past graph's attention broadcasts a past of batch 1 over the rows (onnx/prefix.py). Graphs written before that (their attention was
 onnxruntime's GroupQueryAttention, which takes a past only for batch 1 when more than one new token
 comes, and whose outputs are `present.*`) still score, one document at a time.
 
@@ -144,7 +144,6 @@ class PrefixScorer:
                 on_rows(len(idx))
         return out
 
-
     @staticmethod
     def _bound(cache: KVCache) -> dict:
         """The cache as OrtValues over its arrays (no copy), made once for all of a query's batches:
@@ -213,8 +212,8 @@ def score_shared(prefix: PrefixScorer, rows: Sequence[Sequence[int]], plan: Shar
                  on_row: Callable[[int], None] | None = None, batch_size: int = 8, padding_side: PaddingSide = "left",
                  pad_id: int = 0, start: KVCache | None = None) -> dict[int, float]:
     """Logits of the plan's shared rows, by row index (each query's documents in padded batches of
-    at most `batch_size`, cut at SUFFIX_PADDED_RATIO). `start`: a cache every group's shared tokens begin with, used instead of
-    running plan.template (`qconv serve` keeps its template's)."""
+    at most `batch_size`, cut at SUFFIX_PADDED_RATIO). `start`: a cache every group's shared tokens
+    begin with, used instead of running plan.template (`qconv serve` keeps its template's)."""
     empty = prefix.empty()
     if start is not None:
         template = start

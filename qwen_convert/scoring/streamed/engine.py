@@ -155,10 +155,15 @@ def _trim_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere). A
     layer's many mid-sized temporaries (activations, the calibration search's candidates) stay in
     glibc's arenas after they are freed, and the next layer's tensors then come on top of them."""
+    _glibc("malloc_trim", 0)
+
+
+def _glibc(function: str, *args) -> None:
+    """Call one of glibc's malloc tunables; a no-op where there is no glibc (macOS, musl)."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass
 
@@ -175,9 +180,4 @@ def _fix_mmap_threshold() -> None:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD (mallopt; a no-op elsewhere). Process-wide, and it
     stays: glibc has no way to go back to the moving threshold, and none is needed (it only decides
     where big blocks come from, never what any computation gives)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", _M_MMAP_THRESHOLD, MMAP_THRESHOLD)
