@@ -104,6 +104,28 @@ def test_export_writes_prefix_graphs_and_leaves_the_plain_graphs_alone(export, t
         assert (plain / "onnx" / name).read_bytes() == (export / "onnx" / name).read_bytes()
 
 
+def test_the_last_layer_runs_only_each_rows_scored_token_past_its_keys_and_values(export):
+    """The logit reads one token and the cache needs every token's keys and values only: the last
+    layer's q_proj and MLP read the gathered row, its k_proj/v_proj (and every earlier layer) all tokens."""
+    graph = onnx.load(str(export / "onnx" / "prefix" / "model_quantized.onnx")).graph
+    last = json.loads((export / "config.json").read_text())["num_hidden_layers"] - 1
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+
+    def source(linear: str) -> str:
+        return producer[nodes[linear].input[0]].name
+
+    assert last >= 1  # an earlier layer to compare with
+    for i in (last - 1, last):
+        norm = f"model.layers.{i}.input_layernorm"
+        assert source(f"model.layers.{i}.self_attn.k_proj") == source(f"model.layers.{i}.self_attn.v_proj") == norm
+        assert source(f"model.layers.{i}.self_attn.q_proj") == (norm if i < last else "last.normed")
+    assert nodes["last.normed"].op_type == "GatherElements" and nodes["last.normed"].input[0] == nodes[norm].output[0]
+    # The MLP's input is the attention of that row: post_attention_layernorm over [batch, 1, hidden].
+    post = producer[nodes[f"model.layers.{last}.mlp.gate_proj"].input[0]]
+    assert post.name == f"model.layers.{last}.post_attention_layernorm" and producer[post.input[1]].name == "last.residual"
+
+
 def test_fp32_prefix_scores_equal_full_prompts_and_torch(export, tiny_models):
     pairs = [Pair(QUERY, d) for d in DOCS]
     result, logits = _scored(export)

@@ -243,8 +243,8 @@ class Qwen3RerankerBuilder:
         (merged,) = g.node("Reshape", [y, self.const(f"{name}.shape3", [0, 0, heads * d])], name=f"{name}.merge")
         return merged
 
-    def make_rotary(self, name: str, x: str, heads: int) -> str:
-        return self.g.node("RotaryEmbedding", [x, self.positions, self.cos, self.sin], domain=MS_DOMAIN, name=name,
+    def make_rotary(self, name: str, x: str, heads: int, positions: str | None = None) -> str:
+        return self.g.node("RotaryEmbedding", [x, positions or self.positions, self.cos, self.sin], domain=MS_DOMAIN, name=name,
                            interleaved=0, num_heads=heads, rotary_embedding_dim=self.shape.head_dim)[0]
 
     def make_attention(self, prefix: str, x: str) -> str:
@@ -277,22 +277,34 @@ class Qwen3RerankerBuilder:
         x, residual = self.make_norm(prefix + "post_attention_layernorm", attn, residual)
         return self.make_mlp(prefix, x), residual
 
-    def make_last_token(self, hidden: str, residual: str) -> str:
-        """[batch, hidden] in fp32: the last real token's row of hidden + residual."""
+    def make_last_index(self) -> tuple[str, str]:
+        """The last real token's column per row: ([batch, 1], and expanded to [batch, 1, hidden] for
+        GatherElements on [batch, sequence, hidden])."""
         g = self.g
         # last = argmax(mask * position): the highest position whose mask is 1, either padding side.
         (index,) = g.node("Range", [self.const("const_zero_s", 0), g.node("Squeeze", [self.seq], name="seq.scalar")[0],
                                     self.const("const_one_s", 1)], name="positions.range")
         (weighted,) = g.node("Mul", [self.mask, index], name="last.weighted")
         (last,) = g.node("ArgMax", [weighted], name="last.index", axis=1, keepdims=1)  # [batch, 1]
-        # Gather the row before the residual add: two [batch, 1, hidden] rows instead of a full add.
         (idx3,) = g.node("Unsqueeze", [last, self.const("const_axes2", [2])], name="last.index3")
         (idx,) = g.node("Expand", [idx3, g.node("Concat", [self.batch, self.one_1d,
                                                           self.const("const_hidden", [self.shape.hidden])], name="last.shape", axis=0)[0]],
                         name="last.expand")
+        return last, idx
+
+    def make_last_token(self, hidden: str, residual: str) -> str:
+        """[batch, hidden] in fp32: the last real token's row of hidden + residual."""
+        g = self.g
+        _, idx = self.make_last_index()
+        # Gather the row before the residual add: two [batch, 1, hidden] rows instead of a full add.
         (a,) = g.node("GatherElements", [hidden, idx], name="last.hidden", axis=1)
         (b,) = g.node("GatherElements", [residual, idx], name="last.residual", axis=1)
-        (row,) = g.node("Add", [a, b], name="last.sum")
+        return self.make_last_row(a, b)
+
+    def make_last_row(self, hidden: str, residual: str) -> str:
+        """[batch, 1, hidden] rows of hidden and residual -> their sum, [batch, hidden] in fp32."""
+        g = self.g
+        (row,) = g.node("Add", [hidden, residual], name="last.sum")
         (row2,) = g.node("Squeeze", [row, self.const("const_axis1_1d", [1])], name="last.row")
         if self.fp16:
             (row2,) = g.node("Cast", [row2], name="last.fp32", to=FLOAT)

@@ -21,6 +21,9 @@ standard ops) expands it to the batch, which onnxruntime's GroupQueryAttention c
 only for batch 1 when more than one new token comes). So a query's documents run as padded batches
 on one cache (BENCHMARKS.md, bench_prefix, has batches vs one document at a time).
 
+The last decoder layer runs only each row's last real token past its keys and values (the logit reads
+that token; a prefix's cache needs every token's keys and values, nothing else of that layer).
+
 RoPE positions and the key padding bias come from the whole mask, so a new row may be padded on
 either side (left padding puts the pads between prefix and document: they are masked keys like any
 pad), and position p of a row gets the same rotation as in the full prompt. The causal mask offsets
@@ -140,7 +143,8 @@ class Qwen3SharedPrefixBuilder(Qwen3PrefixBuilder):
     def make_split_bias(self, mask: str) -> None:
         """fp32 [batch, 1, groups * sequence, total]: 0 where a new token may attend a key (the key is
         real and not after it: column t <= past + row i), a large finite negative elsewhere. Every new
-        row sees the whole past, so no row is all masked (no NaN) on either padding side."""
+        row sees the whole past, so no row is all masked (no NaN) on either padding side. Also
+        last_bias [batch, 1, groups, total], the last layer's one query row per sequence (make_last_layer)."""
         g, s = self.g, self.shape
         self.one_1d = self.const("const_one_1d", [1])  # the last-token pick's (make_key_bias makes it in the parent)
         zero, one = self.const("split.zero", 0), self.const("split.one", 1)
@@ -153,10 +157,15 @@ class Qwen3SharedPrefixBuilder(Qwen3PrefixBuilder):
         (keep5,) = g.node("Unsqueeze", [keep, self.const("split.axes123", [1, 2, 3])], name="split.keep5")  # [b, 1, 1, 1, t]
         (allowed,) = g.node("And", [keep5, causal], name="split.allowed")  # [b, 1, 1, s, t]
         low = np.finfo(np.float32).min
-        (bias,) = g.node("Where", [allowed, self.const("split.bias_zero", 0.0, np.float32), self.const("split.low", low, np.float32)],
-                         name="split.bias5")
+        zero_f, low_f = self.const("split.bias_zero", 0.0, np.float32), self.const("split.low", low, np.float32)
+        (bias,) = g.node("Where", [allowed, zero_f, low_f], name="split.bias5")
         groups = s.heads // s.kv_heads
-        (full,) = g.node("Expand", [bias, self.const("split.groups", [1, 1, groups, 1, 1])], name="split.bias_groups")
+        expand_groups = self.const("split.groups", [1, 1, groups, 1, 1])
+        (full,) = g.node("Expand", [bias, expand_groups], name="split.bias_groups")
+        # The last real token of a row sees every real key (any key after it is a pad): its bias is the mask's.
+        (last_row,) = g.node("Where", [keep5, zero_f, low_f], name="split.last_bias5")  # [b, 1, 1, 1, t]
+        (last_groups,) = g.node("Expand", [last_row, expand_groups], name="split.last_bias_groups")
+        (self.last_bias,) = g.node("Squeeze", [last_groups, self.const("split.axis3", [3])], name="split.last_bias")  # [b, 1, groups, t]
         (shape,) = g.node("Concat", [self.batch, self.one_1d, self.const("split.rows_dim", [-1]), self.total], name="split.shape", axis=0)
         (self.split_bias,) = g.node("Reshape", [full, shape], name="split.bias")
         (self.past_shape,) = g.node("Concat", [self.batch, self.const("split.past_rest", [1, 1, 1])], name="split.past_shape", axis=0)
@@ -164,15 +173,49 @@ class Qwen3SharedPrefixBuilder(Qwen3PrefixBuilder):
     def make_attention(self, prefix: str, x: str) -> str:
         s, p = self.shape, prefix + "self_attn."
         q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", self.linear(p + "q_proj", x), s.heads), s.heads)
-        k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", self.linear(p + "k_proj", x), s.kv_heads), s.kv_heads)
-        v = self.linear(p + "v_proj", x)
+        k, v = self.make_keys_values(p, x)
         return self.linear(p + "o_proj", self.make_split_attention(p, int(prefix.split(".")[2]), q, k, v))
+
+    def make_keys_values(self, p: str, x: str) -> tuple[str, str]:
+        s = self.shape
+        k = self.make_rotary(p + "k_rotary", self.make_head_norm(p + "k_norm", self.linear(p + "k_proj", x), s.kv_heads), s.kv_heads)
+        return k, self.linear(p + "v_proj", x)
+
+    def make_decoder(self, ids: str) -> tuple[str, str]:
+        """The parent's layers, but the last one runs only each row's last real token past its keys and
+        values: the logit reads that token alone, and the cache (new_key_values) needs every token's
+        keys and values, not their queries, attention or MLP (1/layers of the work saved, ~90% of one layer)."""
+        hidden, residual = self.make_embedding(ids), None
+        for i in range(self.shape.layers - 1):
+            hidden, residual = self.make_layer(i, hidden, residual)
+        return self.make_last_layer(self.shape.layers - 1, hidden, residual)
+
+    def make_last_layer(self, i: int, hidden: str, residual: str | None) -> tuple[str, str]:
+        """([batch, 1, hidden] MLP output, residual) of the last real token of each row."""
+        g, s = self.g, self.shape
+        prefix = f"model.layers.{i}."
+        p = prefix + "self_attn."
+        x, residual = self.make_norm(prefix + "input_layernorm", hidden, residual)
+        k, v = self.make_keys_values(p, x)
+        last, idx = self.make_last_index()
+        (x_last,) = g.node("GatherElements", [x, idx], name="last.normed", axis=1)  # [b, 1, hidden]
+        (r_last,) = g.node("GatherElements", [residual, idx], name="last.residual", axis=1)
+        (pos_last,) = g.node("GatherElements", [self.positions, last], name="last.position", axis=1)  # [b, 1]
+        q = self.make_rotary(p + "q_rotary", self.make_head_norm(p + "q_norm", self.linear(p + "q_proj", x_last), s.heads),
+                             s.heads, positions=pos_last)
+        attn = self.linear(p + "o_proj", self.make_split_attention(p, i, q, k, v, bias=self.last_bias))
+        x, residual = self.make_norm(prefix + "post_attention_layernorm", attn, r_last)
+        return self.make_mlp(prefix, x), residual
+
+    def make_last_token(self, hidden: str, residual: str) -> str:
+        return self.make_last_row(hidden, residual)  # make_last_layer picked the rows
 
     def _fp32(self, name: str, x: str) -> str:
         return self.g.node("Cast", [x], name=name, to=1)[0] if self.fp16 else x
 
-    def make_split_attention(self, p: str, i: int, q: str, k: str, v: str) -> str:
+    def make_split_attention(self, p: str, i: int, q: str, k: str, v: str, bias: str | None = None) -> str:
         """q [b, s, heads * d], k and v [b, s, kv * d] -> [b, s, heads * d]; writes new_key_values.i.*.
+        `bias`: another query rows' key bias (the last layer's one row per sequence), else split_bias.
         Query heads are grouped under their KV head ([b, kv, groups * s, d]), so each product is one
         MatMul per (row, KV head) with no K/V repetition; scores, softmax and P.V run in fp32. The
         past is expanded to the batch and put before the new keys (a few MB a layer): measured 8%
@@ -195,7 +238,7 @@ class Qwen3SharedPrefixBuilder(Qwen3PrefixBuilder):
         (values,) = g.node("Concat", [pv, vn], name=p + "split.values", axis=2)
         (kt,) = g.node("Transpose", [self._fp32(p + "split.keys_fp32", keys)], name=p + "split.keys_t", perm=[0, 1, 3, 2])
         (scores,) = g.node("MatMul", [qs, kt], name=p + "split.scores")  # [b, kv, groups * s, total]
-        (masked,) = g.node("Add", [scores, self.split_bias], name=p + "split.masked")
+        (masked,) = g.node("Add", [scores, bias or self.split_bias], name=p + "split.masked")
         (probs,) = g.node("Softmax", [masked], name=p + "split.softmax", axis=-1)
         (ctx,) = g.node("MatMul", [probs, self._fp32(p + "split.values_fp32", values)], name=p + "split.context")
         (c5,) = g.node("Reshape", [ctx, self.const(p + "split_o.shape", [0, kv, groups, -1, d])], name=p + "split_o.grouped")
