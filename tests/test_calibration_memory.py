@@ -1,0 +1,68 @@
+"""The calibration pass's memory savings (issue #19: the 8B-wide export's peak) change no number.
+
+Each saving drops or narrows something the search holds; these tests hold the scales it finds to the
+ones the pass finds without it, and check the saving is really made.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_convert.fixtures import OutlierSpec, inject_outliers
+from qwen_convert.onnx import calibration
+from qwen_convert.onnx.smoothing import simulation
+
+
+def tiny() -> Path:
+    return Path(str(resources.files("qwen_convert").joinpath("data/tiny-reranker")))
+
+
+@pytest.fixture(scope="module")
+def outlier(tmp_path_factory) -> Path:
+    return inject_outliers(tiny(), tmp_path_factory.mktemp("memory") / "outlier", OutlierSpec(scale=40.0, channels=4, seed=11))
+
+
+@pytest.fixture(scope="module")
+def cset(tmp_path_factory):
+    small = tmp_path_factory.mktemp("memory") / "calibration.jsonl"  # 3 queries: each pass a few seconds
+    small.write_text("".join((tiny() / "calibration.jsonl").read_text().splitlines(keepends=True)[:27]))
+    return calibration.load_calibration_set(small)
+
+
+SIMS = {"smoothquant": simulation("smoothquant"), "awq": simulation("awq", 32, False, 4)}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key].scale, b[key].scale), key
+        assert (a[key].family, a[key].alpha, a[key].error, a[key].error_naive) == \
+               (b[key].family, b[key].alpha, b[key].error, b[key].error_naive), key
+
+
+def test_attention_is_freed_before_the_mlp_search(outlier, cset, monkeypatch):
+    """Every method's attention groups first, then the attention's weights go (meta: no storage),
+    then the MLP groups; and each method finds what it finds when searched alone."""
+    events = []
+    search, release = calibration.search_group, calibration._release_attention
+
+    def searched(method, forward, weights, *args):
+        events.append((method, len(weights)))
+        return search(method, forward, weights, *args)
+
+    def released(layer, *args):
+        release(layer, *args)
+        assert all(p.is_meta for p in layer.self_attn.parameters())
+        events.append("released")
+
+    monkeypatch.setattr(calibration, "search_group", searched)
+    monkeypatch.setattr(calibration, "_release_attention", released)
+    both = calibration.calibrate(outlier, cset, SIMS)
+    per_layer = [("smoothquant", 3), ("awq", 3), "released", ("smoothquant", 1), ("smoothquant", 2), ("awq", 1), ("awq", 2)]
+    assert events == per_layer * 3
+    for method, sim in SIMS.items():
+        _same(both.scales[method], calibration.calibrate(outlier, cset, {method: sim}).scales[method])
