@@ -66,3 +66,46 @@ def test_attention_is_freed_before_the_mlp_search(outlier, cset, monkeypatch):
     assert events == per_layer * 3
     for method, sim in SIMS.items():
         _same(both.scales[method], calibration.calibrate(outlier, cset, {method: sim}).scales[method])
+
+
+@pytest.fixture(scope="module")
+def bf16_twins(tmp_path_factory) -> tuple[Path, Path]:
+    """A bf16 random reranker and its exact fp32 copy (the same values, stored widened)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwen_convert.fixtures import TinySpec, build_tiny_reranker
+
+    root = tmp_path_factory.mktemp("twins")
+    bf16 = build_tiny_reranker(root / "bf16", TinySpec(tied=False, dtype="bfloat16", seed=3))
+    fp32 = root / "fp32"
+    shutil.copytree(bf16, fp32)
+    for f in fp32.glob("*.safetensors"):
+        save_file({k: t.float() for k, t in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    return bf16, fp32
+
+
+def test_bf16_weights_are_searched_as_stored_with_the_fp32_results(bf16_twins, cset, monkeypatch):
+    """The pass holds a bf16 checkpoint's matrices as bf16 (the search reads widened samples and row
+    chunks of them) and finds exactly what it finds on the same values stored as fp32."""
+    import torch
+
+    dtypes = []
+    release = calibration._release_attention
+
+    def released(layer, *args):
+        dtypes.append(layer.mlp.gate_proj.weight.dtype)
+        release(layer, *args)
+
+    monkeypatch.setattr(calibration, "_release_attention", released)
+    bf16 = calibration.calibrate(bf16_twins[0], cset, SIMS)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    fp32 = calibration.calibrate(bf16_twins[1], cset, SIMS)
+    assert set(dtypes[len(dtypes) // 2:]) == {torch.float32}
+    assert np.array_equal(bf16.logits, fp32.logits)
+    assert bf16.absmax.keys() == fp32.absmax.keys() and all(np.array_equal(bf16.absmax[k], fp32.absmax[k]) for k in bf16.absmax)
+    for method in SIMS:
+        _same(bf16.scales[method], fp32.scales[method])
+    embedding = calibration.choose_embedding_precision(bf16_twins[0], cset, bf16, SIMS["awq"], 32, True)
+    assert embedding == calibration.choose_embedding_precision(bf16_twins[1], cset, fp32, SIMS["awq"], 32, True)

@@ -237,7 +237,9 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
                     _release_attention(layer, channels, prompts)
         return done
 
-    logits = run.forward(reporter, "calibration", observer=observe)
+    # The layer's matrices as stored (bf16: 368 MiB of an 8B-wide layer, not 736), widened as each runs;
+    # the search reads them by the row chunk or sample (_LayerSearch.weight).
+    logits = run.forward(reporter, "calibration", observer=observe, stored=True)
     return Calibration(cset, run.tokens, settings, scales, ratio, logits, absmax)
 
 
@@ -456,7 +458,8 @@ def choose_embedding_precision(path, cset: CalibrationSet, cal: Calibration, sim
 
     run = _prepare(path, cset)
     rows = embedding_4bit(block, symmetric)
-    alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows), cal.logits)
+    # The variant's forward rounds its weights in place, in fp32 (mixed.quantized_layers): it cannot hold them as stored.
+    alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows, stored=True), cal.logits)
     whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows,
                                observer=quantized_layers(cal.plan("awq"), sim)), cal.logits)
     return choose_embedding(alone, whole)

@@ -52,6 +52,25 @@ def load_layer(layer, tensors: dict, index: int, config) -> None:
     layer.self_attn.layer_idx = index
 
 
+def widen_on_call(layer) -> None:
+    """Let `layer`'s linears hold their weights as stored (bf16: half of fp32) and widen each to fp32
+    only while it runs: the same F.linear on the same fp32 values as nn.Linear's own forward, so the
+    same outputs bit for bit, with one matrix in fp32 at a time instead of the whole layer."""
+    import types
+
+    import torch
+
+    for module in layer.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_fp32_linear, module)
+
+
+def _fp32_linear(self, x):
+    from torch.nn.functional import linear
+
+    return linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 @dataclass
 class BatchInputs:
     """What every layer needs for one padded batch besides its hidden states."""
