@@ -90,11 +90,12 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
     rows (float32 [n, hidden]) before the first layer: calibration measures what a quantized
     embedding alone does to the logits. `stored`: each layer's matrices held as the checkpoint stores
     them (bf16: half the memory) and widened to fp32 one linear at a time as it runs, the same
-    numbers (layer.widen_on_call); an observer then meets weights in that dtype."""
+    numbers (layer.Widening); an observer then meets weights in that dtype."""
     import torch
 
     from .layer import (
         BatchInputs,
+        Widening,
         batch_inputs,
         build_layer,
         build_norm,
@@ -102,7 +103,6 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
         load_layer,
         prepare_config,
         run_layer,
-        widen_on_call,
     )
     from .weights import open_weights
 
@@ -140,17 +140,18 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
         for index in range(config.num_hidden_layers):
             layer = build_layer(config)
             load_layer(layer, weights.layer(index, stored), index, config)
-            if stored:
-                widen_on_call(layer)
+            widening = Widening(layer) if stored else None
             done = observer(index, layer) if observer is not None else None
             for b, batch_steps in enumerate(steps):
                 hidden[b] = torch.cat([run_layer(layer, hidden[b][s], x) for s, x in zip(batch_steps, inputs[b])])
                 task.advance(1)
+            if widening is not None:
+                widening.close()
             if done is not None:
                 done()
             # The last references to this layer's tensors (an observer's `done` closes over the layer):
             # freed before the next layer is read, or two layers are held (8B-wide: +0.8 GB).
-            del layer, done
+            del layer, done, widening
             gc.collect()
             _trim_heap()
 

@@ -2,7 +2,7 @@
 
 Every tensor is read with safetensors_io (any stored dtype, sharded or not) and decoded to fp32, so
 a bf16 checkpoint gives the same numbers transformers gets after `from_pretrained(dtype=float32)`;
-or, for a layer's matrices, held as stored (layer.widen_on_call makes each one fp32 as it runs).
+or, for a layer's matrices, held as stored (layer.Widening makes each one fp32 as it runs).
 Shapes are checked against the config for every layer before any compute starts: a checkpoint whose
 config disagrees with its tensors fails in one line instead of after an hour.
 """
