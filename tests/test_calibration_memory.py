@@ -109,3 +109,31 @@ def test_bf16_weights_are_searched_as_stored_with_the_fp32_results(bf16_twins, c
         _same(bf16.scales[method], fp32.scales[method])
     embedding = calibration.choose_embedding_precision(bf16_twins[0], cset, bf16, SIMS["awq"], 32, True)
     assert embedding == calibration.choose_embedding_precision(bf16_twins[1], cset, fp32, SIMS["awq"], 32, True)
+
+
+@pytest.mark.parametrize("model", ["outlier", "bf16"])
+def test_variant_forward_from_4bit_codes_is_the_fp32_one(model, outlier, bf16_twins, cset):
+    """mixed.quantized_layers(compact=True) keeps each rounded weight as its 4-bit codes (a byte a
+    weight, widened as the linear runs): the simulated variant's logits are those of the weights
+    rounded in place in fp32, bit for bit, row factors (mlp_out's fold on up_proj) included."""
+    from qwen_convert.onnx.mixed import quantized_layers
+    from qwen_convert.progress import NULL
+
+    path = outlier if model == "outlier" else bf16_twins[0]
+    cal = calibration.calibrate(path, cset, {"awq": SIMS["awq"]})
+    plan = cal.plan("awq")
+    if model == "outlier":
+        assert any(k.endswith("up_proj.weight") for k in plan.rows)
+    run = calibration._prepare(path, cset)
+    held = []
+    compact = quantized_layers(plan, SIMS["awq"], compact=True)
+
+    def observe(index, layer):
+        compact(index, layer)
+        held.append(all(layer.get_submodule(n).weight.is_meta for n in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")))
+
+    codes = run.forward(NULL, "codes", observer=observe, stored=True)
+    plain = run.forward(NULL, "fp32", observer=quantized_layers(plan, SIMS["awq"]))
+    assert held == [True] * len(held) and held
+    assert np.array_equal(codes, plain)
+    assert not np.array_equal(plain, cal.logits)  # the simulation rounds something

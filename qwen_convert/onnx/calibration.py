@@ -458,10 +458,9 @@ def choose_embedding_precision(path, cset: CalibrationSet, cal: Calibration, sim
 
     run = _prepare(path, cset)
     rows = embedding_4bit(block, symmetric)
-    # The variant's forward rounds its weights in place, in fp32 (mixed.quantized_layers): it cannot hold them as stored.
     alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows, stored=True), cal.logits)
-    whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows,
-                               observer=quantized_layers(cal.plan("awq"), sim)), cal.logits)
+    whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows, stored=True,
+                               observer=quantized_layers(cal.plan("awq"), sim, compact=True)), cal.logits)
     return choose_embedding(alone, whole)
 
 
