@@ -11,8 +11,9 @@ memory at a time, never the whole model), with hooks on each layer's linear inpu
 linears that share an input (smoothing.GROUPS) it records per-channel max |x| and mean |x| over
 every calibration token, keeps a fixed-stride sample of the tokens, and, while that layer's weights
 are still loaded, searches each requested method's scale on the sample (smoothing.search_group).
-Only the scales and statistics outlive the layer: memory is one layer, the set's hidden states and
-the samples. Prompts run one per batch, so no padding token enters the statistics.
+Only the scales and statistics outlive the layer: memory is one layer (as the checkpoint stores it,
+bf16, and one matrix widened to fp32 at a time), the set's hidden states and the samples. Prompts
+run one per batch, so no padding token enters the statistics.
 """
 
 from __future__ import annotations

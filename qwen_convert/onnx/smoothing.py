@@ -106,8 +106,8 @@ def _q4_weight(w, block_size: int):
 
 def _q4_codes(w, block_size: int):
     """_q4_weight's rounding kept as its codes: (q int8 [n, k], scale [n, k / block_size, 1]), with
-    q.float() * scale (per block) its values; None where k is not a whole number of blocks. The sign
-    of a zero code is lost (int8 has no -0), which no sum or product of the forward can see."""
+    q.float() * scale (per block) its values; None where k is not a whole number of blocks. Only the
+    sign of a zero code is lost (int8 has no -0): a signed zero changes no sum with a nonzero term."""
     import torch
 
     n, k = w.shape

@@ -2,8 +2,9 @@
 
 One place loads and frees a layer's weights (`_layers`); the math of a layer is layer.run_layer.
 The hidden states of every batch stay in memory between layers (the probe set's activations), the
-weights never do: peak memory is about one layer in fp32, the gathered embedding rows, and those
-activations, whatever the model size.
+weights never do: peak memory is about one layer in fp32 (or, with `stored`, as the checkpoint stores
+it plus its largest matrix in fp32), the gathered embedding rows, and those activations, whatever the
+model size.
 
 Two heads, matching the two transformers classes this stands in for:
   causal : logit(yes) - logit(no) at the last real token, positions counting real tokens only
