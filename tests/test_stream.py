@@ -111,6 +111,24 @@ def test_streamed_equals_transformers_at_real_widths(real_widths, tmp_path, side
     assert np.abs(got - _transformers_seqcls(seqcls, batches)).max() <= TOL
 
 
+def test_weights_held_as_stored_give_the_same_bits(real_widths):
+    """stored=True (bf16 matrices, each widened to fp32 only while its linear runs) is the fp32
+    forward exactly, not within a tolerance: calibration's scales and the exports depend on it."""
+    batches = _batches(real_widths, "left", SHORT)
+    seen = []
+    observe = lambda _i, layer: seen.append(layer.mlp.down_proj.weight.dtype)  # noqa: E731
+    held = stream_forward(real_widths, batches, "causal", _yes_no(real_widths), observer=observe, stored=True)
+    plain = stream_forward(real_widths, batches, "causal", _yes_no(real_widths))
+    assert seen == [torch_dtype("bfloat16")] * REAL_WIDTHS.num_hidden_layers
+    assert all(np.array_equal(a, b) for a, b in zip(held, plain))
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 class _Recorder:
     def __init__(self):
         self.tasks, self.lines = [], []

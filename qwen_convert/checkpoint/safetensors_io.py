@@ -179,6 +179,24 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return read_row_range(info, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
 
 
+# Stored dtypes a whole tensor can be read as is (read_stored), as the numpy dtype of the same bits:
+# numpy has no bfloat16, so its bits come as int16 (torch views them back as bfloat16).
+STORED_BITS = {"BF16": "<i2", "F16": "<f2", "F32": "<f4"}
+
+
+def read_stored(info: TensorInfo) -> np.ndarray:
+    """A whole tensor's bytes, undecoded, read straight into one writable array (STORED_BITS[dtype],
+    shaped): a bf16 weight held at half the size of its float32 decoding."""
+    if info.dtype not in STORED_BITS:
+        raise WeightsError(f"cannot hold a {info.dtype} tensor as stored", "use a float checkpoint")
+    out = np.empty(info.shape, dtype=STORED_BITS[info.dtype])
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(memoryview(out.reshape(-1)).cast("B")) != info.nbytes:
+            raise WeightsError(f"{info.file}: {info.name} ends early", "re-download the checkpoint")
+    return out
+
+
 def iter_row_chunks(info: TensorInfo, max_bytes: int = 64 << 20) -> Iterable[tuple[int, np.ndarray]]:
     """(first row, float32 rows) chunks of at most ~max_bytes of float32 each, in order."""
     n_rows = info.shape[0] if info.shape else 1

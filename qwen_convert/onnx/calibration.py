@@ -11,8 +11,9 @@ memory at a time, never the whole model), with hooks on each layer's linear inpu
 linears that share an input (smoothing.GROUPS) it records per-channel max |x| and mean |x| over
 every calibration token, keeps a fixed-stride sample of the tokens, and, while that layer's weights
 are still loaded, searches each requested method's scale on the sample (smoothing.search_group).
-Only the scales and statistics outlive the layer: memory is one layer, the set's hidden states and
-the samples. Prompts run one per batch, so no padding token enters the statistics.
+Only the scales and statistics outlive the layer: memory is one layer (as the checkpoint stores it,
+bf16, and one matrix widened to fp32 at a time), the set's hidden states and the samples. Prompts
+run one per batch, so no padding token enters the statistics.
 """
 
 from __future__ import annotations
@@ -228,27 +229,43 @@ def calibrate(path: Path | str, cset: CalibrationSet, methods: dict[str, Simulat
                 stats = channels[g.name].stats()
                 ratio[g.name] = max(ratio[g.name], float(stats["absmax"].max() / stats["absmax"].median().clamp(min=1e-12)))
                 absmax[(index, g.name)] = stats["absmax"].float().cpu().numpy()
-            for method, sim in methods.items():
-                for g, found in _search_layer(layer, channels, prompts, method, sim, settings).items():
-                    scales[method][(index, g)] = found
+            searches = {method: _LayerSearch(layer, channels, prompts, sim, settings) for method, sim in methods.items()}
+            for phase in (ATTENTION_GROUPS, OTHER_GROUPS):
+                for method, search in searches.items():
+                    for g in phase:
+                        scales[method][(index, g.name)] = search.run(method, g)
+                if phase is ATTENTION_GROUPS:
+                    _release_attention(layer, channels, prompts)
         return done
 
-    logits = run.forward(reporter, "calibration", observer=observe)
+    # The layer's matrices as stored (bf16: 368 MiB of an 8B-wide layer, not 736), widened as each runs;
+    # the search reads them by the row chunk or sample (_LayerSearch.weight).
+    logits = run.forward(reporter, "calibration", observer=observe, stored=True)
     return Calibration(cset, run.tokens, settings, scales, ratio, logits, absmax)
 
 
-def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simulation, settings: SearchSettings) -> dict[str, GroupScale]:
-    """One decoder layer's groups searched in GROUPS order, each on the weights as the graph will
-    hold them once the earlier groups' folds are applied (mlp_out's fold divides up_proj's rows).
-    The MLP groups see a row sample only, sliced before any factor is applied: an 8B-wide MLP weight
-    is 200 MB in fp32, and whole scaled copies of gate, up and down held ~0.6 GB beside the layer."""
-    import torch
+# The groups judged through the attention come first in GROUPS, so every method's attention groups are
+# searched before any MLP group: the attention's weights (q, k, v, o: 160 MiB of an 8B-wide layer in
+# fp32) and the captured prompts are then freed, and the MLP search, the pass's peak, runs without them.
+ATTENTION_GROUPS = tuple(g for g in GROUPS if g.judged_on == "attention")
+OTHER_GROUPS = tuple(g for g in GROUPS if g.judged_on != "attention")
+assert GROUPS == ATTENTION_GROUPS + OTHER_GROUPS, "the attention groups must be searched first"
 
-    rows: dict = {}  # linear -> row factor [out, 1] an earlier group's fold put on it
-    columns: dict = {}  # linear -> column factor [1, in]
 
-    def weight(name, picked=None, picked_columns=None):
-        w, r, c = layer.get_submodule(name).weight.detach(), rows.get(name), columns.get(name)
+class _LayerSearch:
+    """One method's search of one decoder layer's groups, run in GROUPS order, each on the weights as
+    the graph will hold them once the earlier groups' folds are applied (mlp_out's fold divides
+    up_proj's rows). The MLP groups see a row sample only, sliced before any factor is applied: an
+    8B-wide MLP weight is 200 MB in fp32, and whole scaled copies of gate, up and down held ~0.6 GB
+    beside the layer."""
+
+    def __init__(self, layer, channels: dict, prompts: list, sim: Simulation, settings: SearchSettings):
+        self.layer, self.channels, self.prompts, self.sim, self.settings = layer, channels, prompts, sim, settings
+        self.rows: dict = {}  # linear -> row factor [out, 1] an earlier group's fold put on it
+        self.columns: dict = {}  # linear -> column factor [1, in]
+
+    def weight(self, name, picked=None, picked_columns=None):
+        w, r, c = self.layer.get_submodule(name).weight.detach(), self.rows.get(name), self.columns.get(name)
         if picked is not None:
             w, r = w[picked], (r[picked] if r is not None else None)
         if picked_columns is not None:
@@ -256,30 +273,44 @@ def _search_layer(layer, channels: dict, prompts: list, method: str, sim: Simula
         w = w.float()
         return w * (r if r is not None else 1.0) * (c if c is not None else 1.0) if r is not None or c is not None else w
 
-    def column_absmax(name):  # max |w| per input channel, a view of COLUMN_CHUNK_BYTES of rows at a time
-        n, k = layer.get_submodule(name).weight.shape
-        step = chunk_rows(k, COLUMN_CHUNK_BYTES)
-        return torch.stack([weight(name, slice(a, a + step)).abs().amax(dim=0) for a in range(0, n, step)]).amax(dim=0)
+    def column_absmax(self, name):  # max |w| per input channel, a view of COLUMN_CHUNK_BYTES of rows at a time
+        import torch
 
-    found: dict[str, GroupScale] = {}
-    for g in GROUPS:
-        stats = {**channels[g.name].stats(), "w_absmax": torch.stack([column_absmax(n) for n in g.linears]).amax(dim=0)}
+        n, k = self.layer.get_submodule(name).weight.shape
+        step = chunk_rows(k, COLUMN_CHUNK_BYTES)
+        return torch.stack([self.weight(name, slice(a, a + step)).abs().amax(dim=0) for a in range(0, n, step)]).amax(dim=0)
+
+    def run(self, method: str, g) -> GroupScale:
+        """Group g's scale (groups in GROUPS order, one call each)."""
+        import torch
+
+        layer, channels, weight = self.layer, self.channels, self.weight
+        stats = {**channels[g.name].stats(), "w_absmax": torch.stack([self.column_absmax(n) for n in g.linears]).amax(dim=0)}
         if g.judged_on == "attention":
-            forward = attention_forward(layer.self_attn, prompts, [n.removeprefix("self_attn.") for n in g.linears])
+            forward = attention_forward(layer.self_attn, self.prompts, [n.removeprefix("self_attn.") for n in g.linears])
             sample = [weight(n) for n in g.linears]
         else:
             x = torch.cat(channels[g.name].sample)
             channels[g.name].sample = [x]  # the pieces would stay beside their copy (8B-wide mlp_out: 24 MiB)
-            picked = _row_sample(layer.get_submodule(g.linears[0]).weight.shape[0], settings.max_rows)
+            picked = _row_sample(layer.get_submodule(g.linears[0]).weight.shape[0], self.settings.max_rows)
             sample = [weight(n, picked) for n in g.linears]
             forward = linear_forward(x, mlp_tail(weight("mlp.down_proj", picked_columns=picked)) if g.judged_on == "mlp" else None)
-        result = found[g.name] = search_group(method, forward, sample, stats, sim, settings)
+        result = search_group(method, forward, sample, stats, self.sim, self.settings)
         if result.family is not None:
             s = torch.from_numpy(result.scale)
-            columns.update({n: s[None, :] for n in g.linears})
+            self.columns.update({n: s[None, :] for n in g.linears})
             if g.producer_axis == "rows":
-                rows[g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
-    return found
+                self.rows[g.producer.removesuffix(".weight")] = 1.0 / s[:, None]
+        return result
+
+
+def _release_attention(layer, channels: dict, prompts: list) -> None:
+    """Drop what only the attention groups' search needed: the attention's weights (on the meta
+    device: no storage), the captured prompts and those groups' token samples."""
+    layer.self_attn.to("meta")
+    prompts.clear()
+    for g in ATTENTION_GROUPS:
+        channels[g.name].sample = []
 
 
 # Rows of a weight column_absmax reads at once, in fp32 bytes. It picked 4,096 rows by index (a copy,
@@ -428,9 +459,9 @@ def choose_embedding_precision(path, cset: CalibrationSet, cal: Calibration, sim
 
     run = _prepare(path, cset)
     rows = embedding_4bit(block, symmetric)
-    alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows), cal.logits)
-    whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows,
-                               observer=quantized_layers(cal.plan("awq"), sim)), cal.logits)
+    alone = max_dp(run.forward(reporter, "calibration (4-bit embedding)", embedding=rows, stored=True), cal.logits)
+    whole = max_dp(run.forward(reporter, "calibration (4-bit variant)", embedding=rows, stored=True,
+                               observer=quantized_layers(cal.plan("awq"), sim, compact=True)), cal.logits)
     return choose_embedding(alone, whole)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .smoothing import FoldPlan, Simulation, q4_rows_roundtrip, rounded
+from .smoothing import FoldPlan, Simulation, chunk_rows, q4_rows_roundtrip, rounded
 
 # Keep 8-bit embedding rows when the 4-bit rows alone move the calibration set's P(yes) by more than
 # this (a 0.6B-width random checkpoint: 0.26) ...
@@ -66,12 +66,15 @@ def embedding_4bit(block_size: int, symmetric: bool) -> Callable:
     return lambda rows: q4_rows_roundtrip(rows, block_size, symmetric)
 
 
-def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozenset()) -> Callable:
+def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozenset(), compact: bool = False) -> Callable:
     """stream_forward's `observer`: each decoder layer's linears replaced, before any batch runs, by
     what the variant's graph computes with `plan` folded in, in the checkpoint's coordinates:
     Y = Q(X / s) @ (Q(W r s) / r).T, s the fold's input scale, r its row factor (up_proj's rows
-    carry mlp_out's 1/s). Linears in `keep` (names without .weight) stay fp32. The weights are
-    overwritten in place (smoothing.rounded: a slice of rows at a time)."""
+    carry mlp_out's 1/s). Linears in `keep` (names without .weight) stay as read. The weights are
+    rounded a slice of rows at a time (smoothing.rounded), in place; with `compact` (for
+    stream_forward(stored=True), whose layer.Widening calls `widen_into`) where the rule has codes
+    (q4), kept as those codes and widened to the same fp32 values as each linear runs: an 8B-wide
+    layer's rounded weights are then 207 MiB, not 736."""
     import torch
 
     def observe(index: int, layer):
@@ -83,12 +86,43 @@ def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozense
             s = plan.columns.get(f"{full}.weight")
             r = plan.rows.get(f"{full}.weight")
             s = torch.ones(linear.weight.shape[1]) if s is None else torch.from_numpy(s)
-            r = torch.ones(linear.weight.shape[0]) if r is None else torch.from_numpy(r)
-            rounded(sim, linear.weight.data, s, r, out=linear.weight.data)
+            if not (compact and _round_to_codes(linear, sim, s, None if r is None else torch.from_numpy(r))):
+                r = torch.ones(linear.weight.shape[0]) if r is None else torch.from_numpy(r)
+                w = linear.weight.data.float()  # itself where already fp32
+                linear.weight.data = rounded(sim, w, s, r, out=w)
             linear.register_forward_pre_hook(lambda _m, args, s=s: (sim.activation(
                 (args[0] / s).reshape(-1, args[0].shape[-1])).reshape(args[0].shape),))
         return None
     return observe
+
+
+def _round_to_codes(linear, sim: Simulation, s, r) -> bool:
+    """Give `linear` the codes of Q(W r s) and a `widen_into(out)` that writes Q(W r s) / r from them,
+    its weight left on the meta device (no storage); False where the rule keeps no codes."""
+    import torch
+
+    w = linear.weight.data
+    if sim.codes is None or sim.codes(w[:1].float()) is None:
+        return False
+    n, k = w.shape
+    codes = torch.empty((n, k), dtype=torch.int8)
+    scales = []
+    step = chunk_rows(k)
+    for a in range(0, n, step):
+        rows = 1.0 if r is None else r[a:a + step, None]  # rounded()'s product, in its order
+        q, scale = sim.codes(w[a:a + step].float() * rows * s[None, :])
+        codes[a:a + step] = q
+        scales.append(scale)
+    scale = torch.cat(scales)
+
+    def widen_into(out):
+        out.copy_(codes)
+        out.view(n, scale.shape[1], -1).mul_(scale)
+        return out if r is None else out.div_(r[:, None])  # x / 1.0 is x: rounded()'s ones need no pass
+
+    linear.widen_into = widen_into
+    linear.weight = torch.nn.Parameter(torch.empty((n, k), device="meta"), requires_grad=False)
+    return True
 
 
 def max_dp(logits: np.ndarray, reference: np.ndarray) -> float:

@@ -104,6 +104,22 @@ def _q4_weight(w, block_size: int):
     return (q.clamp(-8, 7) * scale).reshape(n, -1)[:, :k]
 
 
+def _q4_codes(w, block_size: int):
+    """_q4_weight's rounding kept as its codes: (q int8 [n, k], scale [n, k / block_size, 1]), with
+    q.float() * scale (per block) its values; None where k is not a whole number of blocks. Only the
+    sign of a zero code is lost (int8 has no -0): a signed zero changes no sum with a nonzero term."""
+    import torch
+
+    n, k = w.shape
+    if k % block_size:
+        return None
+    b = w.reshape(n, -1, block_size)
+    hi, lo = b.amax(dim=2, keepdim=True), b.amin(dim=2, keepdim=True)
+    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8.0
+    q = torch.where(scale == 0, torch.zeros_like(b), torch.round(b / torch.where(scale == 0, torch.ones_like(scale), scale)))
+    return q.clamp(-8, 7).to(torch.int8).reshape(n, k), scale
+
+
 def _int8_blocks(x, block_size: int):
     """MatMulNBits' accuracy_level 4: the input quantized to int8 per row and block of the K axis,
     CHUNK_BYTES of rows at a time (each of the rule's temporaries is a copy of what it sees: the
@@ -157,6 +173,9 @@ class Simulation:
     # Whether each output row is quantized on its own (4-bit blocks, per-channel int8), so a weight may
     # go through `weight` a slice of rows at a time; per-tensor int8 needs the whole tensor's range.
     row_wise: bool = True
+    # (w [out, in]) -> (int8 codes [out, in], per-block scale [out, blocks, 1]) or None: `weight`'s
+    # rounding kept at a byte a weight (q4); codes.float() * scale, block by block, is `weight(w)`.
+    codes: object = None
 
 
 def simulation(method: str, block_size: int = 32, per_channel: bool = False, accuracy_level: int = 4) -> Simulation:
@@ -164,7 +183,7 @@ def simulation(method: str, block_size: int = 32, per_channel: bool = False, acc
         return Simulation(lambda w: _int8_weight(w, per_channel), _uint8_activation, row_wise=per_channel)
     if method == "awq":
         act = (lambda x: _int8_blocks(x, block_size)) if accuracy_level == 4 else (lambda x: x)
-        return Simulation(lambda w: _q4_weight(w, block_size), act)
+        return Simulation(lambda w: _q4_weight(w, block_size), act, codes=lambda w: _q4_codes(w, block_size))
     raise ValueError(f"no simulation for {method!r}")
 
 

@@ -2,8 +2,9 @@
 
 One place loads and frees a layer's weights (`_layers`); the math of a layer is layer.run_layer.
 The hidden states of every batch stay in memory between layers (the probe set's activations), the
-weights never do: peak memory is about one layer in fp32, the gathered embedding rows, and those
-activations, whatever the model size.
+weights never do: peak memory is about one layer in fp32 (or, with `stored`, as the checkpoint stores
+it plus its largest matrix in fp32), the gathered embedding rows, and those activations, whatever the
+model size.
 
 Two heads, matching the two transformers classes this stands in for:
   causal : logit(yes) - logit(no) at the last real token, positions counting real tokens only
@@ -80,7 +81,7 @@ def _row_steps(batch: EncodedBatch, intermediate: int) -> list[slice]:
 
 def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str, yes_no: tuple[int, int] = (-1, -1),
                    reporter: Reporter = NULL, label: str = "streamed", observer: Callable | None = None,
-                   embedding: Callable | None = None) -> list[np.ndarray]:
+                   embedding: Callable | None = None, stored: bool = False) -> list[np.ndarray]:
     """The streamed fp32 forward of the checkpoint at PATH over `batches`: one logit per row.
 
     `observer(index, layer)`, when given, is called with each decoder layer once its weights are
@@ -88,10 +89,22 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
     linear layers' inputs); a callable it returns is called once every batch has passed the layer,
     while its weights are still there. `embedding(rows)`, when given, replaces the gathered embedding
     rows (float32 [n, hidden]) before the first layer: calibration measures what a quantized
-    embedding alone does to the logits."""
+    embedding alone does to the logits. `stored`: each layer's matrices held as the checkpoint stores
+    them (bf16: half the memory) and widened to fp32 one linear at a time as it runs, the same
+    numbers (layer.Widening); an observer then meets weights in that dtype."""
     import torch
 
-    from .layer import BatchInputs, batch_inputs, build_layer, build_norm, build_rotary, load_layer, prepare_config, run_layer
+    from .layer import (
+        BatchInputs,
+        Widening,
+        batch_inputs,
+        build_layer,
+        build_norm,
+        build_rotary,
+        load_layer,
+        prepare_config,
+        run_layer,
+    )
     from .weights import open_weights
 
     if head not in HEADS:
@@ -127,16 +140,19 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
                              total=config.num_hidden_layers * len(batches))
         for index in range(config.num_hidden_layers):
             layer = build_layer(config)
-            load_layer(layer, weights.layer(index), index, config)
+            load_layer(layer, weights.layer(index, stored), index, config)
+            widening = Widening(layer) if stored else None
             done = observer(index, layer) if observer is not None else None
             for b, batch_steps in enumerate(steps):
                 hidden[b] = torch.cat([run_layer(layer, hidden[b][s], x) for s, x in zip(batch_steps, inputs[b])])
                 task.advance(1)
+            if widening is not None:
+                widening.close()
             if done is not None:
                 done()
             # The last references to this layer's tensors (an observer's `done` closes over the layer):
             # freed before the next layer is read, or two layers are held (8B-wide: +0.8 GB).
-            del layer, done
+            del layer, done, widening
             gc.collect()
             _trim_heap()
 

@@ -52,6 +52,49 @@ def load_layer(layer, tensors: dict, index: int, config) -> None:
     layer.self_attn.layer_idx = index
 
 
+class Widening:
+    """Lets a layer's linears hold their weights in a compact form and widen each to fp32 only while
+    it runs: the same F.linear on the same fp32 values as nn.Linear's own forward, so the same outputs
+    bit for bit, with one matrix in fp32 at a time instead of the whole layer.
+
+    The compact form is the weight as the checkpoint stores it (bf16: half of fp32), or what a linear's
+    `widen_into(out)` writes (mixed.py: a rounded weight from its 4-bit codes). While `reuse`, the fp32
+    matrix goes into one scratch buffer the size of the largest: a fresh 192 MiB allocation per call
+    (an 8B-wide MLP weight) cost twice the copy itself in page faults. close() drops the buffer, and
+    later calls (calibration's search, after the batches) widen into tensors of their own."""
+
+    def __init__(self, layer):
+        import types
+
+        import torch
+
+        self.linears = [m for m in layer.modules() if type(m) is torch.nn.Linear]
+        self.buffer = None
+        self.reuse = True
+        for module in self.linears:
+            module.forward = types.MethodType(lambda m, x: self.forward(m, x), module)
+
+    def forward(self, module, x):
+        import torch
+        from torch.nn.functional import linear
+
+        fill = getattr(module, "widen_into", None)
+        w = module.weight
+        if fill is None and w.dtype == torch.float32:
+            pass  # already fp32 (a search's replaced weight, an fp32 checkpoint)
+        elif self.reuse:
+            if self.buffer is None:
+                self.buffer = torch.empty(max(m.weight.numel() for m in self.linears))
+            out = self.buffer[:w.numel()].view(w.shape)
+            w = fill(out) if fill is not None else out.copy_(w)
+        else:
+            w = fill(torch.empty(w.shape)) if fill is not None else w.float()
+        return linear(x, w, None if module.bias is None else module.bias.float())
+
+    def close(self) -> None:
+        self.buffer, self.reuse = None, False
+
+
 @dataclass
 class BatchInputs:
     """What every layer needs for one padded batch besides its hidden states."""

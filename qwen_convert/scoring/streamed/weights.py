@@ -1,7 +1,8 @@
 """Safetensors in, fp32 torch tensors out: only what one step of the streamed forward needs.
 
 Every tensor is read with safetensors_io (any stored dtype, sharded or not) and decoded to fp32, so
-a bf16 checkpoint gives the same numbers transformers gets after `from_pretrained(dtype=float32)`.
+a bf16 checkpoint gives the same numbers transformers gets after `from_pretrained(dtype=float32)`;
+or, for a layer's matrices, held as stored (layer.Widening makes each one fp32 as it runs).
 Shapes are checked against the config for every layer before any compute starts: a checkpoint whose
 config disagrees with its tensors fails in one line instead of after an hour.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from qwen_convert.checkpoint.files import Checkpoint, open_checkpoint
 from qwen_convert.checkpoint.heads import EMBED, LM_HEAD, NORM, SCORE
 from qwen_convert.checkpoint.rope import transformers_config
-from qwen_convert.checkpoint.safetensors_io import TensorInfo, read_rows, read_tensor
+from qwen_convert.checkpoint.safetensors_io import STORED_BITS, TensorInfo, read_rows, read_stored, read_tensor
 from qwen_convert.errors import WeightsError
 
 PREFIX = "model."
@@ -54,12 +55,15 @@ class StreamedWeights:
 
         return torch.from_numpy(read_rows(self.info(EMBED), [int(t) for t in token_ids]))
 
-    def layer(self, index: int) -> dict:
-        """One decoder layer's tensors (names relative to the layer), fp32."""
+    def layer(self, index: int, stored: bool = False) -> dict:
+        """One decoder layer's tensors (names relative to the layer), fp32; with `stored`, its
+        matrices in the dtype the checkpoint stores them in (bf16, fp16, fp32: exactly the fp32
+        values once widened) and the rest fp32."""
         import torch
 
         prefix = layer_prefix(index)
-        return {name[len(prefix):]: torch.from_numpy(read_tensor(info))
+        return {name[len(prefix):]: _stored(info) if stored and len(info.shape) == 2 and info.dtype in STORED_BITS
+                else torch.from_numpy(read_tensor(info))
                 for name, info in self.tensors.items() if name.startswith(prefix)}
 
     def norm(self):
@@ -82,6 +86,13 @@ class StreamedWeights:
             raise WeightsError(f"{self.root}: score.weight has shape {list(info.shape)}, not [1, hidden]",
                                "qconv scores one-logit rerankers; re-run `qconv seqcls`")
         return torch.from_numpy(read_tensor(info))
+
+
+def _stored(info: TensorInfo):
+    import torch
+
+    tensor = torch.from_numpy(read_stored(info))
+    return tensor.view(torch.bfloat16) if info.dtype == "BF16" else tensor
 
 
 def open_weights(path: Path | str, head: str) -> StreamedWeights:
