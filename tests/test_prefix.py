@@ -153,6 +153,19 @@ def test_int8_prefix_scores_within_int8_gates(export, tiny_models):
         assert np.abs(p - 1 / (1 + np.exp(-ref))).max() <= 0.1
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fp16_prefix_scores_equal_fp16_full_prompts(tiny_models, tmp_path_factory, side):
+    """The fp16 with-past graph (fp16 activations and cache, the last layer on its gathered row, the
+    attention cast to fp32) against the same export's fp16 full-prompt graph."""
+    export = tmp_path_factory.getbasetemp() / "prefix-fp16"
+    if not (export / "quantize_config.json").exists():
+        export_onnx(tiny_models["tied_fp32"], export, ExportOptions(modes=("fp16",), fp32=False, verify=False))
+    pairs = [Pair(QUERY, d) for d in DOCS]
+    result, logits = _scored(export, variant="fp16", padding_side=side)
+    assert result.shared_pairs == len(DOCS) and result.precision == "fp16"
+    assert np.abs(_in_order(logits, pairs) - _full_graph(export, "model_fp16.onnx", pairs, side)).max() <= 2e-3
+
+
 def test_pairs_file_shares_the_template_across_queries_and_the_query_within_one(export, tmp_path):
     rows = [{"query": q, "document": d} for q in ("cats", "what is the tallest mountain on earth") for d in DOCS[:3]]
     rows.append({"query": "alone", "document": "a query with one document is scored with its full prompt"})
