@@ -96,12 +96,8 @@ def _q4_weight(w, block_size: int):
     import torch
 
     n, k = w.shape
-    pad = -k % block_size
-    b = torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, block_size)
-    hi, lo = b.amax(dim=2, keepdim=True), b.amin(dim=2, keepdim=True)
-    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8.0
-    q = torch.where(scale == 0, torch.zeros_like(b), torch.round(b / torch.where(scale == 0, torch.ones_like(scale), scale)))
-    return (q.clamp(-8, 7) * scale).reshape(n, -1)[:, :k]
+    q, scale = _q4_blocks(torch.nn.functional.pad(w, (0, -k % block_size)).reshape(n, -1, block_size))
+    return (q * scale).reshape(n, -1)[:, :k]
 
 
 def _q4_codes(w, block_size: int):
@@ -113,11 +109,18 @@ def _q4_codes(w, block_size: int):
     n, k = w.shape
     if k % block_size:
         return None
-    b = w.reshape(n, -1, block_size)
+    q, scale = _q4_blocks(w.reshape(n, -1, block_size))
+    return q.to(torch.int8).reshape(n, k), scale
+
+
+def _q4_blocks(b):
+    """b [n, blocks, block_size] -> (q in [-8, 7] as floats, scale [n, blocks, 1]): the 4-bit rule."""
+    import torch
+
     hi, lo = b.amax(dim=2, keepdim=True), b.amin(dim=2, keepdim=True)
     scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8.0
     q = torch.where(scale == 0, torch.zeros_like(b), torch.round(b / torch.where(scale == 0, torch.ones_like(scale), scale)))
-    return q.clamp(-8, 7).to(torch.int8).reshape(n, k), scale
+    return q.clamp(-8, 7), scale
 
 
 def _int8_blocks(x, block_size: int):
