@@ -167,17 +167,6 @@ def venv_python(engine: Engine, venvs: Path) -> Path:
     return Path(sys.executable) if not engine.venv else venvs / engine.venv / "bin" / "python"
 
 
-def builder_stamp() -> str:
-    """sha256 of the graph builder's sources: an export made by other code is made again, so the table
-    never times graphs an older builder wrote."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted((ROOT / "qwen_convert" / "onnx").glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
 def setup(args, engines: list[Engine]) -> dict[str, str]:
     """Build what the chosen engines need; returns {engine: why it is skipped} for the rest."""
     PEERS.mkdir(parents=True, exist_ok=True)
@@ -195,14 +184,15 @@ def setup(args, engines: list[Engine]) -> dict[str, str]:
         if e.venv and not (args.venvs / e.venv / ".installed").exists():
             skipped[e.name] = f"no built venv {args.venvs / e.venv} (make {e.venv.removeprefix('.venv-')})"
     if names & {"qconv-int8-prefix", "qconv-int8-full", "qconv-q4-prefix", "qconv-q4-full", "qconv-serve-int8"}:
-        stamp, built = EXPORT / ".builder-sha256", builder_stamp()
-        if not (EXPORT / "onnx" / "prefix" / "model_q4.onnx").exists() or not stamp.exists() or stamp.read_text() != built:
+        from report import stale, stamp
+
+        if stale(EXPORT, EXPORT / "onnx" / "prefix" / "model_q4.onnx"):
             # Naive (round-to-nearest) weights: calibration folds its scales into the same weights and ops,
             # so the graphs run at the same speed, and it costs many minutes of 0.6B forwards on 2 cores.
             log("exporting int8 + q4 (+ their with-past graphs) with the builder (missing, or the builder changed)")
             qconv("export-onnx", str(CKPT), str(EXPORT), "--no-fp32", "--quantize", "int8", "--quantize", "q4",
                   "--quant-method", "naive", "--no-verify", "--force", "--quiet")
-            stamp.write_text(built)
+            stamp(EXPORT)
     if names & {"torch-bf16", "torch-fp32", "vllm-bf16"} and not (SEQCLS / "config.json").exists():
         log("converting to seq-cls")
         qconv("seqcls", str(CKPT), str(SEQCLS), "--force", "--quiet")

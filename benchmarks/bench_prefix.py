@@ -97,9 +97,12 @@ def setup(args) -> None:
     if not (CKPT / "model.safetensors").exists():
         log("writing the 0.6B random checkpoint")
         subprocess.run([py(), str(ROOT / "benchmarks" / "make_checkpoint.py"), "0.6b", str(CKPT)], check=True)
-    if not (EXPORT / "onnx" / "prefix" / "model_quantized.onnx").exists():
-        log("exporting int8 (+ its with-past graph) with the builder")
+    from report import stale, stamp
+
+    if stale(EXPORT, EXPORT / "onnx" / "prefix" / "model_quantized.onnx"):
+        log("exporting int8 (+ its with-past graph) with the builder (missing, or the builder changed)")
         qconv("export-onnx", str(CKPT), str(EXPORT), "--no-fp32", "--quantize", "int8", "--quant-method", "naive", "--no-verify", "--force", "--quiet")
+        stamp(EXPORT)
     if args.torch and not (SEQCLS / "config.json").exists():
         log("converting to seq-cls for the torch peer")
         qconv("seqcls", str(CKPT), str(SEQCLS), "--force", "--quiet")

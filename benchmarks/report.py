@@ -33,3 +33,25 @@ def machine() -> dict:
     return {"cpu": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(),
             "flags": [f for f in CPU_FLAGS if f in flags], "load": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def builder_stamp() -> str:
+    """sha256 of the graph builder's sources (qwen_convert/onnx): a benchmark's kept export made by
+    other code is made again, so no table times graphs an older builder wrote."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((BENCHMARKS_MD.parent / "qwen_convert" / "onnx").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def stale(export: Path, marker: Path) -> bool:
+    """Whether `export` must be made again: `marker` missing, or its builder stamp not today's."""
+    stamp = export / ".builder-sha256"
+    return not marker.exists() or not stamp.exists() or stamp.read_text() != builder_stamp()
+
+
+def stamp(export: Path) -> None:
+    """Record the builder that made `export` (see stale)."""
+    (export / ".builder-sha256").write_text(builder_stamp())
