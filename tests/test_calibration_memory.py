@@ -137,3 +137,41 @@ def test_variant_forward_from_4bit_codes_is_the_fp32_one(model, outlier, bf16_tw
     assert held == [True] * len(held) and held
     assert np.array_equal(codes, plain)
     assert not np.array_equal(plain, cal.logits)  # the simulation rounds something
+
+
+def test_layers_left_in_the_file_calibrate_as_held(bf16_twins, cset, monkeypatch):
+    """With no layer held (HOLD_BYTES 0: every matrix read from the checkpoint as its linear runs, and
+    by the row chunk or sample in the search), the pass finds exactly what it finds holding them:
+    the same logits, statistics and scales, the same embedding choice, and the same simulated 4-bit
+    variant from codes (whose rows it also reads from the file)."""
+    from qwen_convert.onnx.mixed import quantized_layers
+    from qwen_convert.progress import NULL
+    from qwen_convert.scoring.streamed import weights
+
+    held = calibration.calibrate(bf16_twins[0], cset, SIMS)
+    run = calibration._prepare(bf16_twins[0], cset)
+    held_variant = run.forward(NULL, "held", observer=quantized_layers(held.plan("awq"), SIMS["awq"], compact=True), stored=True)
+    held_embedding = calibration.choose_embedding_precision(bf16_twins[0], cset, held, SIMS["awq"], 32, True)
+
+    monkeypatch.setattr(weights, "HOLD_BYTES", 0)
+    meta = []
+    release = calibration._release_attention
+
+    def released(layer, *args):
+        meta.append(all(layer.get_submodule(n).weight.is_meta for n in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")))
+        release(layer, *args)
+
+    monkeypatch.setattr(calibration, "_release_attention", released)
+    in_file = calibration.calibrate(bf16_twins[0], cset, SIMS)
+    assert meta and all(meta)
+    assert np.array_equal(in_file.logits, held.logits)
+    assert all(np.array_equal(in_file.absmax[k], held.absmax[k]) for k in held.absmax)
+    for method in SIMS:
+        _same(in_file.scales[method], held.scales[method])
+    variant = run.forward(NULL, "file", observer=quantized_layers(in_file.plan("awq"), SIMS["awq"], compact=True), stored=True)
+    assert np.array_equal(variant, held_variant) and not np.array_equal(variant, held.logits)
+    assert calibration.choose_embedding_precision(bf16_twins[0], cset, in_file, SIMS["awq"], 32, True) == held_embedding
+    int8 = quantized_layers(in_file.plan("smoothquant"), SIMS["smoothquant"])  # no codes: rounded in fp32 from the file
+    from_file = run.forward(NULL, "int8 file", observer=int8, stored=True)
+    monkeypatch.setattr(weights, "HOLD_BYTES", 1 << 40)
+    assert np.array_equal(from_file, run.forward(NULL, "int8 held", observer=int8, stored=True))

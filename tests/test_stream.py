@@ -123,6 +123,51 @@ def test_weights_held_as_stored_give_the_same_bits(real_widths):
     assert all(np.array_equal(a, b) for a, b in zip(held, plain))
 
 
+@pytest.mark.parametrize("chunk", ["whole", "rows"])
+def test_layers_left_in_the_file_give_the_fp32_forward(real_widths, monkeypatch, chunk):
+    """A layer over HOLD_BYTES is not read at all: its linears read their rows from the checkpoint as
+    they run. A matrix that fits one chunk is the same single matmul (the same bits); a matrix read
+    in row chunks fills its output a slice of columns at a time (within fp32 rounding)."""
+    from qwen_convert.scoring.streamed import layer, weights
+    from qwen_convert.scoring.streamed.weights import FileMatrix
+
+    batches = _batches(real_widths, "left", SHORT)
+    plain = np.concatenate(stream_forward(real_widths, batches, "causal", _yes_no(real_widths)))
+    monkeypatch.setattr(weights, "HOLD_BYTES", 0)
+    if chunk == "rows":
+        monkeypatch.setattr(layer, "ROW_CHUNK_BYTES", 4 * REAL_WIDTHS.hidden_size * 100)  # 100 rows a chunk
+    reads = []
+    rows = FileMatrix.rows
+    monkeypatch.setattr(FileMatrix, "rows", lambda self, a, b: reads.append((self.info.name, a, b)) or rows(self, a, b))
+    seen = []
+    observe = lambda _i, m: seen.append((m.mlp.down_proj.weight.is_meta, m.self_attn.q_proj.source.shape))  # noqa: E731
+    got = np.concatenate(stream_forward(real_widths, batches, "causal", _yes_no(real_widths), observer=observe, stored=True))
+    q_rows = REAL_WIDTHS.num_attention_heads * REAL_WIDTHS.head_dim
+    assert seen == [(True, (q_rows, REAL_WIDTHS.hidden_size))] * REAL_WIDTHS.num_hidden_layers
+    up = [(a, b) for name, a, b in reads if name == "model.layers.0.mlp.up_proj.weight"]
+    if chunk == "whole":
+        assert set(up) == {(0, REAL_WIDTHS.intermediate_size)}
+        assert np.array_equal(got, plain)
+    else:
+        assert sorted(set(up))[:2] == [(0, 100), (100, 200)] and max(b for _a, b in up) == REAL_WIDTHS.intermediate_size
+        assert np.abs(got - plain).max() <= TOL
+
+
+def test_spilled_hidden_states_give_the_same_bits(real_widths, monkeypatch):
+    """spill=True keeps every batch's hidden states in a temporary file between layers (calibration's
+    passes): each batch is read back once per layer and at the head, and the logits are the held ones."""
+    from qwen_convert.scoring.streamed import hidden
+
+    batches = _batches(real_widths, "right", SHORT, batch_size=2)
+    held = stream_forward(real_widths, batches, "causal", _yes_no(real_widths))
+    reads = []
+    get = hidden.SpilledStates.get
+    monkeypatch.setattr(hidden.SpilledStates, "get", lambda self, i: reads.append(i) or get(self, i))
+    spilled = stream_forward(real_widths, batches, "causal", _yes_no(real_widths), spill=True)
+    assert sorted(reads) == sorted(list(range(len(batches))) * (REAL_WIDTHS.num_hidden_layers + 1))
+    assert all(np.array_equal(a, b) for a, b in zip(spilled, held))
+
+
 def torch_dtype(name: str):
     import torch
 

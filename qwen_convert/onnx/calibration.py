@@ -265,12 +265,13 @@ class _LayerSearch:
         self.columns: dict = {}  # linear -> column factor [1, in]
 
     def weight(self, name, picked=None, picked_columns=None):
-        w, r, c = self.layer.get_submodule(name).weight.detach(), self.rows.get(name), self.columns.get(name)
-        if picked is not None:
-            w, r = w[picked], (r[picked] if r is not None else None)
-        if picked_columns is not None:
-            w, c = w[:, picked_columns], (c[:, picked_columns] if c is not None else None)
-        w = w.float()
+        from qwen_convert.scoring.streamed.layer import linear_weight
+
+        w, r, c = linear_weight(self.layer.get_submodule(name), picked, picked_columns), self.rows.get(name), self.columns.get(name)
+        if picked is not None and r is not None:
+            r = r[picked]
+        if picked_columns is not None and c is not None:
+            c = c[:, picked_columns]
         return w * (r if r is not None else 1.0) * (c if c is not None else 1.0) if r is not None or c is not None else w
 
     def column_absmax(self, name):  # max |w| per input channel, a view of COLUMN_CHUNK_BYTES of rows at a time
@@ -284,11 +285,15 @@ class _LayerSearch:
         """Group g's scale (groups in GROUPS order, one call each)."""
         import torch
 
+        from qwen_convert.scoring.streamed.layer import stored_weight
+
         layer, channels, weight = self.layer, self.channels, self.weight
         stats = {**channels[g.name].stats(), "w_absmax": torch.stack([self.column_absmax(n) for n in g.linears]).amax(dim=0)}
         if g.judged_on == "attention":
             forward = attention_forward(layer.self_attn, self.prompts, [n.removeprefix("self_attn.") for n in g.linears])
-            sample = [weight(n) for n in g.linears]
+            # As stored (8B-wide q/k/v in bf16: 50 MiB, not 100); rounded() and the module widen them.
+            assert not any(n in self.rows or n in self.columns for n in g.linears), "attention groups come first"
+            sample = [stored_weight(layer.get_submodule(n)) for n in g.linears]
         else:
             x = torch.cat(channels[g.name].sample)
             channels[g.name].sample = [x]  # the pieces would stay beside their copy (8B-wide mlp_out: 24 MiB)
@@ -342,7 +347,7 @@ class _Run:
         from qwen_convert.scoring.streamed.engine import stream_forward
 
         try:
-            logits = stream_forward(self.path, self.batches, self.head, self.yes_no, reporter, label, **hooks)
+            logits = stream_forward(self.path, self.batches, self.head, self.yes_no, reporter, label, spill=True, **hooks)
         except RuntimeError as exc:  # torch's own errors (memory, shapes) as one line
             raise QconvError(f"calibration pass failed: {str(exc).splitlines()[0]}", "run with QCONV_DEBUG=1 for the traceback") from exc
         return np.concatenate(logits) if logits else np.zeros(0)

@@ -72,10 +72,12 @@ def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozense
     Y = Q(X / s) @ (Q(W r s) / r).T, s the fold's input scale, r its row factor (up_proj's rows
     carry mlp_out's 1/s). Linears in `keep` (names without .weight) stay as read. The weights are
     rounded a slice of rows at a time (smoothing.rounded), in place; with `compact` (for
-    stream_forward(stored=True), whose layer.Widening calls `widen_into`) where the rule has codes
+    stream_forward(stored=True), whose layer.Widening calls `widen_rows`) where the rule has codes
     (q4), kept as those codes and widened to the same fp32 values as each linear runs: an 8B-wide
-    layer's rounded weights are then 207 MiB, not 736."""
+    layer's rounded weights are then 128 MiB, not 736."""
     import torch
+
+    from qwen_convert.scoring.streamed.layer import linear_weight
 
     def observe(index: int, layer):
         for name in LINEARS:
@@ -88,41 +90,61 @@ def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozense
             s = torch.ones(linear.weight.shape[1]) if s is None else torch.from_numpy(s)
             if not (compact and _round_to_codes(linear, sim, s, None if r is None else torch.from_numpy(r))):
                 r = torch.ones(linear.weight.shape[0]) if r is None else torch.from_numpy(r)
-                w = linear.weight.data.float()  # itself where already fp32
-                linear.weight.data = rounded(sim, w, s, r, out=w)
-            linear.register_forward_pre_hook(lambda _m, args, s=s: (sim.activation(
-                (args[0] / s).reshape(-1, args[0].shape[-1])).reshape(args[0].shape),))
+                w = linear_weight(linear)  # the weight itself where already fp32
+                linear.weight = torch.nn.Parameter(rounded(sim, w, s, r, out=w), requires_grad=False)
+            linear.register_forward_pre_hook(lambda _m, args, s=s: (sim.scaled_activation(
+                args[0].reshape(-1, args[0].shape[-1]), s).reshape(args[0].shape),))
         return None
     return observe
 
 
 def _round_to_codes(linear, sim: Simulation, s, r) -> bool:
-    """Give `linear` the codes of Q(W r s) and a `widen_into(out)` that writes Q(W r s) / r from them,
-    its weight left on the meta device (no storage); False where the rule keeps no codes."""
+    """Give `linear` the codes of Q(W r s) and a `widen_rows(start, stop, out)` that writes those
+    rows of Q(W r s) / r from them, its weight left on the meta device (no storage); False where the
+    rule keeps no codes, or the codes do not pair up (an odd width). Codes (4-bit, [-8, 7]) are kept
+    two a byte: an 8B-wide layer's rounded weights are 104 MiB and their block scales 24 MiB. The weight's rows are read a slice at a time (from the checkpoint, where
+    the layer is left there)."""
     import torch
 
-    w = linear.weight.data
-    if sim.codes is None or sim.codes(w[:1].float()) is None:
+    from qwen_convert.scoring.streamed.layer import linear_weight
+
+    if sim.codes is None or linear.weight.shape[1] % 2 or sim.codes(linear_weight(linear, slice(0, 1))) is None:
         return False
-    n, k = w.shape
-    codes = torch.empty((n, k), dtype=torch.int8)
+    n, k = linear.weight.shape
+    codes = torch.empty((n, k // 2), dtype=torch.uint8)  # two 4-bit codes a byte
     scales = []
     step = chunk_rows(k)
     for a in range(0, n, step):
         rows = 1.0 if r is None else r[a:a + step, None]  # rounded()'s product, in its order
-        q, scale = sim.codes(w[a:a + step].float() * rows * s[None, :])
-        codes[a:a + step] = q
+        q, scale = sim.codes(linear_weight(linear, slice(a, a + step)) * rows * s[None, :])
+        codes[a:a + step] = _pack4(q)
         scales.append(scale)
     scale = torch.cat(scales)
 
-    def widen_into(out):
-        out.copy_(codes)
-        out.view(n, scale.shape[1], -1).mul_(scale)
-        return out if r is None else out.div_(r[:, None])  # x / 1.0 is x: rounded()'s ones need no pass
+    def widen_rows(a, b, out):
+        _unpack4_into(codes[a:b], out)
+        out.view(b - a, scale.shape[1], -1).mul_(scale[a:b])
+        return out if r is None else out.div_(r[a:b, None])  # x / 1.0 is x: rounded()'s ones need no pass
 
-    linear.widen_into = widen_into
+    linear.widen_rows = widen_rows
     linear.weight = torch.nn.Parameter(torch.empty((n, k), device="meta"), requires_grad=False)
     return True
+
+
+def _pack4(q):
+    """int8 codes in [-8, 7], [n, k] (k even) -> uint8 [n, k / 2]: code + 8 in each nibble, even columns low."""
+    import torch
+
+    u = (q + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def _unpack4_into(packed, out):
+    """_pack4's inverse into fp32 `out` [n, k]: the very codes, as floats (exact)."""
+    pairs = out.view(out.shape[0], -1, 2)
+    pairs[..., 0].copy_(packed & 15)
+    pairs[..., 1].copy_(packed >> 4)
+    return out.sub_(8)
 
 
 def max_dp(logits: np.ndarray, reference: np.ndarray) -> float:

@@ -123,18 +123,19 @@ def _q4_blocks(b):
     return q.clamp(-8, 7), scale
 
 
-def _int8_blocks(x, block_size: int):
-    """MatMulNBits' accuracy_level 4: the input quantized to int8 per row and block of the K axis,
-    CHUNK_BYTES of rows at a time (each of the rule's temporaries is a copy of what it sees: the
-    search's 512-token sample of an 8B-wide down_proj input is 24 MiB)."""
+def _int8_blocks(x, block_size: int, s=None):
+    """MatMulNBits' accuracy_level 4: the input (divided by `s`, a smoothing scale, where given)
+    quantized to int8 per row and block of the K axis, CHUNK_BYTES of rows at a time (each of the
+    rule's temporaries is a copy of what it sees: the search's 512-token sample of an 8B-wide
+    down_proj input is 24 MiB; so is x / s, never whole here)."""
     import torch
 
     step = chunk_rows(x.shape[1])
     if x.shape[0] <= step:
-        return _int8_block_rows(x, block_size)
+        return _int8_block_rows(x if s is None else x / s, block_size)
     out = torch.empty_like(x)
     for a in range(0, x.shape[0], step):
-        out[a:a + step] = _int8_block_rows(x[a:a + step], block_size)
+        out[a:a + step] = _int8_block_rows(x[a:a + step] if s is None else x[a:a + step] / s, block_size)
     return out
 
 
@@ -177,8 +178,13 @@ class Simulation:
     # go through `weight` a slice of rows at a time; per-tensor int8 needs the whole tensor's range.
     row_wise: bool = True
     # (w [out, in]) -> (int8 codes [out, in], per-block scale [out, blocks, 1]) or None: `weight`'s
-    # rounding kept at a byte a weight (q4); codes.float() * scale, block by block, is `weight(w)`.
+    # rounding kept as 4-bit codes in [-8, 7] (q4); codes.float() * scale, block by block, is `weight(w)`.
     codes: object = None
+    # (x [tokens, in], s [in]) -> activation(x / s), where the rule is row-wise without x / s whole.
+    scaled: object = None
+
+    def scaled_activation(self, x, s):
+        return self.scaled(x, s) if self.scaled is not None else self.activation(x / s)
 
 
 def simulation(method: str, block_size: int = 32, per_channel: bool = False, accuracy_level: int = 4) -> Simulation:
@@ -186,7 +192,8 @@ def simulation(method: str, block_size: int = 32, per_channel: bool = False, acc
         return Simulation(lambda w: _int8_weight(w, per_channel), _uint8_activation, row_wise=per_channel)
     if method == "awq":
         act = (lambda x: _int8_blocks(x, block_size)) if accuracy_level == 4 else (lambda x: x)
-        return Simulation(lambda w: _q4_weight(w, block_size), act, codes=lambda w: _q4_codes(w, block_size))
+        scaled = (lambda x, s: _int8_blocks(x, block_size, s)) if accuracy_level == 4 else None
+        return Simulation(lambda w: _q4_weight(w, block_size), act, codes=lambda w: _q4_codes(w, block_size), scaled=scaled)
     raise ValueError(f"no simulation for {method!r}")
 
 
@@ -207,7 +214,7 @@ def rounded(sim: Simulation, w, s, r=None, out=None):
     where the rule is row-wise; into `out` (may be w itself), else a new tensor."""
     import torch
 
-    out = torch.empty_like(w) if out is None else out
+    out = torch.empty(w.shape) if out is None else out  # fp32 whatever w's dtype (a bf16 weight as stored)
     step = chunk_rows(w.shape[1]) if sim.row_wise else w.shape[0]
     for a in range(0, w.shape[0], step):
         rows = 1.0 if r is None else r[a:a + step, None]
@@ -307,7 +314,7 @@ def search_group(method: str, forward, weights: Sequence, stats: dict, sim: Simu
     powers = [float((r * r).mean()) or 1.0 for r in refs]
 
     def error(s) -> float:
-        got = forward(lambda x: sim.activation(x / s), [rounded(sim, w, s) for w in weights])
+        got = forward(lambda x: sim.scaled_activation(x, s), [rounded(sim, w, s) for w in weights])
         return sum(float(((g - r) ** 2).mean()) / p for g, r, p in zip(got, refs, powers))
 
     ones = torch.ones_like(w_absmax)

@@ -1,10 +1,10 @@
 """The streamed forward: embed -> every prompt through layer 1, free it, layer 2, ... -> norm -> head.
 
 One place loads and frees a layer's weights (`_layers`); the math of a layer is layer.run_layer.
-The hidden states of every batch stay in memory between layers (the probe set's activations), the
-weights never do: peak memory is about one layer in fp32 (or, with `stored`, as the checkpoint stores
-it plus its largest matrix in fp32), the gathered embedding rows, and those activations, whatever the
-model size.
+The hidden states of every batch stay in memory between layers (the probe set's activations; with
+`spill`, in a temporary file), the weights never do: peak memory is about one layer in fp32 (or, with
+`stored`, as the checkpoint stores it, or for a layer over weights.HOLD_BYTES nothing of it but one
+chunk of rows in fp32), the gathered embedding rows, and those activations, whatever the model size.
 
 Two heads, matching the two transformers classes this stands in for:
   causal : logit(yes) - logit(no) at the last real token, positions counting real tokens only
@@ -81,7 +81,7 @@ def _row_steps(batch: EncodedBatch, intermediate: int) -> list[slice]:
 
 def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str, yes_no: tuple[int, int] = (-1, -1),
                    reporter: Reporter = NULL, label: str = "streamed", observer: Callable | None = None,
-                   embedding: Callable | None = None, stored: bool = False) -> list[np.ndarray]:
+                   embedding: Callable | None = None, stored: bool = False, spill: bool = False) -> list[np.ndarray]:
     """The streamed fp32 forward of the checkpoint at PATH over `batches`: one logit per row.
 
     `observer(index, layer)`, when given, is called with each decoder layer once its weights are
@@ -91,9 +91,12 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
     rows (float32 [n, hidden]) before the first layer: calibration measures what a quantized
     embedding alone does to the logits. `stored`: each layer's matrices held as the checkpoint stores
     them (bf16: half the memory) and widened to fp32 one linear at a time as it runs, the same
-    numbers (layer.Widening); an observer then meets weights in that dtype."""
+    numbers (layer.Widening); an observer then meets weights in that dtype, or, for a layer too
+    big to hold (weights.HOLD_BYTES), on the meta device with a `source` to read them from. `spill`:
+    the batches' hidden states wait between layers in a temporary file, not in memory (hidden.py)."""
     import torch
 
+    from .hidden import hidden_states
     from .layer import (
         BatchInputs,
         Widening,
@@ -126,25 +129,33 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
         rows = weights.embedding_rows(vocab)
         if embedding is not None:
             rows = torch.as_tensor(embedding(rows.numpy()))
-        hidden = [rows[torch.from_numpy(np.searchsorted(vocab, b.input_ids))] for b in batches]
-        del rows
         rotary = build_rotary(config)
         steps = [_row_steps(b, config.intermediate_size) for b in batches]
+        states = hidden_states([(*b.input_ids.shape, config.hidden_size) for b in batches], spill)
         inputs: list[list[BatchInputs]] = []
-        for b, h, batch_steps in zip(batches, hidden, steps):
+        for i, (b, batch_steps) in enumerate(zip(batches, steps)):
+            h = rows[torch.from_numpy(np.searchsorted(vocab, b.input_ids))]
             mask, positions = torch.from_numpy(b.attention_mask), _positions(b, head)
             inputs.append([batch_inputs(config, rotary, h[s], mask[s], positions[s] if positions.shape[0] > 1 else positions)
                            for s in batch_steps])
+            states.put(i, h)
+        del rows, h
 
         task = reporter.task(f"{label}: {config.num_hidden_layers} layers x {len(batches)} batches",
                              total=config.num_hidden_layers * len(batches))
         for index in range(config.num_hidden_layers):
             layer = build_layer(config)
-            load_layer(layer, weights.layer(index, stored), index, config)
+            tensors, sources = weights.layer(index, stored)
+            load_layer(layer, tensors, index, config, sources)
+            del tensors
             widening = Widening(layer) if stored else None
             done = observer(index, layer) if observer is not None else None
             for b, batch_steps in enumerate(steps):
-                hidden[b] = torch.cat([run_layer(layer, hidden[b][s], x) for s, x in zip(batch_steps, inputs[b])])
+                h = states.get(b)
+                states.put(b, torch.cat([run_layer(layer, h[s], x) for s, x in zip(batch_steps, inputs[b])]))
+                del h
+                if spill:  # a prompt's sub-threshold temporaries, back before the next one (8B-wide: +70 MiB a layer)
+                    _trim_heap()
                 task.advance(1)
             if widening is not None:
                 widening.close()
@@ -157,8 +168,12 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
             _trim_heap()
 
         norm = build_norm(config, weights.norm())
-        last = [h[torch.arange(h.shape[0]), torch.from_numpy(_last_token(b, head, pad_id))] for h, b in zip(hidden, batches)]
-        del hidden
+        last = []
+        for i, b in enumerate(batches):
+            h = states.get(i)
+            last.append(h[torch.arange(h.shape[0]), torch.from_numpy(_last_token(b, head, pad_id))])
+        del h
+        states.close()
         if head == "causal":
             w = weights.head_rows(yes_no)  # [2, hidden]: logit(yes), logit(no) and nothing else of the vocabulary
             out = [(norm(x) @ w.T) for x in last]

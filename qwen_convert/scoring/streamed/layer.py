@@ -38,8 +38,10 @@ def layer_shapes(config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in build_layer(config).state_dict().items()}
 
 
-def load_layer(layer, tensors: dict, index: int, config) -> None:
-    """Give `layer` the tensors of decoder layer `index` (names relative to model.layers.N.)."""
+def load_layer(layer, tensors: dict, index: int, config, sources: dict | None = None) -> None:
+    """Give `layer` the tensors of decoder layer `index` (names relative to model.layers.N.); each
+    linear whose weight is in `sources` (weights.FileMatrix, its tensor a meta one) reads it from
+    there as it runs (Widening) and in linear_weight."""
     from qwen_convert.errors import WeightsError
 
     try:
@@ -50,18 +52,62 @@ def load_layer(layer, tensors: dict, index: int, config) -> None:
                            "the config disagrees with the tensors; re-download or re-convert the model") from exc
     layer.attention_type = config.layer_types[index]
     layer.self_attn.layer_idx = index
+    for name, source in (sources or {}).items():
+        layer.get_submodule(name.removesuffix(".weight")).source = source
+
+
+def linear_weight(module, rows=None, columns=None):
+    """A linear's weight in fp32, wherever it is: its own tensor (any dtype), or its file source,
+    read a chunk of rows at a time so that only the result is ever whole. `rows`: a slice or index
+    tensor; `columns`: an index tensor (taken from each chunk as it is read). The same values either
+    way: a stored bf16 widens exactly."""
+    import torch
+
+    source = getattr(module, "source", None)
+    w = module.weight
+    if source is None or w.device.type != "meta":
+        w = w.detach()
+        w = w if rows is None else w[rows]
+        return (w if columns is None else w[:, columns]).float()
+    if columns is None:
+        return source.pick(rows if rows is not None else slice(None))
+    if rows is not None:
+        return source.pick(rows)[:, columns]
+    return torch.cat([source.rows(a, b)[:, columns] for a, b in row_chunks(*source.shape)])
+
+
+# fp32 bytes of the rows of a weight that one matmul takes at a time, wherever its rows come from (the
+# checkpoint file, 4-bit codes, a held bf16 copy): a 0.6B matrix (at most 12 MiB) is one chunk, the same
+# single matmul as nn.Linear's; an 8B MLP matrix (192 MiB in fp32) twelve.
+ROW_CHUNK_BYTES = 16 << 20
+
+
+def stored_weight(module):
+    """A linear's weight as the checkpoint stores it (bf16: half of fp32): its own tensor, or read
+    whole from its file source. Run through the module (Widening), it gives linear_weight's numbers."""
+    source = getattr(module, "source", None)
+    return source.stored() if source is not None and module.weight.is_meta else module.weight.detach()
+
+
+def row_chunks(n: int, k: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of an [n, k] weight's rows, each at most ROW_CHUNK_BYTES in fp32."""
+    step = max(1, ROW_CHUNK_BYTES // (4 * k))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
 class Widening:
-    """Lets a layer's linears hold their weights in a compact form and widen each to fp32 only while
-    it runs: the same F.linear on the same fp32 values as nn.Linear's own forward, so the same outputs
-    bit for bit, with one matrix in fp32 at a time instead of the whole layer.
+    """Lets a layer's linears keep their weights compact, or not at all, and widen them to fp32 only
+    while they run, a chunk of rows (output features) at a time (row_chunks): each chunk's outputs
+    are F.linear on the same fp32 values as nn.Linear's own forward, and a weight of one chunk is that
+    very call, bit for bit.
 
-    The compact form is the weight as the checkpoint stores it (bf16: half of fp32), or what a linear's
-    `widen_into(out)` writes (mixed.py: a rounded weight from its 4-bit codes). While `reuse`, the fp32
-    matrix goes into one scratch buffer the size of the largest: a fresh 192 MiB allocation per call
-    (an 8B-wide MLP weight) cost twice the copy itself in page faults. close() drops the buffer, and
-    later calls (calibration's search, after the batches) widen into tensors of their own."""
+    Where a linear's rows come from, first match:
+      * `widen_rows(start, stop, out)` (mixed.py: a rounded weight kept as its 4-bit codes);
+      * its own weight when it is fp32 (a search's replaced weight, an fp32 checkpoint): used as is;
+      * `source` (weights.FileMatrix) when its weight is on the meta device: read from the checkpoint;
+      * its own weight as the checkpoint stores it (bf16: half of fp32), widened.
+    A widened chunk goes into one scratch buffer (a fresh allocation per call cost twice the copy
+    itself in page faults); close() drops it."""
 
     def __init__(self, layer):
         import types
@@ -69,8 +115,7 @@ class Widening:
         import torch
 
         self.linears = [m for m in layer.modules() if type(m) is torch.nn.Linear]
-        self.buffer = None
-        self.reuse = True
+        self.scratch = None
         for module in self.linears:
             module.forward = types.MethodType(lambda m, x: self.forward(m, x), module)
 
@@ -78,21 +123,34 @@ class Widening:
         import torch
         from torch.nn.functional import linear
 
-        fill = getattr(module, "widen_into", None)
-        w = module.weight
-        if fill is None and w.dtype == torch.float32:
-            pass  # already fp32 (a search's replaced weight, an fp32 checkpoint)
-        elif self.reuse:
-            if self.buffer is None:
-                self.buffer = torch.empty(max(m.weight.numel() for m in self.linears))
-            out = self.buffer[:w.numel()].view(w.shape)
-            w = fill(out) if fill is not None else out.copy_(w)
+        fill, w = getattr(module, "widen_rows", None), module.weight
+        bias = None if module.bias is None else module.bias.float()
+        if fill is None and w.dtype == torch.float32 and not w.is_meta:
+            return linear(x, w, bias)
+        n, k = w.shape
+        if fill is not None:
+            rows = lambda a, b: fill(a, b, self._scratch(b - a, k))  # noqa: E731
+        elif w.is_meta:
+            rows = module.source.rows
         else:
-            w = fill(torch.empty(w.shape)) if fill is not None else w.float()
-        return linear(x, w, None if module.bias is None else module.bias.float())
+            rows = lambda a, b: self._scratch(b - a, k).copy_(w[a:b])  # noqa: E731
+        chunks = row_chunks(n, k)
+        if len(chunks) == 1:
+            return linear(x, rows(0, n), bias)
+        out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+        for a, b in chunks:
+            out[..., a:b] = linear(x, rows(a, b), None if bias is None else bias[a:b])
+        return out
+
+    def _scratch(self, rows: int, k: int):
+        import torch
+
+        if self.scratch is None or self.scratch.numel() < rows * k:
+            self.scratch = torch.empty(rows * k)
+        return self.scratch[:rows * k].view(rows, k)
 
     def close(self) -> None:
-        self.buffer, self.reuse = None, False
+        self.scratch = None
 
 
 @dataclass

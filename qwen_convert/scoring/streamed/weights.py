@@ -18,7 +18,7 @@ import numpy as np
 from qwen_convert.checkpoint.files import Checkpoint, open_checkpoint
 from qwen_convert.checkpoint.heads import EMBED, LM_HEAD, NORM, SCORE
 from qwen_convert.checkpoint.rope import transformers_config
-from qwen_convert.checkpoint.safetensors_io import STORED_BITS, TensorInfo, read_rows, read_stored, read_tensor
+from qwen_convert.checkpoint.safetensors_io import STORED_BITS, TensorInfo, read_row_range, read_rows, read_stored, read_tensor
 from qwen_convert.errors import WeightsError
 
 PREFIX = "model."
@@ -55,16 +55,22 @@ class StreamedWeights:
 
         return torch.from_numpy(read_rows(self.info(EMBED), [int(t) for t in token_ids]))
 
-    def layer(self, index: int, stored: bool = False) -> dict:
-        """One decoder layer's tensors (names relative to the layer), fp32; with `stored`, its
-        matrices in the dtype the checkpoint stores them in (bf16, fp16, fp32: exactly the fp32
-        values once widened) and the rest fp32."""
+    def layer(self, index: int, stored: bool = False) -> tuple[dict, dict[str, FileMatrix]]:
+        """One decoder layer's tensors (names relative to the layer), fp32, and the matrices left in
+        the file (none unless `stored`). With `stored`, its matrices as the checkpoint stores them
+        (bf16, fp16, fp32: exactly the fp32 values once widened), or, where the layer's matrices
+        take more than HOLD_BYTES, not read at all: meta tensors, and a FileMatrix for each that
+        the linear reads from as it runs (layer.Widening)."""
         import torch
 
         prefix = layer_prefix(index)
-        return {name[len(prefix):]: _stored(info) if stored and len(info.shape) == 2 and info.dtype in STORED_BITS
-                else torch.from_numpy(read_tensor(info))
-                for name, info in self.tensors.items() if name.startswith(prefix)}
+        infos = {name[len(prefix):]: info for name, info in self.tensors.items() if name.startswith(prefix)}
+        matrices = {n for n, info in infos.items() if stored and len(info.shape) == 2 and info.dtype in STORED_BITS}
+        in_file = sum(infos[n].nbytes for n in matrices) > HOLD_BYTES
+        sources = {n: FileMatrix(infos[n]) for n in matrices} if in_file else {}
+        tensors = {n: torch.empty(info.shape, device="meta") if n in sources else _stored(info) if n in matrices
+                   else torch.from_numpy(read_tensor(info)) for n, info in infos.items()}
+        return tensors, sources
 
     def norm(self):
         import torch
@@ -86,6 +92,42 @@ class StreamedWeights:
             raise WeightsError(f"{self.root}: score.weight has shape {list(info.shape)}, not [1, hidden]",
                                "qconv scores one-logit rerankers; re-run `qconv seqcls`")
         return torch.from_numpy(read_tensor(info))
+
+
+# A layer whose matrices take more than this as stored is not held: each matrix is read from the file
+# a chunk of rows at a time as its linear runs (FileMatrix). The 0.6B's layer (30 MiB in bf16) is held;
+# an 8B's (368 MiB), whose bf16 copy was a quarter of the calibrated export's peak, is not.
+HOLD_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class FileMatrix:
+    """A layer matrix left in the checkpoint: rows read (and decoded to fp32, exactly) on demand.
+    Reads go through the page cache with read(2), so nothing of it stays in the process's memory."""
+
+    info: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.info.shape)
+
+    def rows(self, start: int, stop: int):
+        import torch
+
+        return torch.from_numpy(read_row_range(self.info, start, stop))
+
+    def stored(self):
+        """The whole matrix as stored (bf16, fp16 or fp32), undecoded."""
+        return _stored(self.info)
+
+    def pick(self, index) -> object:
+        """The rows at `index` (a 1-D tensor of row numbers, or a slice)."""
+        import torch
+
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            return self.rows(start, stop)[::step] if step != 1 else self.rows(start, stop)
+        return torch.from_numpy(read_rows(self.info, [int(i) for i in index]))
 
 
 def _stored(info: TensorInfo):
