@@ -168,7 +168,13 @@ def test_layers_left_in_the_file_calibrate_as_held(bf16_twins, cset, monkeypatch
     assert all(np.array_equal(in_file.absmax[k], held.absmax[k]) for k in held.absmax)
     for method in SIMS:
         _same(in_file.scales[method], held.scales[method])
+    from qwen_convert.onnx import mixed
+
+    spilled = []
+    rows = mixed._FileCodes.rows
+    monkeypatch.setattr(mixed._FileCodes, "rows", lambda self, a, b: spilled.append((a, b)) or rows(self, a, b))
     variant = run.forward(NULL, "file", observer=quantized_layers(in_file.plan("awq"), SIMS["awq"], compact=True), stored=True)
+    assert spilled  # the codes of a layer left in the file wait in a temporary file too
     assert np.array_equal(variant, held_variant) and not np.array_equal(variant, held.logits)
     assert calibration.choose_embedding_precision(bf16_twins[0], cset, in_file, SIMS["awq"], 32, True) == held_embedding
     int8 = quantized_layers(in_file.plan("smoothquant"), SIMS["smoothquant"])  # no codes: rounded in fp32 from the file

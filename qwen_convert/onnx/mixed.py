@@ -101,9 +101,10 @@ def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozense
 def _round_to_codes(linear, sim: Simulation, s, r) -> bool:
     """Give `linear` the codes of Q(W r s) and a `widen_rows(start, stop, out)` that writes those
     rows of Q(W r s) / r from them, its weight left on the meta device (no storage); False where the
-    rule keeps no codes, or the codes do not pair up (an odd width). Codes (4-bit, [-8, 7]) are kept
-    two a byte: an 8B-wide layer's rounded weights are 104 MiB and their block scales 24 MiB. The weight's rows are read a slice at a time (from the checkpoint, where
-    the layer is left there)."""
+    rule keeps no codes, or the codes do not pair up (an odd width). The weight's rows are read a
+    slice at a time. Codes (4-bit, [-8, 7]) are kept two a byte with their block scales: in memory
+    for a held layer, in a temporary file for one left in the checkpoint (weights.HOLD_BYTES: an
+    8B-wide layer's codes and scales are 120 MiB, read back by the chunk as the linear runs)."""
     import torch
 
     from qwen_convert.scoring.streamed.layer import linear_weight
@@ -111,24 +112,77 @@ def _round_to_codes(linear, sim: Simulation, s, r) -> bool:
     if sim.codes is None or linear.weight.shape[1] % 2 or sim.codes(linear_weight(linear, slice(0, 1))) is None:
         return False
     n, k = linear.weight.shape
-    codes = torch.empty((n, k // 2), dtype=torch.uint8)  # two 4-bit codes a byte
-    scales = []
+    store = (_FileCodes if linear.weight.is_meta else _HeldCodes)(n, k)
     step = chunk_rows(k)
     for a in range(0, n, step):
         rows = 1.0 if r is None else r[a:a + step, None]  # rounded()'s product, in its order
         q, scale = sim.codes(linear_weight(linear, slice(a, a + step)) * rows * s[None, :])
-        codes[a:a + step] = _pack4(q)
-        scales.append(scale)
-    scale = torch.cat(scales)
+        store.write(a, _pack4(q), scale)
+    store.done()
 
     def widen_rows(a, b, out):
-        _unpack4_into(codes[a:b], out)
-        out.view(b - a, scale.shape[1], -1).mul_(scale[a:b])
+        codes, scale = store.rows(a, b)
+        _unpack4_into(codes, out)
+        out.view(b - a, scale.shape[1], -1).mul_(scale)
         return out if r is None else out.div_(r[a:b, None])  # x / 1.0 is x: rounded()'s ones need no pass
 
     linear.widen_rows = widen_rows
     linear.weight = torch.nn.Parameter(torch.empty((n, k), device="meta"), requires_grad=False)
     return True
+
+
+class _HeldCodes:
+    """A weight's packed codes [n, k / 2] and block scales [n, blocks, 1], in memory."""
+
+    def __init__(self, n: int, k: int):
+        import torch
+
+        self.codes, self.scales = torch.empty((n, k // 2), dtype=torch.uint8), []
+
+    def write(self, start: int, codes, scale) -> None:
+        self.codes[start:start + codes.shape[0]] = codes
+        self.scales.append(scale)
+
+    def done(self) -> None:
+        import torch
+
+        self.scale = torch.cat(self.scales)
+        self.scales = []
+
+    def rows(self, start: int, stop: int):
+        return self.codes[start:stop], self.scale[start:stop]
+
+
+class _FileCodes:
+    """The same in an unlinked temporary file (the page cache holds it, not the process): the codes'
+    rows, then the scales' rows, written in row order and read back as raw bytes (the same numbers)."""
+
+    def __init__(self, n: int, k: int):
+        import tempfile
+
+        self.n, self.width, self.blocks = n, k // 2, None
+        self.file = tempfile.TemporaryFile(prefix="qconv-codes-")
+        self.scales = tempfile.TemporaryFile(prefix="qconv-scales-")
+
+    def write(self, start: int, codes, scale) -> None:
+        self.blocks = scale.shape[1]
+        self.file.seek(start * self.width)
+        self.file.write(codes.contiguous().numpy().tobytes())
+        self.scales.seek(start * self.blocks * 4)
+        self.scales.write(scale.contiguous().float().numpy().tobytes())
+
+    def done(self) -> None:
+        pass
+
+    def rows(self, start: int, stop: int):
+        import torch
+
+        codes = np.empty((stop - start, self.width), dtype=np.uint8)
+        scale = np.empty((stop - start, self.blocks, 1), dtype=np.float32)
+        for f, out, offset in ((self.file, codes, start * self.width), (self.scales, scale, start * self.blocks * 4)):
+            f.seek(offset)
+            f.readinto(memoryview(out.reshape(-1)).cast("B"))
+        return torch.from_numpy(codes), torch.from_numpy(scale)
 
 
 def _pack4(q):
