@@ -96,18 +96,7 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
     the batches' hidden states wait between layers in a temporary file, not in memory (hidden.py)."""
     import torch
 
-    from .hidden import hidden_states
-    from .layer import (
-        BatchInputs,
-        Widening,
-        batch_inputs,
-        build_layer,
-        build_norm,
-        build_rotary,
-        load_layer,
-        prepare_config,
-        run_layer,
-    )
+    from .layer import Widening, build_layer, build_norm, load_layer, prepare_config, run_layer
     from .weights import open_weights
 
     if head not in HEADS:
@@ -119,28 +108,7 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
     if not batches:
         return []
     with torch.inference_mode():
-        # Embedding: only the rows the prompts use (a few thousand of 151669).
-        vocab = np.unique(np.concatenate([b.input_ids.reshape(-1) for b in batches]))
-        if vocab[0] < 0 or vocab[-1] >= config.vocab_size:
-            from qwen_convert.errors import TokenizerError
-
-            raise TokenizerError(f"token id {int(vocab[-1] if vocab[-1] >= config.vocab_size else vocab[0])} is outside the "
-                                 f"model's vocabulary ({config.vocab_size})", "use the tokenizer shipped with the model")
-        rows = weights.embedding_rows(vocab)
-        if embedding is not None:
-            rows = torch.as_tensor(embedding(rows.numpy()))
-        rotary = build_rotary(config)
-        steps = [_row_steps(b, config.intermediate_size) for b in batches]
-        states = hidden_states([(*b.input_ids.shape, config.hidden_size) for b in batches], spill)
-        inputs: list[list[BatchInputs]] = []
-        for i, (b, batch_steps) in enumerate(zip(batches, steps)):
-            h = rows[torch.from_numpy(np.searchsorted(vocab, b.input_ids))]
-            mask, positions = torch.from_numpy(b.attention_mask), _positions(b, head)
-            inputs.append([batch_inputs(config, rotary, h[s], mask[s], positions[s] if positions.shape[0] > 1 else positions)
-                           for s in batch_steps])
-            states.put(i, h)
-        del rows, h
-
+        states, inputs, steps = _embed(weights, config, batches, head, embedding, spill)
         task = reporter.task(f"{label}: {config.num_hidden_layers} layers x {len(batches)} batches",
                              total=config.num_hidden_layers * len(batches))
         for index in range(config.num_hidden_layers):
@@ -180,6 +148,36 @@ def stream_forward(path: Path | str, batches: Sequence[EncodedBatch], head: str,
             return [(o[:, 0] - o[:, 1]).double().numpy() for o in out]
         w = weights.score_row()
         return [(norm(x) @ w.T)[:, 0].double().numpy() for x in last]
+
+
+def _embed(weights, config, batches: Sequence[EncodedBatch], head: str, embedding: Callable | None, spill: bool):
+    """Each batch's embedded prompts (into a hidden-state store) and the per-batch inputs every layer
+    shares; the embedding rows are those the prompts use (a few thousand of 151669), never the table."""
+    import torch
+
+    from .hidden import hidden_states
+    from .layer import batch_inputs, build_rotary
+
+    vocab = np.unique(np.concatenate([b.input_ids.reshape(-1) for b in batches]))
+    if vocab[0] < 0 or vocab[-1] >= config.vocab_size:
+        from qwen_convert.errors import TokenizerError
+
+        raise TokenizerError(f"token id {int(vocab[-1] if vocab[-1] >= config.vocab_size else vocab[0])} is outside the "
+                             f"model's vocabulary ({config.vocab_size})", "use the tokenizer shipped with the model")
+    rows = weights.embedding_rows(vocab)
+    if embedding is not None:
+        rows = torch.as_tensor(embedding(rows.numpy()))
+    rotary = build_rotary(config)
+    steps = [_row_steps(b, config.intermediate_size) for b in batches]
+    states = hidden_states([(*b.input_ids.shape, config.hidden_size) for b in batches], spill)
+    inputs = []
+    for i, (b, batch_steps) in enumerate(zip(batches, steps)):
+        h = rows[torch.from_numpy(np.searchsorted(vocab, b.input_ids))]
+        mask, positions = torch.from_numpy(b.attention_mask), _positions(b, head)
+        inputs.append([batch_inputs(config, rotary, h[s], mask[s], positions[s] if positions.shape[0] > 1 else positions)
+                       for s in batch_steps])
+        states.put(i, h)
+    return states, inputs, steps
 
 
 def _trim_heap() -> None:
