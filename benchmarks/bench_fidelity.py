@@ -297,19 +297,21 @@ def render_export(rows: dict, speed: dict | None) -> list[str]:
             lines.append(f"- 8b-wide within +25% of that: {wide['peak_rss'] / 2**20:,.0f} MiB "
                          f"({wide['peak_rss'] / cal['peak_rss'] - 1:+.0%}), {'met' if ok else 'MISSED'}.")
             if not ok:
-                codes, codes_small = (_layer_bytes(shape) // 4 * 5 // 8 for shape in ("8b-wide", "0.6b"))
-                lines.append(f"  Nothing of an 8b-wide layer is held any more: each matrix is read from the checkpoint "
-                             f"a 16 MiB chunk of rows at a time as its linear runs, and the calibration prompts' hidden "
-                             f"states wait in a temporary file. What still grows with the width: the simulated 4-bit "
-                             f"variant's forward keeps one layer's rounded weights as 4-bit codes and block scales "
-                             f"({codes / 2**20:,.0f} MiB at the 8B width, {codes_small / 2**20:,.0f} MiB at the 0.6B's), "
-                             "and one prompt's MLP activations are 4x as wide. The nearest honest target is the 0.6B's "
+                qkv, qkv_small = (_layer_bytes(shape) * 3 // 25 for shape in ("8b-wide", "0.6b"))
+                lines.append(f"  Nothing of an 8b-wide layer is held: each matrix is read from the checkpoint a 16 MiB "
+                             f"chunk of rows at a time as its linear runs, the calibration prompts' hidden states and the "
+                             f"simulated 4-bit variant's codes wait in temporary files. What still grows with the width: "
+                             f"one prompt's activations (the MLP 4x as wide) and the q/k/v search's rounded candidates "
+                             f"(fp32, about {qkv / 2**20:,.0f} MiB at the 8B width, {qkv_small / 2**20:,.0f} MiB at the "
+                             "0.6B's). The nearest honest target is the 0.6B's "
                              f"own absolute one, ≤ 1.5 GB, on 8b-wide too: "
                              f"{'met' if wide['peak_rss'] <= PEAK_TARGET else 'missed'} here.")
     if cal and not wide:
         lines.append("- 8b-wide: not measured in this run (its checkpoint is made by `make_checkpoint.py 8b-wide`; "
                      "`--export` measures it).")
-    if cal and float(cal["load_before"].split("/")[0]) > 4:
+    notes = sorted({r["note"] for r in rows.values() if r.get("note")})
+    lines += [f"- {n}: {', '.join(k for k, r in rows.items() if r.get('note') == n)}." for n in notes]
+    if cal and _load_1min(cal) > 4:
         lines.append("- The wall time is of a run that shared 2 cores with other jobs at load 3-17 (the process got a "
                      "fraction of one core most of the time); read it as an upper bound, not as the export's cost.")
     if not speed:
@@ -339,6 +341,14 @@ def _layer_bytes(shape: str) -> int:
     c = SHAPES[shape]
     attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
     return 4 * (attn + 3 * c.hidden_size * c.intermediate_size)
+
+
+def _load_1min(row: dict) -> float:
+    """The 1-minute load before a run ("a/b/c"), 0 where the row has none (a direct run's note)."""
+    try:
+        return float(row["load_before"].split("/")[0])
+    except (ValueError, KeyError):
+        return 0.0
 
 
 def render(r: dict) -> str:
