@@ -74,7 +74,8 @@ def quantized_layers(plan: FoldPlan, sim: Simulation, keep: frozenset = frozense
     rounded a slice of rows at a time (smoothing.rounded), in place; with `compact` (for
     stream_forward(stored=True), whose layer.Widening calls `widen_rows`) where the rule has codes
     (q4), kept as those codes and widened to the same fp32 values as each linear runs: an 8B-wide
-    layer's rounded weights are then 128 MiB, not 736."""
+    layer's rounded weights are then 120 MiB of codes and scales, not 736, and those of a layer left
+    in the checkpoint wait in a temporary file (_round_to_codes)."""
     import torch
 
     from qwen_convert.scoring.streamed.layer import linear_weight
@@ -160,7 +161,7 @@ class _FileCodes:
     def __init__(self, n: int, k: int):
         import tempfile
 
-        self.n, self.width, self.blocks = n, k // 2, None
+        self.width, self.blocks = k // 2, None
         self.file = tempfile.TemporaryFile(prefix="qconv-codes-")
         self.scales = tempfile.TemporaryFile(prefix="qconv-scales-")
 
