@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,8 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# verify's reference cache defaults to ~/.cache/qconv: tests keep theirs in a throw-away directory.
-os.environ.setdefault("QCONV_CACHE_DIR", tempfile.mkdtemp(prefix="qconv-test-cache-"))
+# verify's reference cache defaults to ~/.cache/qconv: tests keep theirs in a throw-away directory,
+# removed when the run ends (every run used to leave one behind in /tmp).
+if "QCONV_CACHE_DIR" not in os.environ:
+    os.environ["QCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="qconv-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["QCONV_CACHE_DIR"], ignore_errors=True)
 
 from qwen_convert.fixtures import TinySpec, build_tiny_reranker  # noqa: E402
 
