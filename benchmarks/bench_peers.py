@@ -8,6 +8,7 @@ Workloads (the same token ids for every engine, made once with qconv's PromptEnc
              official template and default instruction, one request per query;
   A          batch 8 x 256 tokens, 3 rows left-padded to 200 (random ids, seed 0);
   B          batch 32 x 64 tokens.
+  Each A or B batch gets a first token no earlier batch had, so vLLM's prefix cache cannot serve it.
 Engines, each in its own process (`--worker`), in its own venv, rounds interleaved (the order rotates
 every round), median of the rounds; the checkpoint is the real-shaped random 0.6B of make_checkpoint.py:
   qconv-int8-prefix / -full, qconv-q4-prefix / -full   `score_documents(--pairs)`, what `qconv score
@@ -259,15 +260,22 @@ def timed(fn, requests: list) -> dict:
     return {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds}
 
 
+def fresh(rows: list[list[int]], run: int) -> list[list[int]]:
+    """The shape's rows with a first token no other batch has: an engine with a prefix cache (vLLM) must
+    compute every batch, as the others do (the same rows each time were served from its cache)."""
+    return [[100 + (run * len(rows) + i) % 140_000, *r[1:]] for i, r in enumerate(rows)]
+
+
 def shapes(tokens: dict, workloads: list[str], batch_fn) -> dict:
-    """Shape A and/or B: one warm-up batch, then batches for at least SHAPE_SECONDS (2 at least)."""
+    """Shape A and/or B: one warm-up batch, then batches for at least SHAPE_SECONDS (2 at least), each
+    batch's rows unseen before (`fresh`)."""
     out = {}
     for w in [w for w in workloads if w in ("A", "B")]:
         rows = tokens[w]
-        batch_fn(rows)
+        batch_fn(fresh(rows, 0))
         runs, started = 0, time.perf_counter()
         while runs < 2 or time.perf_counter() - started < float(os.environ.get("SHAPE_SECONDS", "8")):
-            batch_fn(rows)
+            batch_fn(fresh(rows, runs + 1))
             runs += 1
         seconds = time.perf_counter() - started
         out[w] = {"pairs": len(rows) * runs, "seconds": seconds, "pairs_per_s": len(rows) * runs / seconds}
