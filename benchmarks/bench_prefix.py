@@ -14,7 +14,7 @@ q4 graph at MatMulNBits accuracy_level 0 and 4, and the level-4 file with its 4-
 expanded to int8 at load (scoring/kernels.py, what `qconv score` and verify run on a CPU).
 Part `peak`: the CPU's int8 GEMM rate through onnxruntime (MatMulInteger and DynamicQuantizeMatMul,
 2048^3, as bench_peers measures it); shape A int8 is reported as a share of it (2 x 440M matmul
-weights x 256 tokens = 225 GOP a pair). `--profile` adds onnxruntime's per-op profile of shape A int8.
+weights x 256 tokens = 225 GOP a pair). `--profile` adds onnxruntime's per-op profiles of shape A int8 and of int8-prefix's requests.
 
 Every engine runs in its own process (load excluded, one warm-up request), rounds interleaved,
 2 threads, inside a memory cgroup when /sys/fs/cgroup/memory is writable, peak RSS by
@@ -179,21 +179,47 @@ def worker_shape_a(path: str, how: str = "file", profile: str = "") -> dict:
     seconds = time.perf_counter() - started
     out = {"pairs": 8 * runs, "seconds": seconds, "pairs_per_s": 8 * runs / seconds}
     if profile:
-        out["profile"] = profile_summary(session.end_profiling())
+        out["profile"], _ = profile_summary(session.end_profiling())
     return out
 
 
-def profile_summary(trace: str) -> dict:
-    """onnxruntime's profile -> {op type: share of the node time}, largest first."""
+def worker_profile_prefix(trace: str) -> dict:
+    """int8-prefix's realistic requests with onnxruntime profiling on the with-past graph's session:
+    where prefix-shared scoring spends its time (the ops, and the split attention's share)."""
+    import onnxruntime as ort
+
+    from qwen_convert.scoring import prefix
+
+    sessions: list = []
+
+    def profiled(scorer):  # one session for every call, as cpu_session's cache keeps it
+        if not sessions:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
+            opts.enable_profiling, opts.profile_file_prefix = True, trace
+            sessions.append(ort.InferenceSession(str(scorer.path), opts, providers=["CPUExecutionProvider"]))
+        return sessions[0]
+
+    prefix.cpu_session = profiled
+    out = worker_score("int8-prefix")
+    out["profile"], out["attention"] = profile_summary(sessions[0].end_profiling())
+    return out
+
+
+def profile_summary(trace: str) -> tuple[dict, float]:
+    """onnxruntime's profile -> ({op type: share of the node time}, largest first; the share of the
+    prefix graph's split attention: nodes named *.split*, its scores, mask, softmax, P.V and layout)."""
     events = json.loads(Path(trace).read_text())
     per_op: dict[str, float] = {}
+    attention = 0.0
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             op = e.get("args", {}).get("op_name", "?")
             per_op[op] = per_op.get(op, 0.0) + float(e.get("dur", 0))
+            attention += float(e.get("dur", 0)) if ".split" in e["name"] else 0.0
     Path(trace).unlink(missing_ok=True)
     total = sum(per_op.values()) or 1.0
-    return {k: round(v / total, 4) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return {k: round(v / total, 4) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}, round(attention / total, 4)
 
 
 def worker_peak() -> dict:
@@ -288,6 +314,7 @@ def bench(args) -> dict:
         log(f"int8 peak {out['peak']['peak_ops'] / 1e12:.2f} TOPS ({out['peak']['rates']}), load {out['peak']['load']:.1f}")
     if args.profile:
         out["profile"] = run_worker(["shape-a", str(EXPORT / "onnx" / "model_quantized.onnx"), "file", str(WORK / "profile")])
+        out["profile_prefix"] = run_worker(["profile-prefix", str(WORK / "profile-prefix")])
     return out
 
 
@@ -337,6 +364,13 @@ def section(r: dict) -> str:
         prof = r["profile"]["profile"]
         lines += ["Per-op profile of shape A int8 (onnxruntime profiling, share of node time): "
                   + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(prof.items())[:8]) + ".", ""]
+    if r.get("profile_prefix"):
+        p = r["profile_prefix"]
+        lines += [f"Per-op profile of int8-prefix on the realistic requests ({p['pairs_per_s']:.2f} pairs/s profiled; onnxruntime "
+                  "profiling of the with-past graph, share of node time): "
+                  + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(p["profile"].items())[:8])
+                  + f". The split attention (scores, mask, softmax, P.V and their transposes, fp32) takes {100 * p['attention']:.0f}%; "
+                  "the rest is the int8 linears (DynamicQuantizeMatMul), norms, rotary and activation.", ""]
     lines.append(END)
     return "\n".join(lines)
 
@@ -348,13 +382,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=4)
     ap.add_argument("--parts", default="prefix,q4,peak")
     ap.add_argument("--torch", action="store_true", help="also torch bf16 (bench_peers compares the peers)")
-    ap.add_argument("--profile", action="store_true", help="add a per-op profile of shape A int8")
+    ap.add_argument("--profile", action="store_true", help="add per-op profiles of shape A int8 and of int8-prefix's requests")
     ap.add_argument("--memory-gib", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.worker:
         kind, rest = args.worker[0], args.worker[1:]
-        result = worker_score(rest[0]) if kind == "score" else worker_peak() if kind == "peak" else worker_shape_a(*rest)
+        workers = {"score": worker_score, "peak": lambda *_: worker_peak(), "shape-a": worker_shape_a,
+                   "profile-prefix": worker_profile_prefix}
+        result = workers[kind](*rest)
         print(json.dumps(result))
         return
     result = bench(args)

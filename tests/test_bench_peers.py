@@ -84,3 +84,26 @@ def test_tile_peak_is_measured_where_the_cpu_has_the_instructions(bench, monkeyp
     # per thread and GHz: AMX int8 reaches ~1,000 ops/cycle, VNNI 64-256; anything under 10 GOP/s is broken
     assert all(10e9 < v < 1e15 for v in peaks.values()), peaks
     assert bench.tile_peaks(set()) == {}
+
+
+def test_every_shape_batch_is_new_to_a_prefix_cache(bench, monkeypatch):
+    """Shapes A and B send each batch with first tokens no earlier batch had (vLLM's prefix cache served
+    the repeated rows: 44.9 pairs/s of cache hits where its compute gives 7.6), the rest of each row as made."""
+    monkeypatch.setenv("SHAPE_SECONDS", "0")
+    rows = [[7, 8, 9, 10]] * 3 + [[11, 12, 13, 14]] * 5
+    seen = []
+    out = bench.shapes({"A": rows}, ["A"], lambda batch: seen.append(batch))
+    assert len(seen) == 3 and out["A"]["pairs"] == 2 * len(rows)  # the warm-up batch, then two timed
+    firsts = [r[0] for batch in seen for r in batch]
+    assert len(set(firsts)) == len(firsts)
+    assert all(len(batch) == len(rows) and [r[1:] for r in batch] == [r[1:] for r in rows] for batch in seen)
+    assert all(100 <= t < 140_100 for t in firsts)
+
+
+def test_report_holds_q4_and_serve_to_their_targets(bench):
+    runs = {"qconv-int8-prefix": [run(5.0)], "qconv-int8-full": [run(4.0)], "qconv-q4-prefix": [run(2.0)],
+            "qconv-q4-full": [run(3.0)], "qconv-serve-int8": [run(4.0)], "torch-bf16": [run(1.0)]}
+    text = bench.section(result(runs, {}))
+    assert "| q4 ≥ 0.5x int8 on CPU, realistic (qconv-q4-full vs qconv-int8-full) | 3.00 vs 4.00 = 0.75x | met |" in text
+    assert "| q4 ≥ 0.5x int8 on CPU, realistic (qconv-q4-prefix vs qconv-int8-prefix) | 2.00 vs 5.00 = 0.40x | **missed** |" in text
+    assert "| `qconv serve` ≥ 0.9x offline (qconv-serve-int8 vs qconv-int8-prefix), realistic | 4.00 vs 5.00 = 0.80x | **missed** |" in text
