@@ -222,6 +222,23 @@ def rounded(sim: Simulation, w, s, r=None, out=None):
     return out
 
 
+@dataclass(frozen=True)
+class RoundedRows:
+    """rounded(sim, w, s), made a chunk of rows at a time as a linear asks for them (layer.Widening's
+    `widen_rows`), for a row-wise rule: an attention search's candidate without its whole fp32 copy
+    (8B-wide q/k/v: 96 MiB). Rows are rounded alone under such a rule, so the values are rounded()'s."""
+
+    sim: Simulation
+    w: object
+    s: object
+
+    def __call__(self, a: int, b: int, out):
+        return rounded(self.sim, self.w[a:b], self.s, out=out)
+
+    def whole(self):
+        return rounded(self.sim, self.w, self.s)
+
+
 # --- the search -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -314,7 +331,8 @@ def search_group(method: str, forward, weights: Sequence, stats: dict, sim: Simu
     powers = [float((r * r).mean()) or 1.0 for r in refs]
 
     def error(s) -> float:
-        got = forward(lambda x: sim.scaled_activation(x, s), [rounded(sim, w, s) for w in weights])
+        lazy = getattr(forward, "rows_on_demand", False) and sim.row_wise
+        got = forward(lambda x: sim.scaled_activation(x, s), [RoundedRows(sim, w, s) if lazy else rounded(sim, w, s) for w in weights])
         return sum(float(((g - r) ** 2).mean()) / p for g, r, p in zip(got, refs, powers))
 
     ones = torch.ones_like(w_absmax)
@@ -368,16 +386,28 @@ def mlp_tail(down):
 
 def attention_forward(attn, captures: Sequence, names: Sequence[str]):
     """The attention module's outputs on whole captured prompts ((hidden [1, seq, in], its call's
-    kwargs) each), with the group's weights (`names` relative to the module) replaced."""
+    kwargs) each), with the group's weights (`names` relative to the module) replaced. A RoundedRows
+    weight is handed to its linear as `widen_rows` where layer.Widening runs it (the calibration
+    pass), so only a chunk of its rows is ever fp32; elsewhere it is made whole."""
     from torch.func import functional_call
 
     def forward(transform, weights):
-        params = {f"{n}.weight": w for n, w in zip(names, weights)}
+        linears = [attn.get_submodule(n) for n in names]
+        fills = {m: w for m, w in zip(linears, weights) if isinstance(w, RoundedRows) and getattr(m, "widening", None)}
+        params = {f"{n}.weight": w.whole() if isinstance(w, RoundedRows) else w
+                  for n, m, w in zip(names, linears, weights) if m not in fills}
         outs = []
-        for hidden, kwargs in captures:
-            x = transform(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape)
-            outs.append(functional_call(attn, params, (), {**kwargs, "hidden_states": x})[0])
+        try:
+            for m, fill in fills.items():
+                m.widen_rows = fill
+            for hidden, kwargs in captures:
+                x = transform(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape)
+                outs.append(functional_call(attn, params, (), {**kwargs, "hidden_states": x})[0])
+        finally:
+            for m in fills:
+                del m.widen_rows
         return outs
+    forward.rows_on_demand = True
     return forward
 
 
