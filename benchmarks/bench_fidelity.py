@@ -297,14 +297,13 @@ def render_export(rows: dict, speed: dict | None) -> list[str]:
             lines.append(f"- 8b-wide within +25% of that: {wide['peak_rss'] / 2**20:,.0f} MiB "
                          f"({wide['peak_rss'] / cal['peak_rss'] - 1:+.0%}), {'met' if ok else 'MISSED'}.")
             if not ok:
-                qkv, qkv_small = (_layer_bytes(shape) * 3 // 25 for shape in ("8b-wide", "0.6b"))
                 lines.append(f"  Nothing of an 8b-wide layer is held: each matrix is read from the checkpoint a 16 MiB "
                              f"chunk of rows at a time as its linear runs, the calibration prompts' hidden states and the "
                              f"simulated 4-bit variant's codes wait in temporary files. What still grows with the width: "
-                             f"one prompt's activations (the MLP 4x as wide) and the q/k/v search's rounded candidates "
-                             f"(fp32, about {qkv / 2**20:,.0f} MiB at the 8B width, {qkv_small / 2**20:,.0f} MiB at the "
-                             "0.6B's). The nearest honest target is the 0.6B's "
-                             f"own absolute one, ≤ 1.5 GB, on 8b-wide too: "
+                             f"one prompt's activations (the MLP 4x as wide), the MLP search's row samples, and, in runs "
+                             f"before commit 4c931c9, the attention search's whole fp32 4-bit q/k/v candidates (96 MiB at "
+                             f"the 8B width; since then a row chunk at a time); which phase sets the peak is not measured. "
+                             "The nearest honest target is the 0.6B's own absolute one, ≤ 1.5 GB, on 8b-wide too: "
                              f"{'met' if wide['peak_rss'] <= PEAK_TARGET else 'missed'} here.")
     if cal and not wide:
         lines.append("- 8b-wide: not measured in this run (its checkpoint is made by `make_checkpoint.py 8b-wide`; "
@@ -332,15 +331,6 @@ def render_export(rows: dict, speed: dict | None) -> list[str]:
         loads = [x["load"] for v in speed.values() for x in v]
         lines.append(f"\nLoad average after each scoring run: {loads[0]} … {loads[-1]}.")
     return lines
-
-
-def _layer_bytes(shape: str) -> int:
-    """fp32 bytes of one decoder layer's linear weights at a make_checkpoint.py shape."""
-    from make_checkpoint import SHAPES
-
-    c = SHAPES[shape]
-    attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    return 4 * (attn + 3 * c.hidden_size * c.intermediate_size)
 
 
 def _load_1min(row: dict) -> float:
