@@ -330,8 +330,9 @@ def search_group(method: str, forward, weights: Sequence, stats: dict, sim: Simu
     refs = forward(lambda x: x, weights)
     powers = [float((r * r).mean()) or 1.0 for r in refs]
 
+    lazy = getattr(forward, "rows_on_demand", False) and sim.row_wise  # candidates made by the row chunk
+
     def error(s) -> float:
-        lazy = getattr(forward, "rows_on_demand", False) and sim.row_wise
         got = forward(lambda x: sim.scaled_activation(x, s), [RoundedRows(sim, w, s) if lazy else rounded(sim, w, s) for w in weights])
         return sum(float(((g - r) ** 2).mean()) / p for g, r, p in zip(got, refs, powers))
 
