@@ -205,3 +205,29 @@ def test_attention_search_rounds_qkv_a_chunk_of_rows_at_a_time(outlier, cset, mo
         for key in a:
             assert np.array_equal(a[key].scale, b[key].scale) and (a[key].family, a[key].alpha) == (b[key].family, b[key].alpha), key
             assert a[key].error == pytest.approx(b[key].error, rel=1e-4, abs=1e-9), key
+
+
+def test_mlp_search_rounds_its_row_samples_a_chunk_at_a_time(outlier, cset, monkeypatch):
+    """The MLP groups' 4-bit candidates (gate/up, down_proj: row samples) reach their products as
+    rounded row chunks (smoothing._product over RoundedRows), never whole copies; in several chunks
+    the search finds the scales it finds in one."""
+    from qwen_convert.onnx import smoothing
+
+    one = calibration.calibrate(outlier, cset, SIMS)
+    calls, wholes = [], []
+    fill, whole = smoothing.RoundedRows.__call__, smoothing.RoundedRows.whole
+    monkeypatch.setattr(smoothing.RoundedRows, "__call__", lambda self, a, b, out: calls.append((a, b, tuple(self.w.shape))) or fill(self, a, b, out))
+    monkeypatch.setattr(smoothing.RoundedRows, "whole", lambda self: wholes.append(self) or whole(self))
+    monkeypatch.setattr(smoothing, "CHUNK_BYTES", 24 * 384 * 4)  # 24 rows of down_proj (384 wide), 72 of gate/up
+    chunked = calibration.calibrate(outlier, cset, SIMS)
+    assert not wholes
+    shapes = {shape for _, _, shape in calls}
+    assert (128, 384) in shapes and (384, 128) in shapes  # down_proj's and gate/up's samples were rounded by the chunk
+    assert any(b - a == 24 and n == (128, 384) for a, b, n in calls)
+    assert any(b - a == 72 and n == (384, 128) for a, b, n in calls)
+    for method in SIMS:
+        a, b = one.scales[method], chunked.scales[method]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key].scale, b[key].scale) and (a[key].family, a[key].alpha) == (b[key].family, b[key].alpha), key
+            assert a[key].error == pytest.approx(b[key].error, rel=1e-4, abs=1e-9), key

@@ -204,9 +204,9 @@ def simulation(method: str, block_size: int = 32, per_channel: bool = False, acc
 CHUNK_BYTES = 4 << 20
 
 
-def chunk_rows(width: int, nbytes: int = CHUNK_BYTES) -> int:
-    """How many fp32 rows of `width` columns fit in `nbytes` (at least one)."""
-    return max(1, nbytes // (4 * width))
+def chunk_rows(width: int, nbytes: int | None = None) -> int:
+    """How many fp32 rows of `width` columns fit in `nbytes` (CHUNK_BYTES as it is now; at least one)."""
+    return max(1, (nbytes or CHUNK_BYTES) // (4 * width))
 
 
 def rounded(sim: Simulation, w, s, r=None, out=None):
@@ -370,12 +370,30 @@ def search_group(method: str, forward, weights: Sequence, stats: dict, sim: Simu
 # q/k/v on the attention's output for a few whole calibration prompts.
 
 def linear_forward(x, tail=None):
-    """Outputs x @ W.T of each weight (then `tail` of them) for the token sample x [tokens, in]."""
+    """Outputs x @ W.T of each weight (then `tail` of them) for the token sample x [tokens, in]. A
+    RoundedRows weight gives its output columns a row chunk at a time (_product): the MLP search's
+    candidates are never whole fp32 copies (8B-wide down_proj's 1,024-row sample: 48 MiB)."""
     def forward(transform, weights):
         xt = transform(x)
-        ys = [xt @ w.T for w in weights]
+        ys = [_product(xt, w) for w in weights]
         return tail(ys) if tail is not None else ys
+    forward.rows_on_demand = True
     return forward
+
+
+def _product(x, w):
+    """x @ w.T; for a RoundedRows w, CHUNK_BYTES of its rounded rows at a time into one buffer."""
+    import torch
+
+    if not isinstance(w, RoundedRows):
+        return x @ w.T
+    n, k = w.w.shape
+    out, step = torch.empty(x.shape[0], n), chunk_rows(k)
+    buf = torch.empty(min(step, n), k)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        out[:, a:b] = x @ w(a, b, buf[:b - a]).T
+    return out
 
 
 def mlp_tail(down):
