@@ -153,9 +153,9 @@ def worker_shape_a(path: str, how: str = "file", profile: str = "") -> dict:
     import onnxruntime as ort
 
     from qwen_convert.scoring.kernels import expand_q4, open_expanded
+    from qwen_convert.scoring.onnx_scorers import session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
+    opts = session_options(THREADS)  # as qconv opens it (denormals flushed)
     if profile:
         opts.enable_profiling, opts.profile_file_prefix = True, profile
     if how == "expand":
@@ -189,13 +189,13 @@ def worker_profile_prefix(trace: str) -> dict:
     import onnxruntime as ort
 
     from qwen_convert.scoring import prefix
+    from qwen_convert.scoring.onnx_scorers import session_options
 
     sessions: list = []
 
     def profiled(scorer):  # one session for every call, as cpu_session's cache keeps it
         if not sessions:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
+            opts = session_options(THREADS)
             opts.enable_profiling, opts.profile_file_prefix = True, trace
             sessions.append(ort.InferenceSession(str(scorer.path), opts, providers=["CPUExecutionProvider"]))
         return sessions[0]

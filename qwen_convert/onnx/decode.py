@@ -39,12 +39,10 @@ class OrtCausalLM:
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        from qwen_convert.scoring.onnx_scorers import session_options
+
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}", "re-export the model") from exc
         inputs = {i.name: i for i in self.session.get_inputs()}

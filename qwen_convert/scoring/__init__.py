@@ -6,6 +6,7 @@
     streamed/          the same forward one decoder layer at a time (flat memory at any size)
     memory.py          what the machine has, what an engine needs, which engine fits
     onnx_scorers.py    onnxruntime sessions over an export's variants (the last two kept open)
+    denormals.py       denormal floats flushed on the threads that run those sessions
     kernels.py         what a graph runs on this CPU: q4's 4-bit weights as int8 kernels at load
     prefix.py          prefix-shared scoring on an export's with-past graphs
     choose.py          the default variant: verified, then the fastest measured here (cached)

@@ -98,16 +98,28 @@ def open_session(scorer):
     return _open_session(scorer, Path(scorer.path), getattr(scorer, "expand_q4", True))
 
 
+def session_options(threads: int | None):
+    """The onnxruntime SessionOptions every qconv session is made with: `threads` intra-op threads
+    (None: onnxruntime's default), one inter-op thread, quiet logs, denormals flushed (denormals.py)."""
+    import onnxruntime as ort
+
+    from .denormals import SESSION_CONFIG
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.add_session_config_entry(*SESSION_CONFIG)
+    return opts
+
+
 def _open_session(scorer, path: Path, expand: bool):
     import onnxruntime as ort
 
     from .kernels import expand_q4, open_expanded
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not for users
-    if scorer.threads:
-        opts.intra_op_num_threads = scorer.threads
-        opts.inter_op_num_threads = 1
+    opts = session_options(scorer.threads)
     try:
         expansion = expand_q4(path) if expand and scorer.precision in ("q4", "int4") else None
         if expansion is not None and expansion.model is not None:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from qwen_convert.reranker import pad_rows
+from qwen_convert.scoring.denormals import flush_denormals_here
 
 from .metrics import ServerMetrics
 from .options import ServeOptions
@@ -56,7 +57,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"qconv-{model.name}")
+        # The model's sessions run on this thread, which did not create them: it flushes its own denormals.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"qconv-{model.name}", initializer=flush_denormals_here)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")

@@ -58,13 +58,10 @@ class OnnxEngine(Engine):
             self.session, self.kernels = open_session(OnnxScorer(self.path, f"{ONNX_DIR}/{self.variant}", self.variant, self.threads))
             self.providers = list(self.session.get_providers())
             return
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
+        from qwen_convert.scoring.onnx_scorers import session_options
+
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+            self.session = ort.InferenceSession(str(self.path), session_options(self.threads), providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SourceError(f"onnxruntime cannot load {self.path}: {first}", "re-export it with qconv export-onnx") from exc
