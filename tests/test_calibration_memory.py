@@ -183,28 +183,40 @@ def test_layers_left_in_the_file_calibrate_as_held(bf16_twins, cset, monkeypatch
     assert np.array_equal(from_file, run.forward(NULL, "int8 held", observer=int8, stored=True))
 
 
-def test_attention_search_rounds_qkv_a_chunk_of_rows_at_a_time(outlier, cset, monkeypatch):
-    """A 4-bit candidate of q/k/v (a row-wise rule) reaches the attention as rows the linear asks for
-    (smoothing.RoundedRows through layer.Widening), never as a whole fp32 copy; in several row chunks
-    it finds the scales it finds in one (the int8 rule, per tensor, still rounds whole weights)."""
+def _record_rounded_rows(monkeypatch) -> tuple[list, list]:
+    """Every RoundedRows chunk made ((start, stop, weight shape)) and every whole copy asked for."""
     from qwen_convert.onnx import smoothing
-    from qwen_convert.scoring.streamed import layer
 
-    one = calibration.calibrate(outlier, cset, SIMS)
     calls, wholes = [], []
     fill, whole = smoothing.RoundedRows.__call__, smoothing.RoundedRows.whole
-    monkeypatch.setattr(smoothing.RoundedRows, "__call__", lambda self, a, b, out: calls.append((a, b, self.w.shape[0])) or fill(self, a, b, out))
+    monkeypatch.setattr(smoothing.RoundedRows, "__call__", lambda self, a, b, out: calls.append((a, b, tuple(self.w.shape))) or fill(self, a, b, out))
     monkeypatch.setattr(smoothing.RoundedRows, "whole", lambda self: wholes.append(self) or whole(self))
-    monkeypatch.setattr(layer, "ROW_CHUNK_BYTES", 16 * 64 * 4)  # 16 rows of 64 inputs: q/k/v in several chunks
-    chunked = calibration.calibrate(outlier, cset, SIMS)
-    assert calls and not wholes
-    assert any(b - a < n for a, b, n in calls)  # rows in chunks, not whole
+    return calls, wholes
+
+
+def _same_choices(one, chunked) -> None:
+    """The same scales, families and alphas in every group; errors within float noise."""
     for method in SIMS:
         a, b = one.scales[method], chunked.scales[method]
         assert a.keys() == b.keys()
         for key in a:
             assert np.array_equal(a[key].scale, b[key].scale) and (a[key].family, a[key].alpha) == (b[key].family, b[key].alpha), key
             assert a[key].error == pytest.approx(b[key].error, rel=1e-4, abs=1e-9), key
+
+
+def test_attention_search_rounds_qkv_a_chunk_of_rows_at_a_time(outlier, cset, monkeypatch):
+    """A 4-bit candidate of q/k/v (a row-wise rule) reaches the attention as rows the linear asks for
+    (smoothing.RoundedRows through layer.Widening), never as a whole fp32 copy; in several row chunks
+    it finds the scales it finds in one (the int8 rule, per tensor, still rounds whole weights)."""
+    from qwen_convert.scoring.streamed import layer
+
+    one = calibration.calibrate(outlier, cset, SIMS)
+    calls, wholes = _record_rounded_rows(monkeypatch)
+    monkeypatch.setattr(layer, "ROW_CHUNK_BYTES", 16 * 64 * 4)  # 16 rows of 64 inputs: q/k/v in several chunks
+    chunked = calibration.calibrate(outlier, cset, SIMS)
+    assert calls and not wholes
+    assert any(b - a < n[0] for a, b, n in calls)  # rows in chunks, not whole
+    _same_choices(one, chunked)
 
 
 def test_mlp_search_rounds_its_row_samples_a_chunk_at_a_time(outlier, cset, monkeypatch):
@@ -214,10 +226,7 @@ def test_mlp_search_rounds_its_row_samples_a_chunk_at_a_time(outlier, cset, monk
     from qwen_convert.onnx import smoothing
 
     one = calibration.calibrate(outlier, cset, SIMS)
-    calls, wholes = [], []
-    fill, whole = smoothing.RoundedRows.__call__, smoothing.RoundedRows.whole
-    monkeypatch.setattr(smoothing.RoundedRows, "__call__", lambda self, a, b, out: calls.append((a, b, tuple(self.w.shape))) or fill(self, a, b, out))
-    monkeypatch.setattr(smoothing.RoundedRows, "whole", lambda self: wholes.append(self) or whole(self))
+    calls, wholes = _record_rounded_rows(monkeypatch)
     monkeypatch.setattr(smoothing, "CHUNK_BYTES", 24 * 384 * 4)  # 24 rows of down_proj (384 wide), 72 of gate/up
     chunked = calibration.calibrate(outlier, cset, SIMS)
     assert not wholes
@@ -225,9 +234,4 @@ def test_mlp_search_rounds_its_row_samples_a_chunk_at_a_time(outlier, cset, monk
     assert (128, 384) in shapes and (384, 128) in shapes  # down_proj's and gate/up's samples were rounded by the chunk
     assert any(b - a == 24 and n == (128, 384) for a, b, n in calls)
     assert any(b - a == 72 and n == (384, 128) for a, b, n in calls)
-    for method in SIMS:
-        a, b = one.scales[method], chunked.scales[method]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert np.array_equal(a[key].scale, b[key].scale) and (a[key].family, a[key].alpha) == (b[key].family, b[key].alpha), key
-            assert a[key].error == pytest.approx(b[key].error, rel=1e-4, abs=1e-9), key
+    _same_choices(one, chunked)
