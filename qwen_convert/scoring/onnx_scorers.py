@@ -99,8 +99,8 @@ def open_session(scorer):
 
 
 def session_options(threads: int | None):
-    """The onnxruntime SessionOptions every qconv session is made with: `threads` intra-op threads
-    (None: onnxruntime's default), one inter-op thread, quiet logs, denormals flushed (denormals.py)."""
+    """The onnxruntime SessionOptions every qconv session is made with: `threads` intra-op threads and
+    one inter-op thread (None: onnxruntime's defaults), quiet logs, denormals flushed (denormals.py)."""
     import onnxruntime as ort
 
     from .denormals import SESSION_CONFIG
