@@ -129,3 +129,22 @@ def test_directory_swap_cut_between_its_renames_is_undone(tmp_path, monkeypatch)
         (tmp / "model.onnx").write_text("next")
     assert (out / "model.onnx").read_text() == "next"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+
+
+def test_publish_leaves_a_killed_attempts_temporaries_behind(tmp_path):
+    """A resumed staging directory can hold a killed step's temporary file (verify's score cache writes
+    one next to its entry); publishing the finished run must not carry it into OUT."""
+    from qwen_convert.pipeline.staging import publish
+
+    work, out = tmp_path / ".X.qconv-staging", tmp_path / "X"
+    (work / ".reference-cache").mkdir(parents=True)
+    (work / "onnx" / f".model.onnx{fsutil.TMP_MARKER}dir").mkdir(parents=True)
+    (work / "onnx" / f".model.onnx{fsutil.TMP_MARKER}dir" / "part").write_text("half")
+    (work / ".reference-cache" / "entry.json").write_text("{}")
+    (work / ".reference-cache" / f".entry2.json{fsutil.TMP_MARKER}abc").write_text("{")
+    (work / "manifest.json").write_text("{}")
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    publish(work, out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        ".reference-cache", ".reference-cache/entry.json", "manifest.json", "onnx"]

@@ -65,6 +65,13 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def publish(work: Path, out: Path) -> None:
-    """The finished run in `work` becomes OUT (nothing to do when it ran in OUT itself)."""
+    """The finished run in `work` becomes OUT (nothing to do when it ran in OUT itself). Temporary
+    files and directories left in `work` go first: a finished run has none of its own, so they are a
+    killed attempt's (a resumed staging directory holds them, e.g. a half-written score cache entry)."""
+    for stale in sorted(Path(work).rglob(f"*{TMP_MARKER}*")):  # parents before their children
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     if Path(work) != Path(out):
         replace_dir(Path(work), Path(out))
