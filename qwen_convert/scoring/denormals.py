@@ -7,7 +7,9 @@ x86 takes a microcode assist for arithmetic that makes or reads denormals. Measu
 7.8 ms, 1.0 ms with denormals flushed (1.1 ms unmasked). In the prefix-shared graph, whose every new
 row masks its later new keys, Softmax went from 2.1 to 0.6 ns an element, and the whole graph ran
 1.09x as fast (int8, 8 documents x 110 tokens on a 65-token prefix, 2 threads). A flushed weight is
-0 instead of 4e-39; the logits were bit-identical (benchmarks: bench_prefix, bench_peers).
+0 instead of 4e-39; the logits were bit-identical. These figures come from an interleaved A/B run
+outside benchmarks/ (two worker processes, one per setting, 7 rounds each); bench_prefix and
+bench_peers measured the scorers with the flags on (BENCHMARKS.md).
 
 onnxruntime's `session.set_denormal_as_zero` sets the flags on the session's pool threads and, once
 per process, on the thread that creates the first session. The calling thread runs its share of each
