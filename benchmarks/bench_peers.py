@@ -63,7 +63,7 @@ CGROUP = Path("/sys/fs/cgroup/memory/qconv-bench-peers")
 # the shared prefix here (template + query, ~86 tokens), so at the default it never hits (0 of 11,990
 # queries, measured). 32 is the smallest size its CPU backend runs without a performance warning.
 VLLM_BLOCK_SIZE = 32
-START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
+NAME = "bench_peers"  # its BENCHMARKS.md section, one per CPU kind (report.markers)
 THREADS = 2
 DOCS_PER_QUERY = 20
 WARM_QUERY = "a warm-up query that is not in the set"
@@ -692,9 +692,9 @@ def publish(result: dict, no_write: bool) -> str:
     text = section(result)
     if not no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from report import write_section
+        from report import markers, write_section
 
-        write_section(text, START, END)
+        write_section(text, *markers(NAME, result["machine"]["flags"]))
     return text
 
 
@@ -713,7 +713,12 @@ def section(r: dict) -> str:
     bf16_peak = max((v for k, v in peaks.items() if k.startswith("bf16")), default=0.0)
     per_pair = {w: pair_ops(lens, ops) / len(lens) for w, lens in r["lengths"].items()}
     lens = r["lengths"]["realistic"]
-    lines = [START, "## CPU peers: qconv vs torch, OpenVINO, vLLM, llama.cpp (benchmarks/bench_peers.py, issue #20)", "",
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import kind_title, markers
+
+    start, end = markers(NAME, m["flags"])
+    lines = [start, "## CPU peers: qconv vs torch, OpenVINO, vLLM, llama.cpp (benchmarks/bench_peers.py, issue #20) — "
+             + kind_title(m["flags"]), "",
              f"`make bench-peers`, {m['date']}. {m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
              f"{THREADS} threads per engine; median of {r['rounds']} interleaved rounds (the order rotates each round), each "
              f"engine a fresh process in its own venv. Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} "
@@ -794,7 +799,7 @@ def section(r: dict) -> str:
     if a8 and int8_peak:
         share = 100 * a8 * per_pair["A"] / int8_peak
         lines.append(f"| shape A ≥ 15% of the measured int8 peak | {share:.1f}% | {'met' if share >= 15 else '**missed**'} |")
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 

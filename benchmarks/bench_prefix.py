@@ -42,7 +42,7 @@ EXPORT = WORK / "prefix-int8"
 SEQCLS = WORK / "prefix-seqcls"
 PAIRS = WORK / "prefix-pairs.jsonl"
 CGROUP = Path("/sys/fs/cgroup/memory/qconv-bench-prefix")
-START, END = "<!-- bench_prefix:start -->", "<!-- bench_prefix:end -->"
+NAME = "bench_prefix"  # its BENCHMARKS.md section, one per CPU kind (report.markers)
 THREADS = 2
 LEVELS = (0, 4)
 GOP_A = 2 * 440e6 * 256  # matmul ops of one 256-token pair of the 0.6B (embedding excluded)
@@ -329,7 +329,12 @@ def _loads(runs: list[dict]) -> str:
 
 def section(r: dict) -> str:
     m, runs = r["machine"], r["runs"]
-    lines = [START, "## Prefix-shared scoring and q4 vs int8 on CPU (benchmarks/bench_prefix.py, issue #20)", "",
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import kind_title, markers
+
+    start, end = markers(NAME, m["flags"])
+    lines = [start, "## Prefix-shared scoring and q4 vs int8 on CPU (benchmarks/bench_prefix.py, issue #20) — "
+             + kind_title(m["flags"]), "",
              f"{m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
              f"{THREADS} threads; median of {r['rounds']} interleaved rounds, each engine in its own process. "
              f"Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} after; the load column is the 1-minute "
@@ -371,7 +376,7 @@ def section(r: dict) -> str:
                   + ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(p["profile"].items())[:8])
                   + f". The split attention (scores, mask, softmax, P.V and their transposes, fp32) takes {100 * p['attention']:.0f}%; "
                   "the rest is the int8 linears (DynamicQuantizeMatMul), norms, rotary and activation.", ""]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -399,9 +404,9 @@ def main() -> None:
     print(text)
     if not args.no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from report import write_section
+        from report import markers, write_section
 
-        write_section(text, START, END)
+        write_section(text, *markers(NAME, result["machine"]["flags"]))
 
 
 if __name__ == "__main__":

