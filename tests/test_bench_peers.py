@@ -49,7 +49,8 @@ def test_report_names_skips_failures_and_the_target_ratio(bench):
             "torch-bf16": [run(2.0), run(4.0), run(3.0)],
             "vllm-bf16": [{"error": "RuntimeError: no AMX"}]}
     text = bench.section(result(runs, {"llamacpp-q8_0": "no venv /x/.venv-llamacpp (make llamacpp)"}))
-    assert text.startswith(bench.START) and text.endswith(bench.END)
+    assert text.startswith("<!-- bench_peers[amx]:start -->\n## CPU peers:") and text.endswith("<!-- bench_peers[amx]:end -->")
+    assert text.splitlines()[1].endswith("— AMX int8/bf16 tiles")
     assert "- skipped llamacpp-q8_0: no venv /x/.venv-llamacpp (make llamacpp)" in text
     assert "| vllm-bf16 | failed: RuntimeError: no AMX |" in text
     assert "| torch-bf16 | 3.00 | — | — |" in text
@@ -59,6 +60,30 @@ def test_report_names_skips_failures_and_the_target_ratio(bench):
     # share of the int8 peak: 6 pairs/s x mean ops per pair (150 tokens) / 10 TOPS
     per_pair = bench.pair_ops([100, 200], {"matmul_params": 1_000_000, "attn": 100}) / 2
     assert f"| {100 * 6.0 * per_pair / 10e12:.1f}% |" in text
+
+
+def test_each_cpu_kind_keeps_its_own_section(bench, tmp_path):
+    """A run on another kind of CPU adds its section after the first instead of replacing it; a second
+    run on the same kind replaces its own."""
+    sys.path.insert(0, str(SCRIPT.parent))  # as section() does
+    import report
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n<!-- other:start -->\nO\n<!-- other:end -->\n")
+    amx = result({"torch-bf16": [run(2.0)]}, {})
+    vnni = result({"torch-bf16": [run(1.0)]}, {})
+    vnni["machine"]["flags"] = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    for r in (amx, vnni):
+        report.write_section(bench.section(r), *report.markers("bench_peers", r["machine"]["flags"]), md)
+    vnni["runs"]["torch-bf16"] = [run(1.5)]
+    report.write_section(bench.section(vnni), *report.markers("bench_peers", vnni["machine"]["flags"]), md)
+    text = md.read_text()
+    kinds = [line for line in text.splitlines() if line.startswith("<!-- bench_peers")]
+    assert kinds == ["<!-- bench_peers[amx]:start -->", "<!-- bench_peers[amx]:end -->",
+                     "<!-- bench_peers[avx512-vnni]:start -->", "<!-- bench_peers[avx512-vnni]:end -->"]
+    assert text.startswith("# Benchmarks\n\n<!-- other:start -->\nO\n<!-- other:end -->\n\n<!-- bench_peers[amx]")
+    assert "— AVX-512 VNNI, no AMX" in text and "| torch-bf16 | 2.00 |" in text
+    assert "| torch-bf16 | 1.50 |" in text and "| torch-bf16 | 1.00 |" not in text
 
 
 def test_report_says_when_the_target_was_not_measured(bench):
