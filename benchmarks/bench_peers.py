@@ -31,7 +31,7 @@ the table says why. `--worker peaks` measures the CPU's int8 and bf16 GEMM peak 
 each engine is reported as pairs/s and as a share of both peaks, at 2 x matmul params x tokens + causal
 attention (2 x layers x heads x head_dim x tokens^2) per pair, prompts counted whole even when a prefix is
 shared (the work a full-prompt engine does). The peak is the registers-only ceiling of benchmarks/peak.c
-(AMX tiles, or AVX-512 VNNI) where a C compiler is present, else the best library GEMM; the libraries' own
+(AMX tiles, or AVX-512 VNNI and BF16) where a C compiler is present, else the best library GEMM; the libraries' own
 GEMM rates are listed beside it. Writes its section of BENCHMARKS.md.
 """
 
@@ -490,17 +490,18 @@ def worker_llamacpp(tokens: dict, workloads: list[str]) -> dict:
 
 def tile_peaks(flags: set[str], seconds: float = 1.0) -> dict:
     """The registers-only int8/bf16 ceiling (benchmarks/peak.c, compiled here with cc): AMX tiles where the
-    CPU has them, AVX-512 VNNI too where it has that; each the best of 3 runs of about `seconds`. {} without a C
+    CPU has them, AVX-512 VNNI and BF16 too where it has those; each the best of 3 runs of about `seconds`. {} without a C
     compiler or any of these flags."""
     import shutil
     import tempfile
 
     cc = shutil.which("cc") or shutil.which("gcc")
-    kinds = [k for k, flag in (("amx-int8", "amx_int8"), ("amx-bf16", "amx_bf16"), ("vnni", "avx512_vnni")) if flag in flags]
+    kinds = [k for k, flag in (("amx-int8", "amx_int8"), ("amx-bf16", "amx_bf16"), ("vnni", "avx512_vnni"),
+                               ("avx512-bf16", "avx512_bf16")) if flag in flags]
     if not cc or not kinds:
         return {}
     names = {"amx-int8": "int8 AMX tiles (TDPBUSD)", "amx-bf16": "bf16 AMX tiles (TDPBF16PS)",
-             "vnni": "int8 AVX-512 VNNI (VPDPBUSD)"}
+             "vnni": "int8 AVX-512 VNNI (VPDPBUSD)", "avx512-bf16": "bf16 AVX-512 BF16 (VDPBF16PS)"}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "peak"
