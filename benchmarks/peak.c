@@ -6,7 +6,8 @@
    independent accumulations: AMX TDPBUSD / TDPBF16PS on four tile accumulators (16 x 16 x 64 int8 or
    16 x 16 x 32 bf16 multiply-adds per instruction), or on twelve zmm accumulators AVX-512 VNNI VPDPBUSD
    (64 int8 multiply-adds each) and AVX-512 BF16 VDPBF16PS (32 bf16 multiply-adds each). Linux needs
-   arch_prctl(ARCH_REQ_XCOMP_PERM) before a thread touches the AMX tiles. A GEMM library reaches a fraction of this; this is the ceiling. */
+   arch_prctl(ARCH_REQ_XCOMP_PERM) before a thread touches the AMX tiles. A GEMM library reaches a
+   fraction of this; this is the ceiling. */
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <pthread.h>
@@ -33,8 +34,14 @@ static void amx(long n, int bf16) {
   static __attribute__((aligned(64))) uint8_t buf[16 * 64];
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   _tile_loadd(4, buf, 64); _tile_loadd(5, buf, 64); _tile_loadd(6, buf, 64); _tile_loadd(7, buf, 64);
-  if (bf16) for (long i = 0; i < n; i++) { _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(2, 7, 5); _tile_dpbf16ps(3, 7, 6); }
-  else for (long i = 0; i < n; i++) { _tile_dpbusd(0, 4, 5); _tile_dpbusd(1, 4, 6); _tile_dpbusd(2, 7, 5); _tile_dpbusd(3, 7, 6); }
+  if (bf16)
+    for (long i = 0; i < n; i++) {
+      _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(2, 7, 5); _tile_dpbf16ps(3, 7, 6);
+    }
+  else
+    for (long i = 0; i < n; i++) {
+      _tile_dpbusd(0, 4, 5); _tile_dpbusd(1, 4, 6); _tile_dpbusd(2, 7, 5); _tile_dpbusd(3, 7, 6);
+    }
   _tile_stored(0, buf, 64);
   _tile_release();
 }
@@ -84,7 +91,8 @@ int main(int argc, char **argv) {
   for (int i = 0; i < threads; i++) pthread_join(t[i], NULL);
   double s = now() - t0;
   /* ops per instruction: AMX 16x16x64 (int8) or 16x16x32 (bf16) MACs x 2; VNNI 64, VDPBF16PS 32 MACs x 2 */
-  double per = kind == 0 ? 4.0 * 16 * 16 * 64 * 2 : kind == 1 ? 4.0 * 16 * 16 * 32 * 2 : kind == 2 ? 12.0 * 64 * 2 : 12.0 * 32 * 2;
+  double per = kind == 0 ? 4.0 * 16 * 16 * 64 * 2 : kind == 1 ? 4.0 * 16 * 16 * 32 * 2
+             : kind == 2 ? 12.0 * 64 * 2 : 12.0 * 32 * 2;
   printf("%.6e\n", per * iters * threads / s);
   return 0;
 }

@@ -62,10 +62,10 @@ def test_report_names_skips_failures_and_the_target_ratio(bench):
     assert f"| {100 * 6.0 * per_pair / 10e12:.1f}% |" in text
 
 
-def test_each_cpu_kind_keeps_its_own_section(bench, tmp_path):
+def test_each_cpu_kind_keeps_its_own_section(bench, tmp_path, monkeypatch):
     """A run on another kind of CPU adds its section after the first instead of replacing it; a second
     run on the same kind replaces its own."""
-    sys.path.insert(0, str(SCRIPT.parent))  # as section() does
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as section() does, undone after the test
     import report
 
     md = tmp_path / "BENCHMARKS.md"

@@ -290,3 +290,40 @@ def test_sessions_stay_open_across_score_documents_calls(export, monkeypatch):
         assert _scored(export)[0].shared_pairs == len(DOCS)
         _scored(export, share=False)
     assert sorted(opened) == ["model.onnx", "model.onnx"]  # the full-prompt graph and the with-past graph, once each
+
+
+def test_parallel_batches_run_on_the_workers_and_score_like_full_prompts(export, monkeypatch):
+    """`qconv score`'s prefix scorer (parallel): batches of two queries run as single-threaded runs on
+    two worker threads at once; every score equals its full prompt through the single-input graph, and
+    a failing batch fails the call."""
+    import threading
+
+    import onnxruntime as ort
+
+    from qwen_convert.scoring import workers
+    from qwen_convert.scoring.onnx_scorers import OnnxScorer
+    from qwen_convert.scoring.prefix import load_prefix_scorer
+
+    monkeypatch.setattr(workers, "physical_cores", lambda: 2)
+    scorer = OnnxScorer(export / "onnx" / "model.onnx", "onnx/fp32", "fp32")
+    prefix = load_prefix_scorer(scorer, parallel=True)
+    assert (prefix.workers, prefix.threads) == (2, 1)
+    assert load_prefix_scorer(scorer).workers == 1  # verify's and serve's: one run at a time
+    enc = PromptEncoder(load_tokenizer(export), max_length=MAX_LENGTH)
+    rows = [enc.ids(Pair(q, d)) for q in (QUERY, "is the market up") for d in DOCS]
+    groups = [list(range(len(DOCS))), list(range(len(DOCS), 2 * len(DOCS)))]
+    ran_on, real = set(), prefix._logits
+    prefix._logits = lambda *a: ran_on.add(threading.current_thread().name) or real(*a)
+    got, plan = score_rows(None, prefix, rows, groups, 2, "left", enc.tokens.pad_id)
+    assert plan.shared_rows == len(rows) and ran_on and all(name.startswith("qconv-run") for name in ran_on)
+    full = ort.InferenceSession(str(export / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for i, row in enumerate(rows):
+        (ref,) = full.run(["logits"], {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), np.int64)})
+        assert abs(got[i] - ref[0, 0]) <= 1e-5, i
+
+    def broken(*a):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+
+    prefix._logits = broken
+    with pytest.raises(RuntimeError, match="RUNTIME_EXCEPTION"):
+        score_rows(None, prefix, rows, groups, 2, "left", enc.tokens.pad_id)

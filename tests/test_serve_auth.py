@@ -336,7 +336,7 @@ def test_internal_errors_answer_an_id_not_the_exception(path, export, tmp_path, 
         model.engine.score = broken
         model.prefix = None  # (as --no-share-prefix)
     else:
-        model.prefix.score_suffix = model.prefix.score_suffixes = broken
+        model.prefix.score_suffix = model.prefix.start_suffixes = broken
     app = build_app(registry, metrics, options, resolve_access(AccessOptions(api_key=KEY)))
 
     async def call():

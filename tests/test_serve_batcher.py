@@ -88,6 +88,10 @@ class FakePrefix:
     def score_suffixes(self, cache, suffixes, batch_size=8, padding_side="left", pad_id=0, on_rows=None):
         return np.array([self.score_suffix(cache, s) for s in suffixes])
 
+    def start_suffixes(self, cache, suffixes, batch_size=8, padding_side="left", pad_id=0, on_rows=None):
+        logits = self.score_suffixes(cache, suffixes)
+        return lambda: logits
+
 
 TEMPLATE = list(range(100, 130))  # 30 tokens every prompt starts with
 

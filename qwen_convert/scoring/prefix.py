@@ -23,8 +23,10 @@ full prompts by the caller's scorer.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,7 @@ class PrefixScorer:
     precision: str
     threads: int | None = None
     kind: ArtifactKind = ArtifactKind.ONNX
+    workers: int = 1  # batches run at once (workers.py), each on `threads` intra-op threads
     _session: object = field(default=None, repr=False)
 
     @property
@@ -123,26 +126,52 @@ class PrefixScorer:
         length-ordered padded batches of at most `batch_size` rows and `padded_ratio` x their real
         tokens on the one cache, or one at a time on a graph that cannot batch a past
         (GroupQueryAttention)."""
+        return self.start_suffixes(cache, suffixes, batch_size, padding_side, pad_id, on_rows, padded_ratio)()
+
+    def start_suffixes(self, cache: KVCache, suffixes: Sequence[Sequence[int]], batch_size: int = 8,
+                       padding_side: PaddingSide = "left", pad_id: int = 0,
+                       on_rows: Callable[[int], None] | None = None,
+                       padded_ratio: float = SUFFIX_PADDED_RATIO) -> Callable[[], np.ndarray]:
+        """score_suffixes in two steps: this queues the batches and returns the call that waits for
+        their logits. With workers > 1 the batches start at once on the worker threads (workers.py),
+        so the caller may make the next query's cache meanwhile; else they run inside the wait."""
         from .batches import length_batches
 
         out = np.empty(len(suffixes))
         self.session  # noqa: B018 (loads the graph: `batched` says what it can take)
         if not self.batched:
-            for i, suffix in enumerate(suffixes):
-                out[i] = self.score_suffix(cache, suffix)
-                if on_rows is not None:
-                    on_rows(1)
+            runs = [([i], partial(self._one, cache, suffix)) for i, suffix in enumerate(suffixes)]
+        else:
+            past = self._bound(cache)
+            order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+            runs = []
+            for a, b in length_batches([len(suffixes[i]) for i in order], batch_size, padded_ratio):
+                idx = order[a:b]
+                batch = pad_rows([list(suffixes[i]) for i in idx], pad_id, padding_side)
+                mask = np.concatenate([np.ones((len(idx), len(cache.tokens)), np.int64), batch.attention_mask.astype(np.int64)], axis=1)
+                runs.append((idx, partial(self._logits, batch.input_ids.astype(np.int64), mask, past)))
+        futures = None
+        if self.workers > 1:
+            from .workers import pool
+
+            futures = [pool(self.workers).submit(run) for _, run in runs]
+
+        def wait() -> np.ndarray:
+            try:
+                for k, (idx, run) in enumerate(runs):
+                    out[idx] = (futures[k].result() if futures else run())[:, 0]
+                    if on_rows is not None:
+                        on_rows(len(idx))
+            except BaseException:
+                for f in futures or ():
+                    f.cancel()  # a failed query's batches not started yet need not run
+                raise
             return out
-        past = self._bound(cache)
-        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-        for a, b in length_batches([len(suffixes[i]) for i in order], batch_size, padded_ratio):
-            idx = order[a:b]
-            batch = pad_rows([list(suffixes[i]) for i in idx], pad_id, padding_side)
-            mask = np.concatenate([np.ones((len(idx), len(cache.tokens)), np.int64), batch.attention_mask.astype(np.int64)], axis=1)
-            out[idx] = self._logits(batch.input_ids.astype(np.int64), mask, past)[:, 0]
-            if on_rows is not None:
-                on_rows(len(idx))
-        return out
+
+        return wait
+
+    def _one(self, cache: KVCache, suffix: Sequence[int]) -> np.ndarray:
+        return np.array([[self.score_suffix(cache, suffix)]])
 
     @staticmethod
     def _bound(cache: KVCache) -> dict:
@@ -220,11 +249,18 @@ def score_shared(prefix: PrefixScorer, rows: Sequence[Sequence[int]], plan: Shar
     else:
         template = prefix.extend(empty, rows[plan.groups[0][1][0]][: plan.template]) if plan.template else empty
     out: dict[int, float] = {}
+    started: deque = deque()
     for n, idx in plan.groups:
         first = rows[idx[0]]
         cache = prefix.extend(template, first[:n]) if n > len(template.tokens) else template
-        logits = prefix.score_suffixes(cache, [rows[i][n:] for i in idx], batch_size, padding_side, pad_id, on_row)
-        out.update(zip(idx, logits.tolist()))
+        started.append((idx, prefix.start_suffixes(cache, [rows[i][n:] for i in idx], batch_size, padding_side, pad_id, on_row)))
+        # The previous query's documents ran (on the workers, where there are) while this cache was
+        # made; collect them now, so at most two queries' caches are held.
+        if len(started) > 1:
+            done, wait = started.popleft()
+            out.update(zip(done, wait().tolist()))
+    for done, wait in started:
+        out.update(zip(done, wait().tolist()))
     return out
 
 
@@ -248,9 +284,11 @@ def score_rows(full: Scorer, prefix: PrefixScorer | None, rows: Sequence[Sequenc
     return logits, plan
 
 
-def load_prefix_scorer(scorer: Scorer) -> PrefixScorer | None:
+def load_prefix_scorer(scorer: Scorer, parallel: bool = False) -> PrefixScorer | None:
     """The with-past graph of an ONNX variant scorer, or None where the export has none (older
-    exports, the optimum exporter) or the scorer is not an ONNX file."""
+    exports, the optimum exporter) or the scorer is not an ONNX file. `parallel` (many documents to
+    score, as `qconv score` has): batches run one per core at once, each on one thread (workers.py),
+    instead of one at a time on every core."""
     path = getattr(scorer, "path", None)
     if scorer.kind is not ArtifactKind.ONNX or path is None:
         return None
@@ -258,7 +296,14 @@ def load_prefix_scorer(scorer: Scorer) -> PrefixScorer | None:
     if not graph.is_file():
         return None
     check_variant_files(graph)
-    return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, getattr(scorer, "threads", None))
+    threads = getattr(scorer, "threads", None)
+    if parallel:
+        from .workers import physical_cores
+
+        workers = threads or physical_cores()
+        if workers > 1:
+            return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, 1, workers=workers)
+    return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, threads)
 
 
 def check_documents_fit(encoder: PromptEncoder, pairs: Sequence[Pair]) -> None:

@@ -142,7 +142,7 @@ def score_documents(model: str | Path, query: str | None = None, documents: Sequ
     if len(scorers) != 1:
         raise QconvError(f"{resolved.path} provides {len(scorers)} scorers for variant {variants}", "name one with --variant")
     scorer = scorers[0]
-    prefix = load_prefix_scorer(scorer) if options.share_prefix else None
+    prefix = load_prefix_scorer(scorer, parallel=True) if options.share_prefix else None
     task = reporter.task(f"scoring {len(pairs)} pairs", total=len(pairs))
     logits, plan = score_rows(scorer, prefix, rows, list(group_by_query(pairs).values()), options.batch_size,
                               options.padding_side, encoder.tokens.pad_id, on_rows=task.advance)
