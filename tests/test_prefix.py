@@ -327,3 +327,22 @@ def test_parallel_batches_run_on_the_workers_and_score_like_full_prompts(export,
     prefix._logits = broken
     with pytest.raises(RuntimeError, match="RUNTIME_EXCEPTION"):
         score_rows(None, prefix, rows, groups, 2, "left", enc.tokens.pad_id)
+
+
+def test_worker_batches_hold_at_most_worker_batch_documents():
+    """With workers, a suffix batch holds at most WORKER_BATCH documents whatever --batch-size allows
+    (smaller single-threaded runs measured faster); one run at a time keeps batch_size."""
+    from qwen_convert.scoring.prefix import WORKER_BATCH
+
+    def logits(ids, mask, past):
+        runs.append(mask[:, 4:].sum(axis=1).tolist())
+        return np.zeros((ids.shape[0], 1), np.float32)
+
+    lengths = [100, 101, 102, 103, 104]
+    for workers, want in ((2, [[100, 101], [102, 103], [104]]), (1, [lengths])):
+        runs = []
+        prefix = PrefixScorer(Path("unused.onnx"), "p", "fp32", workers=workers, _session=object())
+        prefix.batched, prefix._logits = True, logits
+        prefix.score_suffixes(KVCache((1, 2, 3, 4), {}), [[7] * n for n in lengths], batch_size=8)
+        assert sorted(runs) == want, workers
+    assert WORKER_BATCH == 2

@@ -47,6 +47,11 @@ MIN_SHARED = 16
 # tokens), batches of 8 cut at 1.05 padded 2% instead of 15% and scored 1.14-1.21x faster than at
 # 1.25 (interleaved medians, 2 threads); cut at 1.0 (no padding, mostly one document a run) 1.12x.
 SUFFIX_PADDED_RATIO = 1.05
+# With workers (workers.py: each batch one single-threaded run, one per core at once) a suffix batch
+# holds at most this many documents: smaller runs pad less, attend less, and keep every core busy to the
+# end. bench_peers' realistic pairs (0.6B int8, Zen 5, 2 workers, ad hoc, 3 processes x 2 passes):
+# batches of 2 scored 3.01 pairs/s (median), of 1 2.86, of 8 2.79.
+WORKER_BATCH = 2
 PAST = "past_key_values."
 PRESENT = "present."  # GroupQueryAttention graphs: past + new
 NEW = "new_key_values."  # split-attention graphs: the new tokens' only
@@ -134,9 +139,11 @@ class PrefixScorer:
                        padded_ratio: float = SUFFIX_PADDED_RATIO) -> Callable[[], np.ndarray]:
         """score_suffixes in two steps: this queues the batches and returns the call that waits for
         their logits. With workers > 1 the batches start at once on the worker threads (workers.py),
-        so the caller may make the next query's cache meanwhile; else they run inside the wait."""
+        so the caller may make the next query's cache meanwhile, in batches of at most WORKER_BATCH;
+        else they run inside the wait."""
         from .batches import length_batches
 
+        batch_size = min(batch_size, WORKER_BATCH) if self.workers > 1 else batch_size
         out = np.empty(len(suffixes))
         self.session  # noqa: B018 (loads the graph: `batched` says what it can take)
         if not self.batched:
