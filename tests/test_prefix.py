@@ -308,7 +308,7 @@ def test_parallel_batches_run_on_the_workers_and_score_like_full_prompts(export,
     scorer = OnnxScorer(export / "onnx" / "model.onnx", "onnx/fp32", "fp32")
     prefix = load_prefix_scorer(scorer, parallel=True)
     assert (prefix.workers, prefix.threads) == (2, 1)
-    assert load_prefix_scorer(scorer).workers == 1  # verify's and serve's: one run at a time
+    assert load_prefix_scorer(scorer).workers == 1  # verify's: one run at a time
     enc = PromptEncoder(load_tokenizer(export), max_length=MAX_LENGTH)
     rows = [enc.ids(Pair(q, d)) for q in (QUERY, "is the market up") for d in DOCS]
     groups = [list(range(len(DOCS))), list(range(len(DOCS), 2 * len(DOCS)))]
@@ -346,3 +346,16 @@ def test_worker_batches_hold_at_most_worker_batch_documents():
         prefix.score_suffixes(KVCache((1, 2, 3, 4), {}), [[7] * n for n in lengths], batch_size=8)
         assert sorted(runs) == want, workers
     assert WORKER_BATCH == 2
+
+
+@pytest.mark.parametrize("threads, want", [(2, (2, 1)), (1, (1, 1))])
+def test_serve_runs_a_requests_documents_on_workers_too(export, threads, want):
+    """`qconv serve --threads N` opens the with-past graph as `qconv score` does: N single-threaded
+    runs at once (N > 1); the full-prompt graph keeps N intra-op threads."""
+    from qwen_convert.serve.engine import CPU, OnnxEngine, load_prefix
+    from qwen_convert.serve.options import ServeOptions
+
+    engine = OnnxEngine(export / "onnx" / "model.onnx", "fp32", [CPU], threads)
+    prefix = load_prefix(engine, ServeOptions(threads=threads))
+    assert (prefix.workers, prefix.threads) == want
+    assert engine.session.get_session_options().intra_op_num_threads == threads

@@ -303,14 +303,20 @@ def load_prefix_scorer(scorer: Scorer, parallel: bool = False) -> PrefixScorer |
     if not graph.is_file():
         return None
     check_variant_files(graph)
-    threads = getattr(scorer, "threads", None)
+    return open_prefix_scorer(graph, f"{scorer.name}+prefix", scorer.precision, getattr(scorer, "threads", None), parallel)
+
+
+def open_prefix_scorer(graph: Path, name: str, precision: str, threads: int | None, parallel: bool) -> PrefixScorer:
+    """A with-past graph's scorer on `threads` cores (None: all physical cores). `parallel`: its
+    batches run one per core at once, each on one intra-op thread (workers.py); else one batch at a
+    time on all `threads`."""
     if parallel:
         from .workers import physical_cores
 
         workers = threads or physical_cores()
         if workers > 1:
-            return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, 1, workers=workers)
-    return PrefixScorer(graph, f"{scorer.name}+prefix", scorer.precision, threads)
+            return PrefixScorer(graph, name, precision, 1, workers=workers)
+    return PrefixScorer(graph, name, precision, threads)
 
 
 def check_documents_fit(encoder: PromptEncoder, pairs: Sequence[Pair]) -> None:

@@ -172,13 +172,15 @@ def load_prefix(engine: Engine, options: ServeOptions):
     if not options.share_prefix or not isinstance(engine, OnnxEngine) or engine.providers[0] != CPU:
         return None
     from qwen_convert.scoring.onnx_scorers import check_variant_files
-    from qwen_convert.scoring.prefix import PrefixScorer, prefix_graph
+    from qwen_convert.scoring.prefix import open_prefix_scorer, prefix_graph
 
     graph = prefix_graph(engine.path)
     if not graph.is_file():
         return None
     check_variant_files(graph)
-    prefix = PrefixScorer(graph, f"{engine.variant}+prefix", engine.variant, options.threads)
+    # A request's documents run as single-threaded batches, one per core at once, as `qconv score` runs
+    # them (scoring/workers.py); the full-prompt graph keeps one batch at a time on every core.
+    prefix = open_prefix_scorer(graph, f"{engine.variant}+prefix", engine.variant, options.threads, parallel=True)
     prefix.session  # noqa: B018 (opens it now: a broken graph fails at start-up, not on a request)
     return prefix
 
