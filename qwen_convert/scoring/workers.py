@@ -23,9 +23,11 @@ themselves (denormals.py): they are not the session's pool threads.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 _pools: dict[int, object] = {}
+_lock = threading.Lock()  # serve's model threads may ask for the pool at the same moment
 
 
 def physical_cores() -> int:
@@ -43,10 +45,11 @@ def physical_cores() -> int:
 def pool(workers: int):
     """The process's thread pool of `workers` threads (made once, kept: a scorer is made per call of
     score_documents, and a pool per scorer would leave its threads behind)."""
-    if workers not in _pools:
-        from concurrent.futures import ThreadPoolExecutor
+    with _lock:
+        if workers not in _pools:
+            from concurrent.futures import ThreadPoolExecutor
 
-        from .denormals import flush_denormals_here
+            from .denormals import flush_denormals_here
 
-        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="qconv-run", initializer=flush_denormals_here)
-    return _pools[workers]
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="qconv-run", initializer=flush_denormals_here)
+        return _pools[workers]
