@@ -335,7 +335,7 @@ def section(r: dict) -> str:
     start, end = markers(NAME, m["flags"])
     lines = [start, "## Prefix-shared scoring and q4 vs int8 on CPU (benchmarks/bench_prefix.py, issue #20) — "
              + kind_title(m["flags"]), "",
-             f"{m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
+             f"`make bench-prefix`, {m.get('date', 'date not recorded')}. {m['cpu']}, {m['cpus']} CPUs, flags: {' '.join(m['flags']) or 'none of avx2/avx512/vnni/amx'}; "
              f"{THREADS} threads; median of {r['rounds']} interleaved rounds, each engine in its own process. "
              f"Load average {m['load'][0]:.1f} before, {r['load_after'][0]:.1f} after; the load column is the 1-minute "
              "load before each engine's runs (other jobs shared the CPU: compare ratios within a table, not absolute "
