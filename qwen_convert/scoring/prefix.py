@@ -292,24 +292,25 @@ def score_rows(full: Scorer, prefix: PrefixScorer | None, rows: Sequence[Sequenc
 
 
 def load_prefix_scorer(scorer: Scorer, parallel: bool = False) -> PrefixScorer | None:
-    """The with-past graph of an ONNX variant scorer, or None where the export has none (older
-    exports, the optimum exporter) or the scorer is not an ONNX file. `parallel` (many documents to
-    score, as `qconv score` has): batches run one per core at once, each on one thread (workers.py),
-    instead of one at a time on every core."""
+    """The with-past graph of an ONNX variant scorer (open_prefix_scorer), or None where the scorer
+    is not an ONNX file."""
     path = getattr(scorer, "path", None)
     if scorer.kind is not ArtifactKind.ONNX or path is None:
         return None
-    graph = prefix_graph(Path(path))
+    return open_prefix_scorer(Path(path), f"{scorer.name}+prefix", scorer.precision, getattr(scorer, "threads", None), parallel)
+
+
+def open_prefix_scorer(variant: Path, name: str, precision: str, threads: int | None,
+                       parallel: bool) -> PrefixScorer | None:
+    """The scorer of the with-past graph beside ONNX variant file `variant` (prefix_graph), its files
+    checked, on `threads` cores (None: all physical cores); None where the export has none (older
+    exports, the optimum exporter). `parallel` (many documents to score: `qconv score`, `qconv
+    serve`): its batches run one per core at once, each on one intra-op thread (workers.py); else one
+    batch at a time on all `threads` (verify)."""
+    graph = prefix_graph(variant)
     if not graph.is_file():
         return None
     check_variant_files(graph)
-    return open_prefix_scorer(graph, f"{scorer.name}+prefix", scorer.precision, getattr(scorer, "threads", None), parallel)
-
-
-def open_prefix_scorer(graph: Path, name: str, precision: str, threads: int | None, parallel: bool) -> PrefixScorer:
-    """A with-past graph's scorer on `threads` cores (None: all physical cores). `parallel`: its
-    batches run one per core at once, each on one intra-op thread (workers.py); else one batch at a
-    time on all `threads`."""
     if parallel:
         from .workers import physical_cores
 

@@ -171,17 +171,13 @@ def load_prefix(engine: Engine, options: ServeOptions):
     (the prefix scorer runs on CPU, where sharing pays; on CUDA the full-prompt graph stays)."""
     if not options.share_prefix or not isinstance(engine, OnnxEngine) or engine.providers[0] != CPU:
         return None
-    from qwen_convert.scoring.onnx_scorers import check_variant_files
-    from qwen_convert.scoring.prefix import open_prefix_scorer, prefix_graph
+    from qwen_convert.scoring.prefix import open_prefix_scorer
 
-    graph = prefix_graph(engine.path)
-    if not graph.is_file():
-        return None
-    check_variant_files(graph)
     # A request's documents run as single-threaded batches, one per core at once, as `qconv score` runs
     # them (scoring/workers.py); the full-prompt graph keeps one batch at a time on every core.
-    prefix = open_prefix_scorer(graph, f"{engine.variant}+prefix", engine.variant, options.threads, parallel=True)
-    prefix.session  # noqa: B018 (opens it now: a broken graph fails at start-up, not on a request)
+    prefix = open_prefix_scorer(engine.path, f"{engine.variant}+prefix", engine.variant, options.threads, parallel=True)
+    if prefix is not None:
+        prefix.session  # noqa: B018 (opens it now: a broken graph fails at start-up, not on a request)
     return prefix
 
 
